@@ -1,0 +1,30 @@
+# nanochat-stack: train your own ChatGPT from scratch and run it as a service.
+# Every target runs from a fresh clone; `make setup` is implied where it is needed.
+SHELL := /bin/bash
+VENV_PYTHON := .venv/bin/python
+
+.PHONY: help setup test up demo lint format bench
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: ## create .venv and install everything (CPU torch unless a GPU is present) and redis-server
+	@scripts/setup.sh
+
+test: setup ## run the whole test suite (what CI runs)
+	$(VENV_PYTHON) -m pytest
+
+up: setup ## run the stack as local processes (redis, api, worker, inference, web); Ctrl-C stops it
+	$(VENV_PYTHON) scripts/local_stack.py
+
+demo: setup ## `make up`, then submit a tokenizer job and follow its log
+	$(VENV_PYTHON) scripts/local_stack.py --demo
+
+lint: setup ## ruff lint and format check
+	$(VENV_PYTHON) -m ruff check . && $(VENV_PYTHON) -m ruff format --check .
+
+format: setup ## apply ruff's fixes and formatting
+	$(VENV_PYTHON) -m ruff check --fix . && $(VENV_PYTHON) -m ruff format .
+
+bench: setup ## run the benchmarks (see bench/RESULTS.md)
+	$(VENV_PYTHON) bench/tokenizer.py

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install torch==$TORCH_VERSION with the right build for this machine, and nothing else.
+#   TORCH_VARIANT=auto (default): CUDA build when `nvidia-smi` sees a GPU, CPU build otherwise.
+#   TORCH_VARIANT=cpu | cuda: force one (Docker builds have no GPU to look at).
+# Plain `pip install torch` on Linux pulls the multi-GB CUDA build, which a CPU machine must never get.
+set -euo pipefail
+
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+variant="${TORCH_VARIANT:-auto}"
+python="${PYTHON:-python3}"
+
+if [ "$variant" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then variant=cuda; else variant=cpu; fi
+fi
+case "$variant" in cpu | cuda) ;; *) echo "TORCH_VARIANT must be auto, cpu or cuda (got '$variant')" >&2; exit 2 ;; esac
+
+if "$python" - "$TORCH_VERSION" "$variant" <<'PY' 2>/dev/null; then
+import sys, torch
+version, variant = sys.argv[1], sys.argv[2]
+is_cpu_build = torch.version.cuda is None
+sys.exit(0 if torch.__version__.split("+")[0] == version and is_cpu_build == (variant == "cpu") else 1)
+PY
+  echo "torch $TORCH_VERSION ($variant) is already installed"
+  exit 0
+fi
+
+echo "Installing torch $TORCH_VERSION ($variant build)"
+if [ "$variant" = cuda ]; then
+  "$python" -m pip install "torch==$TORCH_VERSION"
+elif "$python" -m pip install --no-index --no-deps "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+  # A CPU wheel in a local wheelhouse (PIP_FIND_LINKS) was found: fetch only its small dependencies.
+  "$python" -m pip install "torch==$TORCH_VERSION"
+else
+  "$python" -m pip install "torch==$TORCH_VERSION" \
+    --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+fi

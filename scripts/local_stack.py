@@ -1,0 +1,208 @@
+"""
+`make up`: the whole stack as plain local processes — redis-server, api, worker, inference, web —
+with each one's output prefixed by its name. Ctrl-C stops all of them. `make demo` (--demo) also
+submits a tokenizer job and follows its log here.
+
+Settings come from the environment or .env, as for each service. Without API_TOKEN a token is made
+for this session and printed. Redis keeps its data (append-only) under $NANOCHAT_BASE_DIR/runs/_redis/.
+"""
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HEALTH_TIMEOUT_S = 60
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a .env file (comments and blank lines skipped), as compose reads them."""
+    if not path.exists():
+        return {}
+    pairs = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            pairs[key.strip()] = value.strip().strip("'\"")
+    return pairs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """Child processes started in order and stopped in reverse, their output forwarded with a prefix."""
+
+    def __init__(self) -> None:
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        threading.Thread(target=self.forward, args=(name, process), daemon=True).start()
+        self.processes.append((name, process))
+
+    @staticmethod
+    def forward(name: str, process: subprocess.Popen) -> None:
+        for raw in process.stdout:
+            print(f"{name:>9} | {raw.decode('utf-8', 'replace').rstrip()}", flush=True)
+
+    def exited(self) -> str | None:
+        return next((name for name, p in self.processes if p.poll() is not None), None)
+
+    def stop(self) -> None:
+        for _, process in reversed(self.processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for name, process in reversed(self.processes):
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"{name} did not stop in time: killing it", flush=True)
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def wait_healthy(stack: Stack, urls: dict[str, str]) -> None:
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    pending = dict(urls)
+    while pending:
+        if (name := stack.exited()) is not None:
+            raise RuntimeError(f"{name} exited during start-up (see its output above)")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not healthy after {HEALTH_TIMEOUT_S}s: {', '.join(pending)}")
+        for name, url in list(pending.items()):
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        del pending[name]
+            except (urllib.error.URLError, OSError):
+                pass
+        time.sleep(0.3)
+
+
+def run_demo(api_url: str, token: str) -> None:
+    """Submit a tokenizer job and print its log as it streams, until it ends."""
+    spec = {"kind": "tokenizer", "run": "demo", "config": {"vocab_size": 32768, "max_chars": 250_000_000}}
+    request = urllib.request.Request(
+        f"{api_url}/jobs",
+        data=json.dumps(spec).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        job = json.load(response)
+    print(f"\nsubmitted job {job['id']} ({job['kind']}, run {job['run']}); its log:\n", flush=True)
+    with urllib.request.urlopen(f"{api_url}/jobs/{job['id']}/logs?follow=true", timeout=None) as stream:
+        event = "message"
+        for raw in stream:
+            line = raw.decode("utf-8").rstrip("\n")
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: "):
+                data = line[len("data: ") :]
+                print(
+                    f"job status: {json.loads(data)['status']}" if event == "end" else f"      job | {data}"
+                )
+            elif not line:
+                event = "message"
+    with urllib.request.urlopen(f"{api_url}/jobs/{job['id']}", timeout=10) as response:
+        print(json.dumps(json.load(response), indent=2), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--demo", action="store_true", help="submit a tokenizer job and follow its log")
+    args = parser.parse_args()
+
+    env = {**read_dotenv(ROOT / ".env"), **os.environ}
+    if not env.get("API_TOKEN"):
+        env["API_TOKEN"] = secrets.token_urlsafe(24)
+    env.setdefault("NANOCHAT_BASE_DIR", str(Path("~/.cache/nanochat").expanduser()))
+    redis_dir = Path(env["NANOCHAT_BASE_DIR"]).expanduser() / "runs" / "_redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    redis_port = free_port()
+    env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+    ports = {
+        name: int(env.get(f"{name.upper()}_PORT", default))
+        for name, default in [("api", 8000), ("inference", 8001), ("web", 8080)]
+    }
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    env.setdefault("PUBLIC_API_URL", urls["api"])
+    env.setdefault("PUBLIC_INFERENCE_URL", urls["inference"])
+
+    python = sys.executable
+    stack = Stack()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop cleanly when killed, like Ctrl-C
+    try:
+        stack.start(
+            "redis",
+            [
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(redis_dir),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+            env,
+        )
+        stack.start("api", [python, "-m", "api"], env)
+        stack.start("worker", [python, "-m", "worker"], env)
+        stack.start("inference", [python, "-m", "inference"], env)
+        stack.start("web", [python, "-m", "web"], env)
+        wait_healthy(stack, {name: f"{url}/health" for name, url in urls.items()})
+        print("\nnanochat-stack is up:", flush=True)
+        print(f"  web UI      {urls['web']}")
+        print(f"  API         {urls['api']}  (docs: {urls['api']}/docs)")
+        print(f"  inference   {urls['inference']}")
+        print(f"  redis       {env['REDIS_URL']}  (data: {redis_dir})")
+        print(f"  API token   {env['API_TOKEN']}")
+        print("Ctrl-C stops everything.\n", flush=True)
+        if args.demo:
+            run_demo(urls["api"], env["API_TOKEN"])
+        while (name := stack.exited()) is None:
+            time.sleep(0.5)
+        print(f"{name} exited unexpectedly: stopping the stack", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+        return 0
+    except RuntimeError as error:
+        print(f"error: {error}", flush=True)
+        return 1
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""FastAPI control plane for nanochat-stack: jobs, logs, models."""

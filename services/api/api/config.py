@@ -1,0 +1,43 @@
+"""API settings, from the environment (or a .env file in the working directory)."""
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values people paste from examples: never accepted as a real token.
+PLACEHOLDER_TOKENS = {"change-me", "changeme", "secret", "token", "password", "your-token-here"}
+MIN_TOKEN_LENGTH = 16
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    api_token: SecretStr | None = Field(
+        default=None, description="Bearer token for every state-changing route."
+    )
+    dev_mode: bool = Field(
+        default=False, description="Allow starting without API_TOKEN (local development only)."
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Redis holding the queue and records."
+    )
+    api_host: str = Field(default="127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    job_result_ttl: int = Field(
+        default=3600,
+        ge=1,
+        description="Seconds RQ keeps its own job data; our job records are kept regardless.",
+    )
+
+    @model_validator(mode="after")
+    def refuse_missing_or_placeholder_token(self) -> "Settings":
+        token = self.api_token.get_secret_value() if self.api_token else ""
+        if self.dev_mode and not token:
+            return self
+        hint = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        if not token:
+            raise ValueError(f"API_TOKEN is not set (set DEV_MODE=1 to run without one locally); {hint}")
+        if token.lower() in PLACEHOLDER_TOKENS or len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"API_TOKEN is a placeholder or shorter than {MIN_TOKEN_LENGTH} characters; {hint}"
+            )
+        return self

@@ -1,0 +1,1 @@
+"""The chat model server (OpenAI-compatible /v1/chat/completions arrives with the inference issue)."""

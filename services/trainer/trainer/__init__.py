@@ -1,0 +1,1 @@
+"""nanochat-stack's ML core: tokenizer, data, model, optimizers and the training/eval programs."""

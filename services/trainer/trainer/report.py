@@ -1,0 +1,34 @@
+"""
+A run's report: each program writes its section as runs/<run>/report/<section>.json, and report.md
+is rebuilt from all sections so a person can read the whole run at a glance.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trainer.common import atomic_write_json, atomic_write_text
+from trainer.settings import TrainerSettings
+
+
+def report_dir(settings: TrainerSettings, run: str) -> Path:
+    return settings.run_dir(run) / "report"
+
+
+def write_section(settings: TrainerSettings, run: str, section: str, data: dict[str, Any]) -> Path:
+    folder = report_dir(settings, run)
+    path = folder / f"{section}.json"
+    atomic_write_json(path, data)
+    atomic_write_text(folder / "report.md", render_markdown(run, folder))
+    return path
+
+
+def render_markdown(run: str, folder: Path) -> str:
+    lines = [f"# nanochat run `{run}`", ""]
+    for path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime):
+        lines += [f"## {path.stem}", "", "| key | value |", "|---|---|"]
+        for key, value in json.loads(path.read_text(encoding="utf-8")).items():
+            shown = f"{value:,.4g}" if isinstance(value, float) else value
+            lines.append(f"| {key} | {shown} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The browser UI for nanochat-stack and the small server that serves it."""

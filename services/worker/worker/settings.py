@@ -1,0 +1,30 @@
+"""Worker settings, from the environment (or a .env file in the working directory)."""
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Redis holding the queue and records."
+    )
+    base_dir: Path = Field(
+        default=Path("~/.cache/nanochat"),
+        validation_alias=AliasChoices("NANOCHAT_BASE_DIR"),
+        description="Runs live here; job logs are also written to runs/<run>/logs/<job id>.log.",
+    )
+    data_dir: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("NANOCHAT_DATA_DIR"),
+        description="A local data kit handed to the trainer programs; unset, they download data.",
+    )
+    cancel_grace_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        validation_alias=AliasChoices("JOB_CANCEL_GRACE_SECONDS"),
+        description="After SIGTERM (the trainer checkpoints and exits), wait this long before SIGKILL.",
+    )

@@ -1,0 +1,125 @@
+"""Jobs end to end: API → Redis/RQ → worker → trainer program, all real processes."""
+
+import json
+import time
+
+import pytest
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+from conftest import RESULT_TTL, Stack
+from sse import read_events
+
+TINY_TOKENIZER = {"kind": "tokenizer", "run": "e2e", "config": {"vocab_size": 1024, "max_chars": 2_000_000}}
+
+
+def submit(stack: Stack, spec: dict) -> dict:
+    with stack.client() as client:
+        response = client.post("/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def follow_to_end(stack: Stack, job_id: str) -> list:
+    with stack.client(token=None) as client:
+        return read_events(client, f"/jobs/{job_id}/logs?follow=true")
+
+
+@pytest.fixture(scope="module")
+def finished_job(stack: Stack) -> dict:
+    """One real tokenizer job, followed to its end through SSE."""
+    job = submit(stack, TINY_TOKENIZER)
+    events = follow_to_end(stack, job["id"])
+    return {"submitted": job, "events": events}
+
+
+def test_submit_returns_a_queued_job(finished_job: dict) -> None:
+    job = finished_job["submitted"]
+    assert job["status"] == "queued"
+    assert job["kind"] == "tokenizer" and job["run"] == "e2e"
+    assert job["config"] == {"vocab_size": 1024, "max_chars": 2_000_000, "doc_cap": 10_000}
+
+
+def test_following_the_log_streams_every_line_then_ends(stack: Stack, finished_job: dict) -> None:
+    events = finished_job["events"]
+    lines = [e.data for e in events if e.event == "message"]
+    assert lines[0].startswith("$ python -m trainer.tok_train --run e2e --vocab-size 1024")
+    assert "tokenizer trained:" in lines
+    assert events[-1].event == "end" and json.loads(events[-1].data) == {"status": "finished"}
+    # The stream carries exactly the stored log, line for line.
+    with stack.client(token=None) as client:
+        assert client.get(f"/jobs/{finished_job['submitted']['id']}/logs").text.splitlines() == lines
+
+
+def test_finished_job_has_times_and_result(stack: Stack, finished_job: dict) -> None:
+    with stack.client(token=None) as client:
+        job = client.get(f"/jobs/{finished_job['submitted']['id']}").json()
+    assert job["status"] == "finished" and job["error"] is None
+    assert job["created_at"] <= job["started_at"] <= job["ended_at"]
+    assert job["result"]["vocab_size"] == 1024
+    assert job["result"]["chars_seen"] <= 2_000_000
+    assert job["result"]["val_bytes_per_token"] > 1.5
+
+
+def test_job_trains_a_real_tokenizer(stack: Stack, finished_job: dict) -> None:
+    tokenizer = Tokenizer.load(stack.base_dir / "runs" / "e2e" / "tokenizer")
+    text = "Grüße, 世界! 🚀 naïve café — x = [1, 22, 333]\n\tdef f(): return 'ok'"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    specials = tokenizer.special_tokens
+    assert list(specials) == SPECIAL_TOKENS and len(specials) == 9
+    assert all(0 <= i < tokenizer.vocab_size == 1024 for i in specials.values())
+    log_file = stack.base_dir / "runs" / "e2e" / "logs" / f"{finished_job['submitted']['id']}.log"
+    assert "tokenizer trained:" in log_file.read_text()
+
+
+def test_reconnecting_client_resumes_after_last_event_id(stack: Stack, finished_job: dict) -> None:
+    lines = [e for e in finished_job["events"] if e.event == "message"]
+    with stack.client(token=None) as client:
+        resumed = read_events(
+            client,
+            f"/jobs/{finished_job['submitted']['id']}/logs?follow=true",
+            headers={"Last-Event-ID": lines[2].id},
+        )
+    assert [e.data for e in resumed if e.event == "message"] == [e.data for e in lines[3:]]
+
+
+def test_job_record_outlives_rq_result_ttl(stack: Stack, finished_job: dict) -> None:
+    job_id = finished_job["submitted"]["id"]
+    time.sleep(RESULT_TTL + 1)
+    with pytest.raises(NoSuchJobError):
+        Job.fetch(job_id, connection=stack.redis)  # RQ has forgotten the job ...
+    with stack.client(token=None) as client:  # ... our record and log have not
+        assert client.get(f"/jobs/{job_id}").json()["status"] == "finished"
+        assert "tokenizer trained:" in client.get(f"/jobs/{job_id}/logs").text
+
+
+def test_failing_program_marks_job_failed_and_worker_survives(stack: Stack, finished_job: dict) -> None:
+    # A file where the run's report folder should be makes the program crash at its end.
+    run_dir = stack.base_dir / "runs" / "broken"
+    run_dir.mkdir(parents=True)
+    (run_dir / "report").write_text("not a folder")
+    job = submit(stack, {**TINY_TOKENIZER, "run": "broken"})
+    events = follow_to_end(stack, job["id"])
+    assert json.loads(events[-1].data) == {"status": "failed"}
+    with stack.client(token=None) as client:
+        record = client.get(f"/jobs/{job['id']}").json()
+    assert record["error"].startswith("trainer.tok_train exited with code 1:")
+    assert "FileExistsError" in record["error"]
+    # The same worker still takes jobs.
+    again = submit(stack, {**TINY_TOKENIZER, "run": "after-crash"})
+    assert json.loads(follow_to_end(stack, again["id"])[-1].data) == {"status": "finished"}
+
+
+def test_jobs_are_listed_newest_first(stack: Stack, finished_job: dict) -> None:
+    with stack.client(token=None) as client:
+        jobs = client.get("/jobs").json()
+        assert [j["created_at"] for j in jobs] == sorted((j["created_at"] for j in jobs), reverse=True)
+        assert client.get("/jobs", params={"limit": 1}).json() == jobs[:1]
+        assert client.get("/jobs", params={"limit": 1, "offset": 1}).json() == jobs[1:2]
+
+
+def test_health_reports_redis(stack: Stack) -> None:
+    with stack.client(token=None) as client:
+        assert client.get("/health").json() == {"status": "ok", "redis": "ok"}

@@ -1,0 +1,72 @@
+"""Fixtures shared by the whole suite: the data kit, and a private redis-server."""
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from support import ROOT, free_port, wait_until
+
+DATA_KIT = Path(os.environ.get("NANOCHAT_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def data_kit() -> Path:
+    """The offline data kit (../shared/data or NANOCHAT_DATA_DIR); tests that need it skip without it."""
+    if not (DATA_KIT / "pretrain").is_dir():
+        pytest.skip(
+            f"no data kit at {DATA_KIT}: set NANOCHAT_DATA_DIR to a folder laid out like ../shared/data"
+        )
+    return DATA_KIT
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server of our own on a free port: tests never touch a shared Redis."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed: run `make setup`")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = Redis.from_url(url)
+
+    def answers() -> bool:
+        try:
+            return client.ping()
+        except Exception:
+            return False
+
+    wait_until(answers, 10, "redis-server")
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+def redis(redis_url: str) -> Iterator[Redis]:
+    """A client on an empty database."""
+    client = Redis.from_url(redis_url)
+    client.flushall()
+    yield client
+    client.close()

