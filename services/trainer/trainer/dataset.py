@@ -7,16 +7,14 @@ from the copy this module downloads into $NANOCHAT_BASE_DIR/data/pretrain/.
 """
 
 import argparse
-import shutil
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import requests
 
 from trainer.common import progress_bar
+from trainer.download import fetch, join
 from trainer.settings import TrainerSettings
 
 # Each climbmix shard holds ~250M characters; used to size downloads from a character budget.
@@ -78,42 +76,9 @@ def shards_to_download(num_train: int, last_shard: int) -> list[int]:
     return sorted(set(range(min(num_train, last_shard))) | {last_shard})
 
 
-def fetch_shard(
-    source: str, filename: str, dest_dir: Path, attempts: int = 5, backoff_s: float = 2.0
-) -> Path:
-    """
-    Fetch one shard from an http(s) base URL or a local folder into dest_dir. The bytes go to a temp
-    file that must parse as parquet before it is renamed into place, so a shard file is always whole.
-    """
-    dest = dest_dir / filename
-    if dest.exists():
-        return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dest_dir / f".{filename}.tmp"
-    for attempt in range(1, attempts + 1):
-        try:
-            if source.startswith(("http://", "https://")):
-                with requests.get(f"{source.rstrip('/')}/{filename}", stream=True, timeout=60) as response:
-                    response.raise_for_status()
-                    with open(tmp, "wb") as f:
-                        for chunk in response.iter_content(chunk_size=1 << 20):
-                            f.write(chunk)
-            else:
-                shutil.copyfile(Path(source).expanduser() / filename, tmp)
-            pq.ParquetFile(tmp)  # a truncated download has no valid footer
-            tmp.replace(dest)
-            return dest
-        except (OSError, requests.RequestException, ValueError) as error:
-            tmp.unlink(missing_ok=True)
-            if attempt == attempts:
-                raise RuntimeError(f"could not fetch {filename} from {source}: {error}") from error
-            wait = backoff_s * 2 ** (attempt - 1)
-            print(
-                f"{filename}: attempt {attempt}/{attempts} failed ({error}); retrying in {wait:.0f}s",
-                flush=True,
-            )
-            time.sleep(wait)
-    raise AssertionError("unreachable")
+def fetch_shard(source: str, filename: str, dest_dir: Path, backoff_s: float = 2.0) -> Path:
+    """One shard; it must parse as parquet (a truncated download has no valid footer) before it counts."""
+    return fetch(join(source, filename), dest_dir / filename, check=pq.ParquetFile, backoff_s=backoff_s)
 
 
 def download_shards(
@@ -125,6 +90,7 @@ def download_shards(
             f"NANOCHAT_DATA_DIR is set ({settings.data_dir}): a local kit is read as is, not downloaded to"
         )
     dest_dir = pretrain_dir(settings)
+    dest_dir.mkdir(parents=True, exist_ok=True)
     names = [shard_filename(i) for i in shards_to_download(num_train, settings.pretrain_last_shard)]
     missing = [name for name in names if not (dest_dir / name).exists()]
     print(f"pretraining shards: {len(names) - len(missing)}/{len(names)} present in {dest_dir}", flush=True)
@@ -135,7 +101,7 @@ def download_shards(
         futures = [
             pool.submit(fetch_shard, settings.pretrain_url, n, dest_dir, backoff_s=backoff_s) for n in missing
         ]
-        for future in futures:
+        for future in as_completed(futures):
             future.result()
             bar.update(1)
 

@@ -1,0 +1,69 @@
+"""Tiny fixtures in the real schemas, so the trainer's unit tests need no data kit."""
+
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from trainer.settings import TrainerSettings
+from trainer.tokenizer import Tokenizer
+
+SYLLABLES = ["ka", "to", "mi", "ne", "ru", "sa", "li", "po", "de", "fu", "gra", "sht", "ber", "qua"]
+EXTRAS = [
+    "über",
+    "naïve",
+    "café",
+    "東京",
+    "привет",
+    "🚀",
+    "def",
+    "return",
+    "print()",
+    "{}",
+    "==",
+    "42",
+    "1024",
+    "3.14",
+]
+
+
+def random_word(rng: random.Random) -> str:
+    if rng.random() < 0.1:
+        return rng.choice(EXTRAS)
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4)))
+
+
+def make_documents(count: int, seed: int = 0) -> list[str]:
+    """Documents of very different lengths (10 to ~3,000 words), each starting with a unique tag."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(count):
+        length = rng.choice([10, 40, 120, 400, 3000]) + rng.randrange(10)
+        docs.append(f"doc{i:04d}: " + " ".join(random_word(rng) for _ in range(length)))
+    return docs
+
+
+def write_shards(folder: Path, docs_per_shard: list[list[str]], row_group_size: int = 4) -> list[Path]:
+    """Parquet shards like the real ones: one `text` column, several row groups each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, docs in enumerate(docs_per_shard):
+        path = folder / f"shard_{i:05d}.parquet"
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=row_group_size, compression="zstd")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> Tokenizer:
+    return Tokenizer.train(make_documents(200, seed=1), vocab_size=600)
+
+
+@pytest.fixture
+def tiny_kit(tmp_path: Path) -> TrainerSettings:
+    """A data root with 3 train shards of 12 docs (3 row groups each) and a val shard."""
+    docs = make_documents(44)
+    write_shards(tmp_path / "kit" / "pretrain", [docs[0:12], docs[12:24], docs[24:36], docs[36:44]])
+    return TrainerSettings(base_dir=tmp_path / "base", data_dir=tmp_path / "kit")
