@@ -28,3 +28,4 @@ format: setup ## apply ruff's fixes and formatting
 
 bench: setup ## run the benchmarks (see bench/RESULTS.md)
 	$(VENV_PYTHON) bench/tokenizer.py
+	$(VENV_PYTHON) bench/train.py

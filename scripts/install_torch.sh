@@ -2,6 +2,8 @@
 # Install torch==$TORCH_VERSION with the right build for this machine, and nothing else.
 #   TORCH_VARIANT=auto (default): CUDA build when `nvidia-smi` sees a GPU, CPU build otherwise.
 #   TORCH_VARIANT=cpu | cuda: force one (Docker builds have no GPU to look at).
+#   FLASH_ATTN_WHEEL=<url or path>: also install this prebuilt flash-attn wheel (CUDA only; it must
+#   match the torch, CUDA and Python versions). Without it attention runs on PyTorch's SDPA.
 # Plain `pip install torch` on Linux pulls the multi-GB CUDA build, which a CPU machine must never get.
 set -euo pipefail
 
@@ -14,6 +16,12 @@ if [ "$variant" = auto ]; then
 fi
 case "$variant" in cpu | cuda) ;; *) echo "TORCH_VARIANT must be auto, cpu or cuda (got '$variant')" >&2; exit 2 ;; esac
 
+install_flash_attn() {
+  if [ -n "${FLASH_ATTN_WHEEL:-}" ] && [ "$variant" = cuda ]; then
+    "$python" -m pip install --no-deps "$FLASH_ATTN_WHEEL"
+  fi
+}
+
 if "$python" - "$TORCH_VERSION" "$variant" <<'PY' 2>/dev/null; then
 import sys, torch
 version, variant = sys.argv[1], sys.argv[2]
@@ -21,6 +29,7 @@ is_cpu_build = torch.version.cuda is None
 sys.exit(0 if torch.__version__.split("+")[0] == version and is_cpu_build == (variant == "cpu") else 1)
 PY
   echo "torch $TORCH_VERSION ($variant) is already installed"
+  install_flash_attn
   exit 0
 fi
 
@@ -34,3 +43,4 @@ else
   "$python" -m pip install "torch==$TORCH_VERSION" \
     --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
 fi
+install_flash_attn

@@ -11,6 +11,7 @@ from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 from conftest import RESULT_TTL, Stack
 from sse import read_events
+from support import wait_until
 
 TINY_TOKENIZER = {"kind": "tokenizer", "run": "e2e", "config": {"vocab_size": 1024, "max_chars": 2_000_000}}
 
@@ -123,3 +124,37 @@ def test_jobs_are_listed_newest_first(stack: Stack, finished_job: dict) -> None:
 def test_health_reports_redis(stack: Stack) -> None:
     with stack.client(token=None) as client:
         assert client.get("/health").json() == {"status": "ok", "redis": "ok"}
+
+
+def test_canceling_a_training_job_stops_it_with_a_checkpoint(stack: Stack, finished_job: dict) -> None:
+    # Run "e2e" has the tokenizer from the finished job; train on it long enough to cancel mid-run.
+    spec = {
+        "kind": "base_train",
+        "run": "e2e",
+        "config": {
+            "depth": 2,
+            "head_dim": 64,
+            "max_seq_len": 128,
+            "device_batch_size": 4,
+            "total_batch_size": 512,
+            "num_iterations": 5000,
+            "eval_every": 0,
+            "sample_every": 0,
+            "save_every": 0,
+        },
+    }
+    job = submit(stack, spec)
+    with stack.client(token=None) as client:
+        wait_until(
+            lambda: "step 3/5000 | loss" in client.get(f"/jobs/{job['id']}/logs").text, 120, "training steps"
+        )
+    with stack.client() as client:
+        assert client.post(f"/jobs/{job['id']}/cancel").json()["cancel_requested"] is True
+    events = follow_to_end(stack, job["id"])
+    assert json.loads(events[-1].data) == {"status": "canceled"}
+    lines = [e.data for e in events if e.event == "message"]
+    assert lines[0].startswith("$ python -m trainer.base_train --run e2e --depth 2 --head-dim 64")
+    assert "cancel requested: stopping the program (SIGTERM)" in lines
+    assert any("checkpoint" in line and "step_" in line for line in lines)
+    checkpoints = sorted((stack.base_dir / "runs" / "e2e" / "base").glob("step_*"))
+    assert checkpoints and (checkpoints[-1] / "model.safetensors").exists()

@@ -60,9 +60,10 @@ def test_api_and_web_images_do_not_install_torch(service: str) -> None:
 @pytest.mark.parametrize("service", ["trainer", "worker", "inference"])
 def test_ml_images_install_torch_for_the_chosen_variant(service: str) -> None:
     text = dockerfile(service)
+    assert "ARG TORCH_VARIANT=cuda" in text and 'ARG FLASH_ATTN_WHEEL=""' in text
     assert (
-        "ARG TORCH_VARIANT=cuda" in text
-        and 'TORCH_VARIANT="${TORCH_VARIANT}" scripts/install_torch.sh' in text
+        'TORCH_VARIANT="${TORCH_VARIANT}" FLASH_ATTN_WHEEL="${FLASH_ATTN_WHEEL}" scripts/install_torch.sh'
+        in text
     )
     assert "torch" in installed_distributions(service)
 

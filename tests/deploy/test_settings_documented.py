@@ -24,12 +24,14 @@ def env_names(settings: type[BaseSettings]) -> set[str]:
     return names
 
 
-def test_env_example_lists_exactly_the_settings_variables() -> None:
+def test_env_example_lists_exactly_the_settings_and_compose_variables() -> None:
     example = (ROOT / ".env.example").read_text()
     listed = set(re.findall(r"^([A-Z_][A-Z0-9_]*)=", example, re.MULTILINE))
     read = set().union(*(env_names(s) for s in ALL_SETTINGS))
+    compose = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", (ROOT / "compose.yaml").read_text()))
     assert read - listed == set(), "read by a service but missing from .env.example"
-    assert listed - read == set(), "in .env.example but read by no service"
+    assert compose - listed == set(), "used by compose.yaml but missing from .env.example"
+    assert listed - read - compose == set(), "in .env.example but read by nothing"
 
 
 def test_every_variable_has_a_comment_line() -> None:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # nanochat's pretraining corpus: ~100 MB parquet shards, shard_00000 … shard_06542 (the pinned val shard).
@@ -31,6 +31,16 @@ class TrainerSettings(BaseSettings):
         default=CLIMBMIX_LAST_SHARD,
         ge=1,
         description="Index of the source's last shard, which is always fetched as the validation split.",
+    )
+
+    wandb_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("WANDB_API_KEY"),
+        description="Turns wandb logging on for training runs (the run name is the wandb run name).",
+    )
+    wandb_project: str = Field(
+        default="nanochat",
+        description="wandb project for training runs (wandb is on when WANDB_API_KEY is set).",
     )
 
     @property

@@ -28,6 +28,31 @@ class TokenizerConfig(StrictModel):
     )
 
 
+class BaseTrainConfig(StrictModel):
+    """The base_train flags a job may set; unset ones take the program's defaults (derived from depth)."""
+
+    depth: int = Field(default=12, ge=1, le=64, description="transformer layers: the one dial")
+    head_dim: int | None = Field(default=None, ge=16, le=256, description="channels per attention head")
+    window_pattern: str | None = Field(default=None, pattern=r"^[SLsl]{1,16}$", description="e.g. SSSL")
+    max_seq_len: int | None = Field(default=None, ge=16, le=65536)
+    device_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    total_batch_size: int | None = Field(default=None, ge=16, le=2**26)
+    num_iterations: int | None = Field(default=None, ge=1, le=10_000_000)
+    target_param_data_ratio: float | None = Field(default=None, gt=0, le=1000)
+    eval_every: int | None = Field(default=None, ge=0)
+    eval_tokens: int | None = Field(default=None, ge=1, le=2**34)
+    sample_every: int | None = Field(default=None, ge=0)
+    save_every: int | None = Field(default=None, ge=0)
+    resume: bool = Field(default=False, description="continue from the run's latest checkpoint")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    nproc_per_node: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="processes (GPUs) on this worker's machine, launched with torchrun",
+    )
+
+
 class JobSpec(StrictModel):
     """Fields every job kind has; subclasses add `kind`, `config` and the program that runs them."""
 
@@ -37,11 +62,24 @@ class JobSpec(StrictModel):
     run: RunName = "default"
 
     def arguments(self) -> list[str]:
-        """The program's command line: --run plus one --flag per config field."""
+        """The program's flags: --run plus one --flag per config field that is set (booleans bare)."""
         args = ["--run", self.run]
-        for name, value in self.config.model_dump().items():
-            args += [f"--{name.replace('_', '-')}", str(value)]
+        for name, value in self.config.model_dump(exclude={"nproc_per_node"}).items():
+            flag = f"--{name.replace('_', '-')}"
+            if value is True:
+                args.append(flag)
+            elif value is not None and value is not False:
+                args += [flag, str(value)]
         return args
+
+    def command(self) -> list[str]:
+        """What follows `python`: `-m <program> <flags>`, through torchrun for several processes.
+        torchrun needs `--` before the program's flags: it would take `--run` for its own `--run-path`."""
+        processes = getattr(self.config, "nproc_per_node", 1)
+        if processes > 1:
+            torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+            return [*torchrun, "-m", self.program, "--", *self.arguments()]
+        return ["-m", self.program, *self.arguments()]
 
 
 class TokenizerJob(JobSpec):
@@ -52,5 +90,13 @@ class TokenizerJob(JobSpec):
     config: TokenizerConfig = TokenizerConfig()
 
 
-AnyJobSpec = TokenizerJob
+class BaseTrainJob(JobSpec):
+    program: ClassVar[str] = "trainer.base_train"
+    report_section: ClassVar[str] = "base_train"
+
+    kind: Literal["base_train"]
+    config: BaseTrainConfig = BaseTrainConfig()
+
+
+AnyJobSpec = Annotated[TokenizerJob | BaseTrainJob, Field(discriminator="kind")]
 JOB_SPEC = TypeAdapter(AnyJobSpec)

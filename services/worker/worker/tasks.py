@@ -57,9 +57,9 @@ def execute(redis: Redis, record: JobRecord, settings: WorkerSettings) -> JobRec
     run_dir = settings.base_dir.expanduser() / "runs" / spec.run
     log_path = run_dir / "logs" / f"{record.id}.log"
 
-    command = [sys.executable, "-u", "-m", spec.program, *spec.arguments()]
+    command = [sys.executable, "-u", *spec.command()]
     with JobLog(redis, record.id, log_path) as log:
-        log.write(f"$ python -m {spec.program} {' '.join(spec.arguments())}")
+        log.write(f"$ python {' '.join(command[2:])}")
         child = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -77,11 +77,11 @@ def execute(redis: Redis, record: JobRecord, settings: WorkerSettings) -> JobRec
         pump.join()
 
     ended = records.now()
+    if canceled:  # a trainer stopped by SIGTERM saves a checkpoint and exits with 143
+        return finish(redis, record.id, status=JobStatus.CANCELED, ended_at=ended)
     if child.returncode == 0:
         result = read_result(run_dir / "report" / f"{spec.report_section}.json")
         return finish(redis, record.id, status=JobStatus.FINISHED, ended_at=ended, result=result)
-    if canceled:
-        return finish(redis, record.id, status=JobStatus.CANCELED, ended_at=ended)
     last_line = log.last_line or "(no output)"
     error = f"{spec.program} exited with code {child.returncode}: {last_line}"
     return finish(redis, record.id, status=JobStatus.FAILED, ended_at=ended, error=error)

@@ -1,0 +1,417 @@
+"""
+Base pretraining: a GPT of the given --depth trained on the pretraining shards with the recipe's
+Muon+AdamW optimizer and schedules. Checkpoints resume exactly; SIGTERM saves one and stops.
+
+    python -m trainer.base_train --run demo --depth 12
+    torchrun --standalone --nproc_per_node=8 -m trainer.base_train -- --run demo --depth 20
+    python -m trainer.base_train --run cpu --depth 4 --head-dim 64 --max-seq-len 512 \\
+        --device-batch-size 8 --total-batch-size 4096 --num-iterations 300       # a CPU run
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+
+from trainer import checkpoint, dataset, scaling
+from trainer.common import add_run_flag, print0, print_banner, progress_bar
+from trainer.dataloader import PackingLoader
+from trainer.engine import generate
+from trainer.gpt import GPT, GPTConfig
+from trainer.loss_eval import evaluate_bpb
+from trainer.optim import MuonAdamW
+from trainer.report import write_section
+from trainer.runtime import (
+    Runtime,
+    StopRequest,
+    add_training_flags,
+    init_wandb,
+    peak_flops,
+    setup_runtime,
+    shutdown,
+)
+from trainer.settings import TrainerSettings
+from trainer.tokenizer import Tokenizer
+
+PHASE = "base"
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "If 5*x + 3 = 13, then x is",
+]
+
+parser = argparse.ArgumentParser(description="Pretrain a GPT of the given depth on the pretraining shards.")
+add_run_flag(parser)
+group = parser.add_argument_group("Model")
+group.add_argument("--depth", type=int, default=12, help="transformer layers: the one dial (default: 12)")
+group.add_argument("--head-dim", type=int, default=128, help="channels per attention head (default: 128)")
+group.add_argument("--aspect-ratio", type=int, default=64, help="width = aspect ratio × depth (default: 64)")
+group.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: = heads)")
+group.add_argument(
+    "--window-pattern",
+    default="SSSL",
+    help="attention windows tiled over layers, S=¼ context, L=full (default: SSSL)",
+)
+group = parser.add_argument_group("Horizon")
+group.add_argument(
+    "--target-param-data-ratio",
+    type=float,
+    default=10.5,
+    help="training tokens per scaling parameter when --num-iterations is not given (default: 10.5)",
+)
+group = parser.add_argument_group("Optimization")
+group.add_argument(
+    "--matrix-lr", type=float, default=0.02, help="Muon LR before batch scaling (default: 0.02)"
+)
+group.add_argument("--embedding-lr", type=float, default=0.3, help="token embedding AdamW LR (default: 0.3)")
+group.add_argument("--unembedding-lr", type=float, default=0.008, help="lm_head AdamW LR (default: 0.008)")
+group.add_argument("--scalar-lr", type=float, default=0.5, help="per-layer scalar AdamW LR (default: 0.5)")
+group.add_argument("--weight-decay", type=float, default=None, help="Muon weight decay (default: derived)")
+group.add_argument("--warmup-steps", type=int, default=40, help="linear LR warm-up steps (default: 40)")
+group.add_argument(
+    "--warmdown-ratio", type=float, default=0.65, help="share of steps in warm-down (default: 0.65)"
+)
+group.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end, × peak (default: 0.05)")
+group = parser.add_argument_group("Evaluation")
+group.add_argument(
+    "--eval-tokens", type=int, default=20 * 2**19, help="val tokens per bpb evaluation (default: 10.5M)"
+)
+add_training_flags(parser)
+
+
+def build_optimizer(model: GPT, args: argparse.Namespace, horizon: scaling.Horizon) -> MuonAdamW:
+    """The recipe's parameter groups; every LR × √(B/B_ref), AdamW LRs also × (width/768)^−½."""
+    s = horizon.lr_scale
+    width_scale = (model.config.n_embd / 768) ** -0.5
+    embedding_lr = args.embedding_lr * width_scale * s
+
+    def adamw(params, lr, betas, weight_decay):
+        return {
+            "kind": "adamw",
+            "params": params,
+            "lr": lr,
+            "betas": betas,
+            "eps": 1e-10,
+            "weight_decay": weight_decay,
+        }
+
+    groups = [
+        adamw([model.lm_head.weight], args.unembedding_lr * width_scale * s, (0.8, 0.96), 0.01),
+        adamw([model.wte.weight], embedding_lr, (0.8, 0.995), 0.001),
+        adamw([model.resid_lambdas], args.scalar_lr * 0.01 * s, (0.8, 0.95), 0.05),
+        adamw([model.x0_lambdas], args.scalar_lr * s, (0.96, 0.95), 0.0),
+    ]
+    if model.value_embeds:
+        groups.append(adamw(list(model.value_embeds.parameters()), embedding_lr / 2, (0.8, 0.995), 0.01))
+    small = [p for p in (model.smear_lambda, model.backout_lambda) if p is not None]
+    if model.smear_gate is not None:
+        small.append(model.smear_gate.weight)
+    if small:
+        groups.append(adamw(small, 0.2 * s, (0.8, 0.95), 0.0))
+    weight_decay = horizon.weight_decay if args.weight_decay is None else args.weight_decay
+    matrices = model.matrix_params()
+    for shape in sorted({tuple(p.shape) for p in matrices}):
+        params = [p for p in matrices if tuple(p.shape) == shape]
+        groups.append(
+            {
+                "kind": "muon",
+                "params": params,
+                "lr": args.matrix_lr * s,
+                "momentum": 0.95,
+                "beta2": 0.9,
+                "weight_decay": weight_decay,
+                "ns_steps": 5,
+            }
+        )
+    for group in groups:
+        group["base_lr"], group["base_weight_decay"] = group["lr"], group["weight_decay"]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())), "a parameter has no group"
+    return MuonAdamW(groups)
+
+
+def apply_schedules(optimizer: MuonAdamW, step: int, total: int, args: argparse.Namespace) -> float:
+    lrm = scaling.lr_multiplier(step, total, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = scaling.muon_momentum(step, total, args.warmdown_ratio)
+            group["weight_decay"] = group["base_weight_decay"] * scaling.weight_decay_multiplier(step, total)
+    return lrm
+
+
+def sample(model: GPT, tokenizer: Tokenizer, max_tokens: int = 16) -> list[str]:
+    """Greedy completions of fixed prompts: a quick look at what the model knows."""
+    lines = []
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+        completion = tokenizer.decode(list(generate(model, ids, max_tokens, temperature=0)))
+        lines.append(f"{prompt} → {completion!r}")
+    return lines
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class MetricsLog:
+    """runs/<run>/base/metrics.jsonl, one JSON object per line; rank 0 writes."""
+
+    def __init__(self, path: Path, runtime: Runtime, resume_step: int | None) -> None:
+        self.path, self.enabled = path, runtime.is_master
+        if not self.enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():  # drop what a crashed run logged past the checkpoint we resume from
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def plan(
+    args: argparse.Namespace, vocab_size: int, runtime: Runtime
+) -> tuple[GPTConfig, scaling.Horizon, int]:
+    """What --depth and the flags resolve to: model config, horizon, gradient accumulation steps. Printed."""
+    config = scaling.model_config(
+        args.depth,
+        vocab_size,
+        args.max_seq_len,
+        args.head_dim,
+        args.aspect_ratio,
+        args.n_kv_head,
+        args.window_pattern,
+    )
+    num_params = scaling.scaling_params(config)
+    horizon = scaling.horizon(
+        num_params, args.target_param_data_ratio, args.total_batch_size, args.num_iterations
+    )
+    micro_tokens = args.device_batch_size * args.max_seq_len * runtime.world_size
+    if horizon.total_batch_size % micro_tokens:
+        raise SystemExit(
+            f"--total-batch-size {horizon.total_batch_size:,} must be a multiple of device batch × seq len × "
+            f"processes = {micro_tokens:,}"
+        )
+    accumulation = horizon.total_batch_size // micro_tokens
+    print0(
+        f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head} "
+        f"(kv {config.n_kv_head}), head dim {config.head_dim}, windows {config.window_sizes()}, "
+        f"vocab {config.vocab_size:,}"
+    )
+    print0(
+        f"horizon: N {num_params:,} scaling params | D {horizon.tokens:,} tokens "
+        f"(D/N {horizon.tokens / num_params:.1f}) | {horizon.num_iterations:,} steps"
+    )
+    print0(
+        f"batch: {horizon.total_batch_size:,} tokens/step = {accumulation} accumulation step(s) × "
+        f"{micro_tokens:,} | LR scale {horizon.lr_scale:.3f} | Muon weight decay {horizon.weight_decay:.4f}"
+    )
+    print0(f"runtime: {runtime.device} × {runtime.world_size} process(es) | compute dtype {runtime.dtype}")
+    return config, horizon, accumulation
+
+
+def resume_step(args: argparse.Namespace, out_dir: Path) -> int | None:
+    """The checkpoint to continue from: --resume-from-step, or the latest with --resume, or None."""
+    steps = checkpoint.list_steps(out_dir)
+    if args.resume_from_step is not None:
+        if args.resume_from_step not in steps:
+            raise SystemExit(
+                f"no complete checkpoint for step {args.resume_from_step} in {out_dir} (have: {steps})"
+            )
+        return args.resume_from_step
+    if args.resume and not steps:
+        print0(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
+    return steps[-1] if args.resume and steps else None
+
+
+def train_step(
+    model: torch.nn.Module, loader: PackingLoader, optimizer: MuonAdamW, accumulation: int, scaler
+) -> float:
+    """One optimizer step over `accumulation` micro-batches; returns this process's mean loss."""
+    total_loss = torch.zeros((), device=loader.device)
+    for _ in range(accumulation):
+        inputs, targets = next(loader)
+        loss = model(inputs, targets) / accumulation
+        (scaler.scale(loss) if scaler else loss).backward()
+        total_loss += loss.detach()
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss.item()  # one device sync per step, not one per micro-batch
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser.parse_args(argv)
+    runtime = setup_runtime(args.device, args.dtype)
+    settings = TrainerSettings()
+    print_banner("base_train", args, settings)
+    stop = StopRequest()
+    try:
+        return train(args, settings, runtime, stop)
+    finally:
+        shutdown(runtime)
+
+
+def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime, stop: StopRequest) -> dict:
+    out_dir = settings.run_dir(args.run) / PHASE
+    tokenizer = Tokenizer.load(settings.run_dir(args.run) / "tokenizer")
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=runtime.device)
+    config, horizon, accumulation = plan(args, tokenizer.vocab_size, runtime)
+
+    torch.manual_seed(args.seed)
+    model = GPT(config)
+    model.init_weights()
+    model.set_compute_dtype(runtime.dtype)
+    model.to(runtime.device)
+    optimizer = build_optimizer(model, args, horizon)
+    use_compile = args.compile if args.compile is not None else runtime.device.type == "cuda"
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    scaler = torch.amp.GradScaler("cuda") if runtime.dtype == torch.float16 else None
+    flops_per_token = model.estimate_flops()
+    peak, peak_source = peak_flops(runtime)
+    print0(f"FLOPs per token {flops_per_token:.3e} | peak {peak:.3e} FLOP/s per device ({peak_source})")
+
+    start_step, loader_state = resume_step(args, out_dir), None
+    if start_step is not None:
+        weights, _ = checkpoint.load_model(out_dir, start_step, runtime.device, runtime.dtype)
+        model.load_state_dict(weights.state_dict())
+        loader_state = checkpoint.load_training_state(out_dir, start_step, optimizer, runtime)
+        print0(f"resumed from {checkpoint.step_dir(out_dir, start_step)}")
+    metrics = MetricsLog(out_dir / "metrics.jsonl", runtime, start_step)
+    start_step = start_step or 0
+
+    loader_args = {
+        "batch_size": args.device_batch_size,
+        "seq_len": args.max_seq_len,
+        "rank": runtime.rank,
+        "world_size": runtime.world_size,
+        "device": runtime.device,
+    }
+    train_loader = PackingLoader(
+        tokenizer, dataset.list_shards(settings, "train"), state=loader_state, **loader_args
+    )
+    val_shards = dataset.list_shards(settings, "val")
+    eval_steps = max(1, args.eval_tokens // (horizon.total_batch_size // accumulation))
+    wandb_run = init_wandb(settings, args.run, {**vars(args), "model": config.to_dict()}, runtime)
+    total = horizon.num_iterations
+    bar = progress_bar(total=total, initial=start_step, unit="step") if sys.stderr.isatty() else None
+    log = bar.write if bar is not None else print0
+
+    val_bpb = min_val_bpb = float("nan")
+    step_times: list[float] = []
+    started = time.time()
+    for step in range(start_step, total + 1):
+        last = step == total
+        stopping = runtime.any(stop.requested)
+        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            val_bpb = evaluate_bpb(
+                model, PackingLoader(tokenizer, val_shards, **loader_args), eval_steps, token_bytes
+            )
+            model.train()
+            min_val_bpb = min(min_val_bpb, val_bpb) if not math.isnan(min_val_bpb) else val_bpb
+            log(f"step {step}/{total} | val bpb {val_bpb:.4f}")
+            metrics.write({"step": step, "val_bpb": val_bpb})
+            wandb_run.log({"val/bpb": val_bpb}, step=step)
+        if runtime.is_master and (
+            last or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0)
+        ):
+            model.eval()
+            for line in sample(model, tokenizer):
+                log(f"  sample | {line}")
+            model.train()
+        if step > start_step and (last or stopping or (args.save_every > 0 and step % args.save_every == 0)):
+            meta = {
+                "phase": PHASE,
+                "args": vars(args),
+                "val_bpb": val_bpb,
+                "tokens_seen": step * horizon.total_batch_size,
+            }
+            saved = checkpoint.save(
+                out_dir,
+                step,
+                model,
+                optimizer,
+                train_loader.state_dict(),
+                meta,
+                runtime,
+                args.keep_checkpoints,
+            )
+            log(f"step {step}/{total} | checkpoint {saved}")
+        if last or stopping:
+            break
+
+        runtime.synchronize()
+        t0 = time.time()
+        lrm = apply_schedules(optimizer, step, total, args)
+        loss = runtime.mean(train_step(train_model, train_loader, optimizer, accumulation, scaler))
+        runtime.synchronize()
+        dt = time.time() - t0
+        step_times.append(dt)
+        tok_per_s = horizon.total_batch_size / dt
+        mfu = flops_per_token * tok_per_s / (peak * runtime.world_size)
+        eta = format_duration((total - step - 1) * median(step_times[-50:]))  # median: early steps compile
+        log(
+            f"step {step + 1}/{total} | loss {loss:.4f} | lrm {lrm:.2f} | dt {dt:.2f}s | "
+            f"tok/s {tok_per_s:,.0f} | mfu {100 * mfu:.1f}% | eta {eta}"
+        )
+        metrics.write(
+            {"step": step + 1, "loss": loss, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s, "mfu": mfu}
+        )
+        wandb_run.log(
+            {"train/loss": loss, "train/lrm": lrm, "train/mfu": mfu, "train/tok_per_s": tok_per_s},
+            step=step + 1,
+        )
+        if bar is not None:
+            bar.update(1)
+
+    if bar is not None:
+        bar.close()
+    wandb_run.finish()
+    if stopping and not last:
+        print0(f"stopped at step {step}; resume with --resume")
+        shutdown(runtime)
+        sys.exit(143)
+    tok_per_s = horizon.total_batch_size / median(step_times) if step_times else float("nan")
+    summary = {
+        "depth": config.n_layer,
+        "width": config.n_embd,
+        "steps": step,
+        "tokens": step * horizon.total_batch_size,
+        "total_batch_size": horizon.total_batch_size,
+        "val_bpb": round(val_bpb, 4),
+        "min_val_bpb": round(min_val_bpb, 4),
+        "tok_per_s": round(tok_per_s) if step_times else None,
+        "mfu": round(flops_per_token * tok_per_s / (peak * runtime.world_size), 4) if step_times else None,
+        "train_minutes": round((time.time() - started) / 60, 2),
+        "crop_fraction": round(train_loader.crop_fraction, 4),
+        "device": f"{runtime.device} × {runtime.world_size}",
+        "dtype": str(runtime.dtype).removeprefix("torch."),
+    }
+    if runtime.is_master:
+        write_section(settings, args.run, "base_train", summary)
+    print0("base_train done: " + json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""
+Checkpoints: runs/<run>/<phase>/step_XXXXXX/ with
+
+    model.safetensors   the weights (no pickle)
+    meta.json           step, model config, the program's flags, metrics, code version
+    rank00.pt …         per process: optimizer state (sharded Muon state differs per rank),
+                        dataloader state and RNG states (loaded with weights_only=True: data, no code)
+
+Everything is written into a hidden temp folder that is renamed into place at the end, so a step
+folder exists only complete: a crash while saving leaves the previous checkpoint as the latest.
+Keep-last-K deletes older steps only after the new one is in place.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.common import git_commit, replace_dir
+from trainer.gpt import GPT, GPTConfig
+from trainer.runtime import Runtime
+
+STEP_DIR = re.compile(r"^step_(\d{6})$")
+
+
+def step_dir(folder: Path, step: int) -> Path:
+    return folder / f"step_{step:06d}"
+
+
+def list_steps(folder: Path) -> list[int]:
+    """Steps with a complete checkpoint, oldest first (temp folders of interrupted saves are ignored)."""
+    if not folder.is_dir():
+        return []
+    steps = [int(m.group(1)) for p in folder.iterdir() if (m := STEP_DIR.match(p.name))]
+    return sorted(s for s in steps if (step_dir(folder, s) / "meta.json").exists())
+
+
+def rng_state(runtime: Runtime) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if runtime.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(runtime.device)
+    return state
+
+
+def save(
+    folder: Path,
+    step: int,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    loader_state: dict,
+    meta: dict[str, Any],
+    runtime: Runtime,
+    keep: int,
+) -> Path:
+    """Every process calls this; rank 0 writes the shared files and publishes the folder."""
+    final = step_dir(folder, step)
+    tmp = folder / f".{final.name}.tmp"
+    if runtime.is_master:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over by a save that crashed
+        tmp.mkdir(parents=True)
+    runtime.barrier()
+    rank_state = {"optimizer": optimizer.state_dict(), "dataloader": loader_state, "rng": rng_state(runtime)}
+    torch.save(rank_state, tmp / f"rank{runtime.rank:02d}.pt")
+    if runtime.is_master:
+        weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+        save_file(weights, tmp / "model.safetensors")
+        meta = {
+            "step": step,
+            "model_config": model.config.to_dict(),
+            "world_size": runtime.world_size,
+            "code": git_commit(),
+            **meta,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    runtime.barrier()
+    if runtime.is_master:
+        replace_dir(tmp, final)
+        for old in list_steps(folder)[:-keep] if keep > 0 else []:
+            shutil.rmtree(step_dir(folder, old))
+    runtime.barrier()
+    return final
+
+
+def read_meta(folder: Path, step: int) -> dict[str, Any]:
+    return json.loads((step_dir(folder, step) / "meta.json").read_text())
+
+
+def load_model(folder: Path, step: int, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:
+    """The model of a checkpoint, ready for training or sampling in `dtype`."""
+    meta = read_meta(folder, step)
+    model = GPT(GPTConfig(**meta["model_config"]))
+    model.set_compute_dtype(dtype)
+    model.load_state_dict(load_file(step_dir(folder, step) / "model.safetensors"))
+    return model.to(device), meta
+
+
+def load_training_state(
+    folder: Path, step: int, optimizer: torch.optim.Optimizer, runtime: Runtime
+) -> dict[str, Any]:
+    """Restore this process's optimizer and RNG states; returns its dataloader state."""
+    meta = read_meta(folder, step)
+    if meta["world_size"] != runtime.world_size:
+        raise SystemExit(
+            f"checkpoint step {step} was written by {meta['world_size']} processes; resume it with as many "
+            f"(this run has {runtime.world_size})"
+        )
+    state = torch.load(
+        step_dir(folder, step) / f"rank{runtime.rank:02d}.pt", map_location="cpu", weights_only=True
+    )
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and runtime.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], runtime.device)
+    return state["dataloader"]

@@ -1,0 +1,222 @@
+"""
+Where and how a training program runs: device and precision, the processes of a torchrun launch,
+the flags every training program shares, the peak FLOPs behind MFU, stop signals, and wandb.
+"""
+
+import argparse
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer.common import print0
+from trainer.settings import TrainerSettings
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets; fp32 runs count as TF32 (half).
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by base, mid, SFT and RL training."""
+    group = parser.add_argument_group("Training")
+    group.add_argument("--num-iterations", type=int, default=None, help="optimizer steps (default: derived)")
+    group.add_argument(
+        "--device-batch-size", type=int, default=32, help="sequences per forward pass (default: 32)"
+    )
+    group.add_argument(
+        "--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: derived)"
+    )
+    group.add_argument("--max-seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
+    group = parser.add_argument_group("Evaluation and checkpoints")
+    group.add_argument(
+        "--eval-every", type=int, default=250, help="steps between val evaluations (default: 250)"
+    )
+    group.add_argument("--sample-every", type=int, default=2000, help="steps between samples (default: 2000)")
+    group.add_argument(
+        "--save-every", type=int, default=1000, help="steps between checkpoints (default: 1000)"
+    )
+    group.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept (default: last 3)")
+    group.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    group.add_argument(
+        "--resume-from-step", type=int, default=None, help="continue from this checkpoint step"
+    )
+    group = parser.add_argument_group("Runtime")
+    group.add_argument(
+        "--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu (default: auto)"
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="compute dtype; auto: bfloat16 on CUDA SM≥80, float16 on older CUDA, float32 elsewhere",
+    )
+    group.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (default: on for CUDA, off elsewhere)",
+    )
+    group.add_argument("--seed", type=int, default=42, help="initialisation and sampling seed (default: 42)")
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        """The value averaged over processes (for logging)."""
+        if not self.distributed:
+            return value
+        tensor = torch.tensor(value, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is True on any (so all processes take the same branch)."""
+        if not self.distributed:
+            return flag
+        tensor = torch.tensor(int(flag), device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def autodetect_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return torch.float32
+
+
+def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtime:
+    """Pick the device and dtype; under torchrun, join the process group (NCCL on GPUs, gloo on CPU)."""
+    device_type = autodetect_device() if device_name == "auto" else device_name
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(device_type)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if device_type == "cuda" else "gloo", device_id=device if device_type == "cuda" else None
+        )
+    return Runtime(device, resolve_dtype(dtype_name, device), rank, local_rank, world_size)
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_measured_cpu_peak: dict[torch.dtype, float] = {}
+
+
+def peak_flops(runtime: Runtime) -> tuple[float, str]:
+    """Per-device peak FLOP/s for MFU, and where the number comes from."""
+    if runtime.device.type == "cuda":
+        name = torch.cuda.get_device_name(runtime.device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                scale = 1.0 if runtime.dtype in (torch.bfloat16, torch.float16) else 0.5
+                return flops * scale, f"{name} data sheet"
+        return float("nan"), f"{name}: peak unknown"
+    # CPUs publish no single peak: measure this machine's best large matmul in the compute dtype.
+    if runtime.dtype not in _measured_cpu_peak:
+        a = torch.randn(1024, 1024, dtype=runtime.dtype)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - start)
+        _measured_cpu_peak[runtime.dtype] = 2 * 1024**3 / best
+    return _measured_cpu_peak[runtime.dtype], f"measured {runtime.device.type} matmul peak"
+
+
+class StopRequest:
+    """SIGTERM or Ctrl-C: checkpoint at the end of the current step, then stop; a second signal stops now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print0(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping")
+
+
+class NullWandb:
+    """Stands in for a wandb run when wandb is off, so the loop calls log() unconditionally."""
+
+    def log(self, data: dict, step: int | None = None) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def init_wandb(settings: TrainerSettings, run: str, config: dict, runtime: Runtime) -> Any:
+    """A wandb run named after the run when WANDB_API_KEY is set (rank 0 only); a NullWandb otherwise."""
+    if not runtime.is_master or settings.wandb_api_key is None:
+        return NullWandb()
+    try:
+        import wandb
+    except ImportError as error:
+        raise SystemExit("WANDB_API_KEY is set but wandb is not installed: pip install wandb") from error
+    wandb.login(key=settings.wandb_api_key.get_secret_value())
+    return wandb.init(project=settings.wandb_project, name=run, config=config)
