@@ -92,8 +92,46 @@ def test_loss_falls_on_real_text(env: Path) -> None:
     bpbs = [r["val_bpb"] for r in records if "val_bpb" in r]
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert bpbs[-1] < bpbs[0] - 0.25 and summary["val_bpb"] == pytest.approx(bpbs[-1], abs=1e-4)
-    report = json.loads((run_dir(env, "learn") / "report" / "base_train.json").read_text())
-    assert report["steps"] == 40 and report["depth"] == 2
+    report = run_dir(env, "learn") / "report"
+    summary_file = json.loads((report / "base_train.json").read_text())
+    assert summary_file["steps"] == 40 and summary_file["depth"] == 2
+    assert "![base_train_loss](base_train_loss.svg)" in (report / "report.md").read_text()
+    assert (report / "base_train_val_bpb.svg").read_text().count("<polyline") == 1
+
+
+def test_architecture_switches_and_gqa_train(env: Path) -> None:
+    copy_tokenizer(env, "plain")
+    summary = base_train.main(
+        [
+            "--run",
+            "plain",
+            *TINY,
+            "--num-iterations",
+            "3",
+            "--eval-every",
+            "0",
+            "--no-value-embeds",
+            "--no-smear",
+            "--no-backout",
+            "--n-kv-head",
+            "1",
+            "--window-pattern",
+            "SL",
+            "--softcap",
+            "30",
+        ]
+    )
+    assert summary["steps"] == 3 and summary["val_bpb"] < 5
+    meta = json.loads((checkpoint.step_dir(run_dir(env, "plain") / "base", 3) / "meta.json").read_text())
+    config = meta["model_config"]
+    assert (config["value_embeds"], config["smear"], config["backout"], config["n_kv_head"]) == (
+        False,
+        False,
+        False,
+        1,
+    )
+    model, _ = checkpoint.load_model(run_dir(env, "plain") / "base", 3, torch.device("cpu"), torch.float32)
+    assert not model.value_embeds and model.smear_gate is None and model.backout_lambda is None
 
 
 def test_interrupted_then_resumed_run_equals_uninterrupted_run_bitwise(env: Path) -> None:

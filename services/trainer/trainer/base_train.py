@@ -25,7 +25,8 @@ from trainer.engine import generate
 from trainer.gpt import GPT, GPTConfig
 from trainer.loss_eval import evaluate_bpb
 from trainer.optim import MuonAdamW
-from trainer.report import write_section
+from trainer.plot import line_chart
+from trainer.report import write_figure, write_section
 from trainer.runtime import (
     Runtime,
     StopRequest,
@@ -60,6 +61,17 @@ group.add_argument(
     default="SSSL",
     help="attention windows tiled over layers, S=¼ context, L=full (default: SSSL)",
 )
+switch = argparse.BooleanOptionalAction
+group.add_argument(
+    "--value-embeds", action=switch, default=True, help="value embeddings on alternating layers"
+)
+group.add_argument("--smear", action=switch, default=True, help="gated mix of the previous token's embedding")
+group.add_argument(
+    "--backout", action=switch, default=True, help="subtract the mid-network residual before the head"
+)
+group.add_argument("--softcap", type=float, default=15.0, help="logit soft-cap 15·tanh(z/15) (default: 15)")
+group.add_argument("--rope-base", type=float, default=100_000.0, help="rotary base (default: 100,000)")
+group.add_argument("--qk-scale", type=float, default=1.2, help="q and k scale after QK-norm (default: 1.2)")
 group = parser.add_argument_group("Horizon")
 group.add_argument(
     "--target-param-data-ratio",
@@ -184,6 +196,18 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def charts(self) -> dict[str, str]:
+        """SVG charts of the training loss and the validation bpb over steps."""
+        records = [json.loads(line) for line in self.path.read_text().splitlines()]
+        loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        bpb = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
+        return {
+            "base_train_loss": line_chart({"train loss": loss}, "base_train: training loss", "step", "loss"),
+            "base_train_val_bpb": line_chart(
+                {"val bpb": bpb}, "base_train: validation bits per byte", "step", "bpb"
+            ),
+        }
+
 
 def plan(
     args: argparse.Namespace, vocab_size: int, runtime: Runtime
@@ -196,7 +220,13 @@ def plan(
         args.head_dim,
         args.aspect_ratio,
         args.n_kv_head,
-        args.window_pattern,
+        window_pattern=args.window_pattern,
+        value_embeds=args.value_embeds,
+        smear=args.smear,
+        backout=args.backout,
+        softcap=args.softcap,
+        rope_base=args.rope_base,
+        qk_scale=args.qk_scale,
     )
     num_params = scaling.scaling_params(config)
     horizon = scaling.horizon(
@@ -409,7 +439,9 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     }
     if runtime.is_master:
         write_section(settings, args.run, "base_train", summary)
-    print0("base_train done: " + json.dumps(summary))
+        for name, svg in metrics.charts().items():
+            write_figure(settings, args.run, name, svg)
+    print0("base_train done: " + json.dumps(summary, ensure_ascii=False))
     return summary
 
 

@@ -23,8 +23,19 @@ def write_section(settings: TrainerSettings, run: str, section: str, data: dict[
     return path
 
 
+def write_figure(settings: TrainerSettings, run: str, name: str, svg: str) -> Path:
+    """An SVG chart beside the sections; report.md shows it."""
+    folder = report_dir(settings, run)
+    path = folder / f"{name}.svg"
+    atomic_write_text(path, svg)
+    atomic_write_text(folder / "report.md", render_markdown(run, folder))
+    return path
+
+
 def render_markdown(run: str, folder: Path) -> str:
     lines = [f"# nanochat run `{run}`", ""]
+    for figure in sorted(folder.glob("*.svg")):
+        lines += [f"![{figure.stem}]({figure.name})", ""]
     for path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime):
         lines += [f"## {path.stem}", "", "| key | value |", "|---|---|"]
         for key, value in json.loads(path.read_text(encoding="utf-8")).items():

@@ -12,6 +12,7 @@ overridden by its own flag; the training program prints them all at start.
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,8 +31,9 @@ def model_config(
     head_dim: int = 128,
     aspect_ratio: int = 64,
     n_kv_head: int | None = None,
-    window_pattern: str = "SSSL",
+    **architecture: Any,
 ) -> GPTConfig:
+    """The model of a depth; `architecture` passes GPTConfig switches through (window_pattern, smear, ...)."""
     width = -(-aspect_ratio * depth // head_dim) * head_dim
     heads = width // head_dim
     return GPTConfig(
@@ -41,7 +43,7 @@ def model_config(
         n_head=heads,
         n_kv_head=n_kv_head or heads,
         n_embd=width,
-        window_pattern=window_pattern,
+        **architecture,
     )
 
 
