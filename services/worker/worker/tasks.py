@@ -69,9 +69,7 @@ def execute(redis: Redis, record: JobRecord, settings: WorkerSettings) -> JobRec
             start_new_session=True,  # its own process group: a cancel reaches torchrun's children too
             preexec_fn=die_with_parent,
         )
-        pump = threading.Thread(
-            target=lambda: [log.write(line) for line in split_lines(child.stdout)], daemon=True
-        )
+        pump = threading.Thread(target=log.copy_from, args=(child.stdout,), daemon=True)
         pump.start()
         canceled = wait_or_cancel(redis, record.id, child, settings.cancel_grace_seconds, log)
         pump.join()
@@ -143,6 +141,10 @@ class JobLog:
 
     def __exit__(self, *exc_info: object) -> None:
         self.file.close()
+
+    def copy_from(self, stream: IO[bytes]) -> None:
+        for line in split_lines(stream):
+            self.write(line)
 
     def write(self, line: str) -> None:
         with self.lock:
