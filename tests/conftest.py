@@ -9,9 +9,19 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from support import ROOT, free_port, wait_until
+from support import ROOT, SETTINGS_PREFIXES, free_port, wait_until
 
 DATA_KIT = Path(os.environ.get("NANOCHAT_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each test starts from the defaults: no service settings in the environment, and no .env file in
+    the working directory (settings classes read both), so a developer's own setup never leaks in."""
+    for name in list(os.environ):
+        if name.startswith(SETTINGS_PREFIXES):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -70,8 +70,21 @@ class Process:
         wait_until(healthy, timeout, f"{self.name} at {url}")
 
 
+# Environment variables the services' settings read: tests set exactly the ones they mean to.
+SETTINGS_PREFIXES = (
+    "NANOCHAT_",
+    "API_",
+    "REDIS_",
+    "JOB_",
+    "INFERENCE_",
+    "WEB_",
+    "PUBLIC_",
+    "DEV_MODE",
+    "WANDB_",
+)
+
+
 def service_env(**overrides: str) -> dict[str, str]:
-    """The test process's environment without any nanochat/service settings, plus `overrides`."""
-    prefixes = ("NANOCHAT_", "API_", "REDIS_", "JOB_", "INFERENCE_", "WEB_", "PUBLIC_", "DEV_MODE")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    """The test process's environment without any service settings, plus `overrides`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_PREFIXES)}
     return {**env, "PYTHONUNBUFFERED": "1", **overrides}
