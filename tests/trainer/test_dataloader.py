@@ -108,3 +108,35 @@ def test_real_kit_packs_and_resumes_exactly(data_kit: Path, tmp_path: Path) -> N
         torch.equal(a[0], b[0]) for a, b in zip(expected, (next(resumed) for _ in range(5)), strict=True)
     )
     assert 0 < loader.crop_fraction < 1
+
+
+def test_split_docs_chunks_long_documents_instead_of_cropping_them(
+    tiny_tokenizer: Tokenizer, tiny_kit
+) -> None:
+    shards = train_shards(tiny_kit)
+    cropped = PackingLoader(tiny_tokenizer, shards, batch_size=2, seq_len=64, buffer_docs=8)
+    split = PackingLoader(tiny_tokenizer, shards, batch_size=2, seq_len=64, buffer_docs=8, split_docs=True)
+    for _ in range(30):
+        next(cropped)
+        inputs, _ = next(split)
+        assert (inputs[:, 0] == tiny_tokenizer.bos_token_id).all()
+    assert cropped.crop_fraction > 0.5  # most of each long document is lost at this row length ...
+    assert split.crop_fraction < 0.1  # ... and almost none of it when chunked
+    assert all(length <= 65 for length, *_ in split.buffer)
+
+
+def test_split_docs_resume_is_exact_and_needs_the_same_setting(tiny_tokenizer: Tokenizer, tiny_kit) -> None:
+    shards = train_shards(tiny_kit)
+    options = {"batch_size": 2, "seq_len": 48, "buffer_docs": 9, "tokenizer_batch": 3, "split_docs": True}
+    loader = PackingLoader(tiny_tokenizer, shards, **options)
+    for _ in range(25):
+        next(loader)
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert any(entry[4] > 0 for entry in state["buffer"])  # later chunks of a document are buffered
+    expected = [next(loader) for _ in range(10)]
+    resumed = PackingLoader(tiny_tokenizer, shards, **options, state=state)
+    assert all(
+        torch.equal(a[0], b[0]) for a, b in zip(expected, (next(resumed) for _ in range(10)), strict=True)
+    )
+    with pytest.raises(ValueError, match="split-docs"):
+        PackingLoader(tiny_tokenizer, shards, **{**options, "split_docs": False}, state=state)

@@ -72,6 +72,13 @@ group.add_argument(
 group.add_argument("--softcap", type=float, default=15.0, help="logit soft-cap 15·tanh(z/15) (default: 15)")
 group.add_argument("--rope-base", type=float, default=100_000.0, help="rotary base (default: 100,000)")
 group.add_argument("--qk-scale", type=float, default=1.2, help="q and k scale after QK-norm (default: 1.2)")
+group = parser.add_argument_group("Data")
+group.add_argument(
+    "--split-docs",
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help="train on long documents as BOS-started row-sized chunks instead of cropping them (default: off)",
+)
 group = parser.add_argument_group("Horizon")
 group.add_argument(
     "--target-param-data-ratio",
@@ -336,8 +343,9 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         "world_size": runtime.world_size,
         "device": runtime.device,
     }
+    train_shards = dataset.list_shards(settings, "train")
     train_loader = PackingLoader(
-        tokenizer, dataset.list_shards(settings, "train"), state=loader_state, **loader_args
+        tokenizer, train_shards, split_docs=args.split_docs, state=loader_state, **loader_args
     )
     val_shards = dataset.list_shards(settings, "val")
     eval_steps = max(1, args.eval_tokens // (horizon.total_batch_size // accumulation))

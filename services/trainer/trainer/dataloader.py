@@ -5,7 +5,9 @@ packed into rows of seq_len+1 tokens with BOS-aligned best-fit packing:
 - every document is tokenized with a leading BOS, and every row starts at a document start;
 - a row is filled with the largest buffered document that still fits;
 - only when no buffered document fits is one cropped to fill the row (the shortest; the rest of it
-  is dropped). `crop_fraction` reports how many tokens that costs.
+  is dropped). `crop_fraction` reports how many tokens that costs;
+- with split_docs, a document longer than a row enters the buffer as row-sized chunks that each start
+  with BOS, so long documents are not cropped away (at the price of context across chunk borders).
 
 Row groups are striped over DDP ranks (rank r reads groups r, r+W, r+2W, …), so ranks never read the
 same document. `state_dict()` names the cursor and every buffered document by its location, so a
@@ -24,6 +26,7 @@ import torch
 from trainer.tokenizer import Tokenizer
 
 DocKey = tuple[str, int, int]  # (shard file name, row group, row)
+PieceKey = tuple[str, int, int, int]  # a document's key + its chunk number (0 when not split)
 
 
 class PackingLoader:
@@ -38,19 +41,20 @@ class PackingLoader:
         device: str | torch.device = "cpu",
         buffer_docs: int = 1000,
         tokenizer_batch: int = 128,
+        split_docs: bool = False,
         state: dict[str, Any] | None = None,
     ) -> None:
         self.tokenizer, self.batch_size, self.row_len = tokenizer, batch_size, seq_len + 1
         self.device = torch.device(device)
-        self.buffer_docs, self.tokenizer_batch = buffer_docs, tokenizer_batch
+        self.buffer_docs, self.tokenizer_batch, self.split_docs = buffer_docs, tokenizer_batch, split_docs
         self.files = {path.name: pq.ParquetFile(path) for path in shards}
         every_group = [(name, g) for name, f in self.files.items() for g in range(f.num_row_groups)]
         self.groups = every_group[rank::world_size]
         assert self.groups, f"rank {rank} of {world_size} has no row groups: more ranks than row groups"
-        # Cursor: the next unread document. Buffer: (length, arrival number, key, tokens), sorted.
+        # Cursor: the next unread document. Buffer: (length, arrival number, piece key, tokens), sorted.
         self.epoch = self.group_pos = self.row_pos = 0
         self.arrivals = 0
-        self.buffer: list[tuple[int, int, DocKey, list[int]]] = []
+        self.buffer: list[tuple[int, int, PieceKey, list[int]]] = []
         self.tokens_consumed = self.tokens_cropped = 0
         self.cached_group: tuple[str, int] | None = None
         self.cached_texts: list[str] = []
@@ -78,13 +82,29 @@ class PackingLoader:
             if self.group_pos == len(self.groups):
                 self.group_pos, self.epoch = 0, self.epoch + 1
 
-    def add_to_buffer(self, docs: list[tuple[DocKey, str]], arrivals: list[int]) -> None:
-        """Tokenize the documents (BOS first) into the length-sorted buffer."""
+    def pieces(self, key: DocKey, tokens: list[int]) -> list[tuple[PieceKey, list[int]]]:
+        """A document as buffer entries: whole, or (split_docs) chunks of at most a row, each BOS-first."""
+        if not self.split_docs or len(tokens) <= self.row_len:
+            return [((*key, 0), tokens)]
+        step = self.row_len - 1
+        rest = range(self.row_len, len(tokens), step)
+        chunks = [
+            tokens[: self.row_len],
+            *([self.tokenizer.bos_token_id, *tokens[i : i + step]] for i in rest),
+        ]
+        return [((*key, i), chunk) for i, chunk in enumerate(chunks)]
+
+    def add_to_buffer(
+        self, docs: list[tuple[DocKey, str]], arrivals: list[int], wanted: list[set[int]] | None = None
+    ) -> None:
+        """Tokenize the documents (BOS first) into the length-sorted buffer (only `wanted` chunk numbers)."""
         token_lists = self.tokenizer.encode_batch(
             [text for _, text in docs], prepend=self.tokenizer.bos_token_id
         )
-        for (key, _), arrival, tokens in zip(docs, arrivals, token_lists, strict=True):
-            bisect.insort(self.buffer, (len(tokens), arrival, key, tokens))
+        for i, ((key, _), arrival, tokens) in enumerate(zip(docs, arrivals, token_lists, strict=True)):
+            for piece_key, piece in self.pieces(key, tokens):
+                if wanted is None or piece_key[3] in wanted[i]:
+                    bisect.insort(self.buffer, (len(piece), arrival, piece_key, piece))
 
     def refill(self) -> None:
         while len(self.buffer) < self.buffer_docs:
@@ -126,8 +146,8 @@ class PackingLoader:
     # -- exact resume ---------------------------------------------------------------
 
     def fingerprint(self) -> str:
-        """Identifies this rank's row-group list: a state only fits a loader over the same data split."""
-        return hashlib.sha256(repr(self.groups).encode()).hexdigest()[:16]
+        """Identifies this rank's row groups and chunking: a state only fits a loader reading the same way."""
+        return hashlib.sha256(repr((self.groups, self.split_docs)).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable; restores the exact same following batches."""
@@ -145,13 +165,17 @@ class PackingLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["fingerprint"] != self.fingerprint():
             raise ValueError(
-                "dataloader state was saved over different data or a different rank/world size; "
-                "resume with the same shards and the same number of processes"
+                "dataloader state was saved over different data, rank/world size or document splitting; "
+                "resume with the same shards, the same number of processes and the same --split-docs"
             )
         for name in ("epoch", "group_pos", "row_pos", "arrivals", "tokens_consumed", "tokens_cropped"):
             setattr(self, name, state[name])
         self.buffer = []
-        # Sorted by location, so each row group is read once.
-        entries = sorted(state["buffer"], key=lambda entry: entry[1:])
-        docs = [((name, group, row), self.texts_of(name, group)[row]) for _, name, group, row in entries]
-        self.add_to_buffer(docs, [entry[0] for entry in entries])
+        # One entry per buffered document (its chunks grouped), sorted by location so that each row
+        # group is read once.
+        chunks: dict[tuple, set[int]] = {}
+        for arrival, name, group, row, chunk in state["buffer"]:
+            chunks.setdefault((name, group, row, arrival), set()).add(chunk)
+        entries = sorted(chunks)
+        docs = [((name, group, row), self.texts_of(name, group)[row]) for name, group, row, _ in entries]
+        self.add_to_buffer(docs, [entry[3] for entry in entries], [chunks[entry] for entry in entries])
