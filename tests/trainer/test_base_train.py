@@ -14,24 +14,9 @@ from trainer import base_train, checkpoint, tok_train
 
 from support import PYTHON, service_env, wait_until
 
-TINY = [
-    "--depth",
-    "2",
-    "--head-dim",
-    "64",
-    "--max-seq-len",
-    "128",
-    "--device-batch-size",
-    "4",
-    "--total-batch-size",
-    "1024",
-    "--eval-tokens",
-    "4096",
-    "--sample-every",
-    "0",
-    "--warmup-steps",
-    "5",
-]
+# A depth-2 model on 128-token rows: each step is a few hundredths of a second on a CPU.
+TINY = "--depth 2 --head-dim 64 --max-seq-len 128 --device-batch-size 4 --total-batch-size 1024 "
+TINY += "--eval-tokens 4096 --sample-every 0 --warmup-steps 5"
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +45,12 @@ def copy_tokenizer(base: Path, run: str) -> None:
     shutil.copytree(run_dir(base, "r") / "tokenizer", run_dir(base, run) / "tokenizer", dirs_exist_ok=True)
 
 
+def train(base: Path, run: str, flags: str) -> dict:
+    """base_train.main for `run` (given the shared tokenizer) with the tiny config plus `flags`."""
+    copy_tokenizer(base, run)
+    return base_train.main(["--run", run, *TINY.split(), *flags.split()])
+
+
 def metrics(base: Path, run: str) -> list[dict]:
     return [
         json.loads(line) for line in (run_dir(base, run) / "base" / "metrics.jsonl").read_text().splitlines()
@@ -71,22 +62,7 @@ def weights(base: Path, run: str, step: int) -> dict[str, torch.Tensor]:
 
 
 def test_loss_falls_on_real_text(env: Path) -> None:
-    copy_tokenizer(env, "learn")
-    summary = base_train.main(
-        [
-            "--run",
-            "learn",
-            *TINY,
-            "--num-iterations",
-            "40",
-            "--eval-every",
-            "20",
-            "--matrix-lr",
-            "0.04",
-            "--weight-decay",
-            "0",
-        ]
-    )
+    summary = train(env, "learn", "--num-iterations 40 --eval-every 20 --matrix-lr 0.04 --weight-decay 0")
     records = metrics(env, "learn")
     losses = [r["loss"] for r in records if "loss" in r]
     bpbs = [r["val_bpb"] for r in records if "val_bpb" in r]
@@ -100,27 +76,8 @@ def test_loss_falls_on_real_text(env: Path) -> None:
 
 
 def test_architecture_switches_and_gqa_train(env: Path) -> None:
-    copy_tokenizer(env, "plain")
-    summary = base_train.main(
-        [
-            "--run",
-            "plain",
-            *TINY,
-            "--num-iterations",
-            "3",
-            "--eval-every",
-            "0",
-            "--no-value-embeds",
-            "--no-smear",
-            "--no-backout",
-            "--n-kv-head",
-            "1",
-            "--window-pattern",
-            "SL",
-            "--softcap",
-            "30",
-        ]
-    )
+    flags = "--no-value-embeds --no-smear --no-backout --n-kv-head 1 --window-pattern SL --softcap 30"
+    summary = train(env, "plain", f"--num-iterations 3 --eval-every 0 {flags}")
     assert summary["steps"] == 3 and summary["val_bpb"] < 5
     meta = json.loads((checkpoint.step_dir(run_dir(env, "plain") / "base", 3) / "meta.json").read_text())
     config = meta["model_config"]
@@ -135,17 +92,15 @@ def test_architecture_switches_and_gqa_train(env: Path) -> None:
 
 
 def test_interrupted_then_resumed_run_equals_uninterrupted_run_bitwise(env: Path) -> None:
-    copy_tokenizer(env, "straight")
-    copy_tokenizer(env, "resumed")
-    common = [*TINY, "--num-iterations", "12", "--eval-every", "0", "--keep-checkpoints", "5"]
-    base_train.main(["--run", "straight", *common, "--save-every", "6"])
+    common = "--num-iterations 12 --eval-every 0 --save-every 6 --keep-checkpoints 5"
+    train(env, "straight", common)
     # The resumed run starts from the uninterrupted run's step-6 checkpoint and its metrics so far.
     shutil.copytree(
         checkpoint.step_dir(run_dir(env, "straight") / "base", 6),
         checkpoint.step_dir(run_dir(env, "resumed") / "base", 6),
     )
     shutil.copy(run_dir(env, "straight") / "base" / "metrics.jsonl", run_dir(env, "resumed") / "base")
-    base_train.main(["--run", "resumed", *common, "--save-every", "6", "--resume"])
+    train(env, "resumed", f"{common} --resume")
     straight, resumed = weights(env, "straight", 12), weights(env, "resumed", 12)
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -159,8 +114,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run_bitwise(env: Path
 def test_crash_while_saving_leaves_the_previous_checkpoint_usable(
     env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    copy_tokenizer(env, "crash")
-    common = ["--run", "crash", *TINY, "--num-iterations", "6", "--eval-every", "0", "--save-every", "3"]
+    common = "--num-iterations 6 --eval-every 0 --save-every 3"
     real_save_file = checkpoint.save_file
     calls = []
 
@@ -173,34 +127,19 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_usable(
 
     monkeypatch.setattr(checkpoint, "save_file", crash_on_second_save)
     with pytest.raises(OSError, match="disk full"):
-        base_train.main(common)
+        train(env, "crash", common)
     out = run_dir(env, "crash") / "base"
     assert checkpoint.list_steps(out) == [3]
     model, meta = checkpoint.load_model(out, 3, torch.device("cpu"), torch.float32)
     assert meta["step"] == 3 and model.config.n_layer == 2
     monkeypatch.setattr(checkpoint, "save_file", real_save_file)
-    summary = base_train.main([*common, "--resume"])  # picks up at step 3 and finishes
+    summary = train(env, "crash", f"{common} --resume")  # picks up at step 3 and finishes
     assert summary["steps"] == 6 and checkpoint.list_steps(out) == [3, 6]
     assert not list(out.glob(".*tmp"))  # the half-written temp folder was cleaned up
 
 
 def test_only_the_last_k_checkpoints_are_kept(env: Path) -> None:
-    copy_tokenizer(env, "keep")
-    base_train.main(
-        [
-            "--run",
-            "keep",
-            *TINY,
-            "--num-iterations",
-            "5",
-            "--eval-every",
-            "0",
-            "--save-every",
-            "1",
-            "--keep-checkpoints",
-            "2",
-        ]
-    )
+    train(env, "keep", "--num-iterations 5 --eval-every 0 --save-every 1 --keep-checkpoints 2")
     assert checkpoint.list_steps(run_dir(env, "keep") / "base") == [4, 5]
 
 
@@ -223,20 +162,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_from_it(
 ) -> None:
     copy_tokenizer(env, "signal")
     out = run_dir(env, "signal") / "base"
-    command = [
-        PYTHON,
-        "-m",
-        "trainer.base_train",
-        "--run",
-        "signal",
-        *TINY,
-        "--num-iterations",
-        "400",
-        "--eval-every",
-        "0",
-        "--save-every",
-        "0",
-    ]
+    flags = f"--run signal {TINY} --num-iterations 400 --eval-every 0 --save-every 0"
+    command = [PYTHON, "-m", "trainer.base_train", *flags.split()]
     process_env = service_env(NANOCHAT_BASE_DIR=str(env), NANOCHAT_DATA_DIR=str(data_kit))
     output = run_until_sigterm(command, process_env, tmp_path / "first.log", after="step 3/400")
     (first,) = checkpoint.list_steps(out)
