@@ -329,8 +329,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
 
     start_step, loader_state = resume_step(args, out_dir), None
     if start_step is not None:
-        weights, _ = checkpoint.load_model(out_dir, start_step, runtime.device, runtime.dtype)
-        model.load_state_dict(weights.state_dict())
+        checkpoint.load_weights(out_dir, start_step, model)
         loader_state = checkpoint.load_training_state(out_dir, start_step, optimizer, runtime)
         print0(f"resumed from {checkpoint.step_dir(out_dir, start_step)}")
     metrics = MetricsLog(out_dir / "metrics.jsonl", runtime, start_step)

@@ -89,12 +89,19 @@ def read_meta(folder: Path, step: int) -> dict[str, Any]:
     return json.loads((step_dir(folder, step) / "meta.json").read_text())
 
 
+def load_weights(folder: Path, step: int, model: GPT) -> None:
+    """Copy a checkpoint's weights into a model of the same config (its compute dtype already set)."""
+    model.load_state_dict(
+        load_file(step_dir(folder, step) / "model.safetensors", device=str(model.wte.weight.device))
+    )
+
+
 def load_model(folder: Path, step: int, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:
     """The model of a checkpoint, ready for training or sampling in `dtype`."""
     meta = read_meta(folder, step)
     model = GPT(GPTConfig(**meta["model_config"]))
     model.set_compute_dtype(dtype)
-    model.load_state_dict(load_file(step_dir(folder, step) / "model.safetensors"))
+    load_weights(folder, step, model)
     return model.to(device), meta
 
 
