@@ -28,7 +28,21 @@ def test_newlines_split_and_partial_lines_are_joined() -> None:
 
 
 def test_progress_bar_redraws_become_separate_lines() -> None:
-    assert lines(b"\r 10%|#\r 50%|###\r100%|#####\n") == ["", " 10%|#", " 50%|###", "100%|#####"]
+    assert lines(b"\r 10%|#\r 50%|###\r100%|#####\n") == [" 10%|#", " 50%|###", "100%|#####"]
+
+
+def test_a_redraw_is_a_line_as_soon_as_the_next_one_starts() -> None:
+    class NoMoreReads(Chunked):
+        def read1(self, size: int = -1) -> bytes:
+            assert self.chunks, "read past the second redraw: the first one was held back"
+            return self.chunks.pop(0)
+
+    stream = split_lines(NoMoreReads([b"step 1\r 10%|#", b"\r 50%|##"]))
+    assert [next(stream), next(stream)] == ["step 1", " 10%|#"]
+
+
+def test_blank_lines_are_kept() -> None:
+    assert lines(b"a\n\nb\n") == ["a", "", "b"]
 
 
 def test_crlf_split_across_reads_is_one_line_break() -> None:

@@ -156,19 +156,26 @@ class JobLog:
 
 
 def split_lines(stream: IO[bytes]) -> Iterator[str]:
-    r"""Lines of a byte stream, split on \n and on \r (progress bars redraw with \r)."""
+    r"""Lines of a byte stream as soon as they end: at \n, or at \r (a progress bar redraws itself
+    after a \r without ever printing \n). Blank lines are kept; the empty pieces around a \r are not."""
     pending = b""
     while chunk := stream.read1(65536):
         pending += chunk
         # Hold back a trailing \r: it may be the first half of a \r\n split across two reads.
         held = b"\r" if pending.endswith(b"\r") else b""
-        complete = pending[: len(pending) - len(held)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        *lines, rest = complete.split(b"\n")
-        pending = rest + held
+        *lines, last = pending[: len(pending) - len(held)].replace(b"\r\n", b"\n").split(b"\n")
         for line in lines:
-            yield line.decode("utf-8", errors="replace")
+            yield from redraws(line)
+        redrawn, _, pending = last.rpartition(b"\r")
+        yield from (text for text in redraws(redrawn) if text)
+        pending += held
     if pending.strip(b"\r"):
-        yield pending.strip(b"\r").decode("utf-8", errors="replace")
+        yield from redraws(pending)
+
+
+def redraws(line: bytes) -> list[str]:
+    pieces = [piece for piece in line.split(b"\r") if piece] or [b""]
+    return [piece.decode("utf-8", errors="replace") for piece in pieces]
 
 
 def read_result(path: Path) -> dict | None:
