@@ -26,7 +26,7 @@ from trainer.gpt import GPT, GPTConfig
 from trainer.loss_eval import evaluate_bpb
 from trainer.optim import MuonAdamW
 from trainer.plot import line_chart
-from trainer.report import write_figure, write_section
+from trainer.report import write_section
 from trainer.runtime import (
     Runtime,
     StopRequest,
@@ -445,9 +445,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         "dtype": str(runtime.dtype).removeprefix("torch."),
     }
     if runtime.is_master:
-        write_section(settings, args.run, "base_train", summary)
-        for name, svg in metrics.charts().items():
-            write_figure(settings, args.run, name, svg)
+        write_section(settings, args.run, "base_train", summary, figures=metrics.charts())
     print0("base_train done: " + json.dumps(summary, ensure_ascii=False))
     return summary
 

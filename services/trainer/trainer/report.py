@@ -15,19 +15,20 @@ def report_dir(settings: TrainerSettings, run: str) -> Path:
     return settings.run_dir(run) / "report"
 
 
-def write_section(settings: TrainerSettings, run: str, section: str, data: dict[str, Any]) -> Path:
+def write_section(
+    settings: TrainerSettings,
+    run: str,
+    section: str,
+    data: dict[str, Any],
+    figures: dict[str, str] | None = None,
+) -> Path:
+    """The program's summary as <section>.json, and any SVG charts (name → SVG) beside it; report.md
+    is rebuilt once, after all of them are in place."""
     folder = report_dir(settings, run)
     path = folder / f"{section}.json"
     atomic_write_json(path, data)
-    atomic_write_text(folder / "report.md", render_markdown(run, folder))
-    return path
-
-
-def write_figure(settings: TrainerSettings, run: str, name: str, svg: str) -> Path:
-    """An SVG chart beside the sections; report.md shows it."""
-    folder = report_dir(settings, run)
-    path = folder / f"{name}.svg"
-    atomic_write_text(path, svg)
+    for name, svg in (figures or {}).items():
+        atomic_write_text(folder / f"{name}.svg", svg)
     atomic_write_text(folder / "report.md", render_markdown(run, folder))
     return path
 
