@@ -26,6 +26,8 @@ lint: setup ## ruff lint and format check
 format: setup ## apply ruff's fixes and formatting
 	$(VENV_PYTHON) -m ruff check --fix . && $(VENV_PYTHON) -m ruff format .
 
-bench: setup ## run the benchmarks (see bench/RESULTS.md)
+bench: setup ## run the benchmarks (over an hour on 2 cores; see bench/RESULTS.md)
 	$(VENV_PYTHON) bench/tokenizer.py
 	$(VENV_PYTHON) bench/train.py
+	$(VENV_PYTHON) bench/reference.py
+	$(VENV_PYTHON) bench/evals.py

@@ -33,7 +33,8 @@ def measure(
     model.set_compute_dtype(dtype)
     model.to(device)
     batch = settings["batch"]
-    horizon = scaling.horizon(scaling.scaling_params(config), 10.5, batch * settings["seq"], 1000)
+    reference = scaling.reference_params(settings["vocab"], settings["seq"], settings["head_dim"])
+    horizon = scaling.horizon(scaling.scaling_params(config), reference, 10.5, batch * settings["seq"], 1000)
     optimizer = build_optimizer(model, train_parser.parse_args([]), horizon)
     forward = torch.compile(model, dynamic=False) if compile_model else model
     tokens = torch.randint(0, config.vocab_size, (batch, settings["seq"] + 1), device=device)

@@ -61,7 +61,7 @@ def test_finished_job_has_times_and_result(stack: Stack, finished_job: dict) -> 
     assert job["created_at"] <= job["started_at"] <= job["ended_at"]
     assert job["result"]["vocab_size"] == 1024
     assert job["result"]["chars_seen"] <= 2_000_000
-    assert job["result"]["val_bytes_per_token"] > 1.5
+    assert job["result"]["val_bytes_per_token"] == pytest.approx(2.587, abs=0.02)  # vocab 1024 on the kit
 
 
 def test_job_trains_a_real_tokenizer(stack: Stack, finished_job: dict) -> None:

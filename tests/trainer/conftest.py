@@ -1,12 +1,14 @@
 """Tiny fixtures in the real schemas, so the trainer's unit tests need no data kit."""
 
 import random
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from trainer import tok_train
 from trainer.settings import TrainerSettings
 from trainer.tokenizer import Tokenizer
 
@@ -59,6 +61,31 @@ def write_shards(folder: Path, docs_per_shard: list[list[str]], row_group_size: 
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.train(make_documents(200, seed=1), vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def kit_base(data_kit: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A base dir whose run 'r' has a tokenizer (vocab 2048) trained on the data kit."""
+    base = tmp_path_factory.mktemp("kit-base")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NANOCHAT_BASE_DIR", str(base))
+        patch.setenv("NANOCHAT_DATA_DIR", str(data_kit))
+        tok_train.main(["--run", "r", "--vocab-size", "2048"])
+    return base
+
+
+def copy_tokenizer(base: Path, run: str) -> None:
+    """Give `run` the kit tokenizer of run 'r'."""
+    source, target = base / "runs" / "r" / "tokenizer", base / "runs" / run / "tokenizer"
+    shutil.copytree(source, target, dirs_exist_ok=True)
+
+
+@pytest.fixture
+def env(kit_base: Path, data_kit: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Programs run in this test read kit_base and the data kit."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(kit_base))
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(data_kit))
+    return kit_base
 
 
 @pytest.fixture

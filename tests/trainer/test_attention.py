@@ -10,7 +10,7 @@ from trainer.attention import attention
 
 
 def naive_attention(q, k, v, window: int) -> torch.Tensor:
-    """Loops and an explicit softmax: query i (at position Tk − Tq + i) sees keys (pos − window, pos]."""
+    """Loops and an explicit softmax: query i (at position Tk − Tq + i) sees keys [pos − window, pos]."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.size(1), k.size(2)
     out = torch.zeros_like(q, dtype=torch.float32)
@@ -19,7 +19,7 @@ def naive_attention(q, k, v, window: int) -> torch.Tensor:
             kv = h // (H // Hkv)
             for i in range(Tq):
                 pos = Tk - Tq + i
-                keys = range(max(0, pos - window + 1), pos + 1)
+                keys = range(max(0, pos - window), pos + 1)
                 scores = torch.stack([q[b, i, h].float() @ k[b, j, kv].float() / math.sqrt(D) for j in keys])
                 weights = torch.softmax(scores, dim=0)
                 out[b, i, h] = sum(w * v[b, j, kv].float() for w, j in zip(weights, keys, strict=True))
@@ -30,6 +30,8 @@ def naive_attention(q, k, v, window: int) -> torch.Tensor:
     ("q_len", "k_len", "heads", "kv_heads", "window"),
     [
         (16, 16, 4, 4, 16),
+        (16, 16, 4, 4, 15),
+        (16, 16, 4, 4, 14),
         (16, 16, 4, 4, 5),
         (16, 16, 4, 2, 5),
         (16, 16, 4, 1, 100),

@@ -12,6 +12,8 @@ from trainer.dataloader import PackingLoader
 from trainer.settings import TrainerSettings
 from trainer.tokenizer import Tokenizer
 
+from conftest import write_shards
+
 
 def train_shards(settings: TrainerSettings) -> list[Path]:
     return dataset.list_shards(settings, "train")
@@ -140,3 +142,20 @@ def test_split_docs_resume_is_exact_and_needs_the_same_setting(tiny_tokenizer: T
     )
     with pytest.raises(ValueError, match="split-docs"):
         PackingLoader(tiny_tokenizer, shards, **{**options, "split_docs": False}, state=state)
+
+
+class CharTokenizer:
+    """One token per character (its code point), BOS = 0: document lengths are exactly as written."""
+
+    bos_token_id = 0
+
+    def encode_batch(self, texts: list[str], prepend: int) -> list[list[int]]:
+        return [[prepend, *map(ord, text)] for text in texts]
+
+
+def test_equally_long_documents_are_packed_in_the_order_they_were_read(tmp_path: Path) -> None:
+    shards = write_shards(tmp_path, [["A" * 10, "B" * 10, "C" * 10, "D" * 30]])
+    loader = PackingLoader(CharTokenizer(), shards, batch_size=1, seq_len=21, buffer_docs=4)
+    inputs, targets = next(loader)
+    row = [*inputs[0].tolist(), targets[0, -1].item()]
+    assert row == [0, *[ord("A")] * 10, 0, *[ord("B")] * 10]  # A, B, C fit alike: the first two come first

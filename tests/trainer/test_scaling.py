@@ -25,15 +25,64 @@ def test_reference_depth_gets_the_reference_batch_lr_and_weight_decay() -> None:
     config = scaling.model_config(12, vocab_size=32768, sequence_len=2048)
     n = scaling.scaling_params(config)
     assert n == 12 * 12 * 768**2 + 6 * (6 * 12) + 768 * 32768  # blocks, VE gates on 6 layers, lm_head
-    horizon = scaling.horizon(n, ratio=10.5)
+    assert scaling.reference_params(32768, 2048) == n
+    horizon = scaling.horizon(n, n, ratio=10.5)
     assert horizon.total_batch_size == 2**19
-    assert horizon.lr_scale == 1.0 and horizon.weight_decay == pytest.approx(0.28, rel=1e-3)
-    assert horizon.num_iterations == round(10.5 * n / 2**19)
+    assert horizon.lr_scale == 1.0 and horizon.weight_decay == pytest.approx(0.28, rel=1e-12)
+    assert horizon.num_iterations == int(10.5 * n) // 2**19 == 2205
+
+
+def test_the_d12_reference_is_built_with_the_runs_vocab_head_dim_and_aspect_ratio() -> None:
+    # vocab 8192, head dim 64: 12 heads of 64 at width 768, VE gates 12 × 12 on layers 1, 3, ..., 11.
+    assert scaling.reference_params(8192, 512, head_dim=64) == 12 * 12 * 768**2 + 6 * 12 * 12 + 768 * 8192
+    # aspect ratio 32: width 384 at depth 12, 3 heads of 128.
+    assert scaling.reference_params(8192, 512, aspect_ratio=32) == 12 * 12 * 384**2 + 6 * 12 * 3 + 384 * 8192
+
+
+# The recipe's CPU configuration (d4, head dim 64, vocab 8192) and the speedrun's d20 (vocab 32768).
+D4_PARAMS = 4 * 12 * 256**2 + 2 * 12 * 4 + 256 * 8192  # = 5,242,976
+D4_REFERENCE = 12 * 12 * 768**2 + 6 * 12 * 12 + 768 * 8192  # = 91,226,976
+D20_PARAMS = 20 * 12 * 1280**2 + 10 * 12 * 10 + 1280 * 32768  # = 435,160,240
+D20_REFERENCE = 12 * 12 * 768**2 + 6 * 12 * 6 + 768 * 32768  # = 110,100,912
+
+
+@pytest.mark.parametrize("num_iterations", [None, 300])
+def test_d4_cpu_run_gets_the_planned_horizons_weight_decay_whatever_its_step_count(num_iterations) -> None:
+    config = scaling.model_config(4, vocab_size=8192, sequence_len=512, head_dim=64)
+    assert scaling.scaling_params(config) == D4_PARAMS
+    assert scaling.reference_params(8192, 512, head_dim=64) == D4_REFERENCE
+    horizon = scaling.horizon(
+        D4_PARAMS, D4_REFERENCE, 10.5, total_batch_size=4096, num_iterations=num_iterations
+    )
+    assert horizon.planned_tokens == int(10.5 * D4_PARAMS) == 55_051_248
+    assert horizon.total_batch_size == 4096 and horizon.lr_scale == pytest.approx(0.08838834764831845)
+    assert horizon.weight_decay == pytest.approx(0.43062422324381894, rel=1e-12)  # not ≈19 at 300 steps
+    assert horizon.num_iterations == (num_iterations or 55_051_248 // 4096)
+
+
+@pytest.mark.parametrize("num_iterations", [None, 300])
+def test_d20_gets_a_bigger_batch_and_less_weight_decay_whatever_its_step_count(num_iterations) -> None:
+    assert scaling.scaling_params(scaling.model_config(20, 32768, 2048)) == D20_PARAMS
+    horizon = scaling.horizon(D20_PARAMS, D20_REFERENCE, 10.5, num_iterations=num_iterations)
+    # B = 2^round(log2(2^19 · (D/D_ref)^0.383)) with D/D_ref = 3.95: 2^20
+    assert horizon.total_batch_size == 2**20 and horizon.lr_scale == pytest.approx(2**0.5)
+    assert horizon.weight_decay == pytest.approx(0.28 * 2**0.5 * D20_REFERENCE / D20_PARAMS, rel=1e-6)
+    assert horizon.weight_decay == pytest.approx(0.10018777642556008, rel=1e-12)
+    assert horizon.num_iterations == (num_iterations or 4357)
+
+
+def test_trained_weight_decay_horizon_puts_the_tokens_trained_in_d() -> None:
+    horizon = scaling.horizon(D4_PARAMS, D4_REFERENCE, 10.5, 4096, 300, weight_decay_horizon="trained")
+    assert horizon.weight_decay == pytest.approx(
+        0.28 * (4096 / 2**19) ** 0.5 * 10.5 * D4_REFERENCE / (300 * 4096)
+    )
+    assert horizon.total_batch_size == 4096 and horizon.tokens == 300 * 4096
 
 
 def test_bigger_models_get_bigger_batches_and_less_weight_decay() -> None:
+    reference = scaling.reference_params(32768, 2048)
     horizons = [
-        scaling.horizon(scaling.scaling_params(scaling.model_config(d, 32768, 2048)), 10.5)
+        scaling.horizon(scaling.scaling_params(scaling.model_config(d, 32768, 2048)), reference, 10.5)
         for d in (6, 12, 20, 32)
     ]
     batches = [h.total_batch_size for h in horizons]
@@ -41,12 +90,6 @@ def test_bigger_models_get_bigger_batches_and_less_weight_decay() -> None:
     assert all(b & (b - 1) == 0 for b in batches)  # powers of two
     decays = [h.weight_decay for h in horizons]
     assert decays == sorted(decays, reverse=True)
-
-
-def test_explicit_batch_and_steps_win() -> None:
-    horizon = scaling.horizon(5_000_000, ratio=10.5, total_batch_size=4096, num_iterations=300)
-    assert (horizon.total_batch_size, horizon.num_iterations, horizon.tokens) == (4096, 300, 4096 * 300)
-    assert horizon.lr_scale == pytest.approx((4096 / 2**19) ** 0.5)
 
 
 def test_lr_schedule_warms_up_holds_and_warms_down_to_five_percent() -> None:
@@ -58,10 +101,19 @@ def test_lr_schedule_warms_up_holds_and_warms_down_to_five_percent() -> None:
     assert scaling.lr_multiplier(total, total) == pytest.approx(0.05)
 
 
-def test_muon_momentum_and_weight_decay_schedules() -> None:
-    assert scaling.muon_momentum(0, 10_000) == pytest.approx(0.85)
+def test_muon_momentum_warms_up_over_400_steps_even_inside_the_warm_down() -> None:
+    # A 300-step run is in its warm-down from step 105 on, but the warm-up rule wins below step 400.
+    assert [scaling.muon_momentum(step, 300) for step in (0, 200, 399)] == pytest.approx(
+        [0.85, 0.91, 0.85 + 0.12 * 399 / 400]
+    )
     assert scaling.muon_momentum(400, 10_000) == pytest.approx(0.97)
+    assert scaling.muon_momentum(2000, 10_000) == 0.97  # warm-down starts at 3500
     assert scaling.muon_momentum(10_000, 10_000) == pytest.approx(0.90)
+    # After step 400 inside a warm-down (from 350 of 1000): 0.97 → 0.90 linearly.
+    assert scaling.muon_momentum(400, 1000) == pytest.approx(0.97 - 0.07 * 50 / 650)
+
+
+def test_weight_decay_follows_a_cosine_to_zero() -> None:
     assert scaling.weight_decay_multiplier(0, 100) == 1.0
     assert scaling.weight_decay_multiplier(50, 100) == pytest.approx(0.5)
     assert scaling.weight_decay_multiplier(100, 100) == pytest.approx(0.0)

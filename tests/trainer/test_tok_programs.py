@@ -30,7 +30,9 @@ def test_tok_train_saves_tokenizer_and_report(tiny_kit: TrainerSettings, env_for
     assert summary["chars_seen"] == 20_000 and summary["vocab_size"] == 500
     assert Tokenizer.load(settings.run_dir("t") / "tokenizer").vocab_size == 500
     report = settings.run_dir("t") / "report"
-    assert json.loads((report / "tok_train.json").read_text()) == summary
+    section = json.loads((report / "tok_train.json").read_text())
+    assert section.pop("system")["python"] and section.pop("config")["vocab_size"] == 500
+    assert section == summary
     assert "## tok_train" in (report / "report.md").read_text()
 
 
@@ -47,15 +49,18 @@ def test_tok_eval_compares_on_every_available_set(data_kit: Path, tmp_path: Path
     tok_train.main(["--run", "e", "--vocab-size", "2048"])
     summary = tok_eval.main(["--run", "e", "--max-chars", "200000"])
     output = capsys.readouterr().out
-    for name in (
-        "pretrain-val",
-        "smoltalk-test",
-        "gsm8k-test",
-        "mmlu-test",
-        "arc-easy-test",
-        "humaneval-test",
-    ):
-        assert 1.5 < summary[f"{name}/ours"] < 8, name
+    # Bytes per token of a 2,048-token vocab trained on the kit's pretraining text: best on text like
+    # it, worst on code and math.
+    expected = {
+        "pretrain-val": 3.026,
+        "smoltalk-test": 2.715,
+        "gsm8k-test": 2.179,
+        "mmlu-test": 2.503,
+        "arc-easy-test": 2.719,
+        "humaneval-test": 1.973,
+    }
+    for name, bytes_per_token in expected.items():
+        assert summary[f"{name}/ours"] == pytest.approx(bytes_per_token, abs=0.02), name
         assert name in output
     if not any(key.endswith("/gpt2") for key in summary):  # offline, uncached: said, not hidden
         assert "note: gpt2: skipped" in output

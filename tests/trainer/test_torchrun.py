@@ -13,6 +13,7 @@ FLAGS = [
     *("--run", "ddp", "--depth", "2", "--head-dim", "64", "--max-seq-len", "64"),
     *("--device-batch-size", "2", "--total-batch-size", "256", "--num-iterations", "4"),
     *("--eval-every", "2", "--eval-tokens", "512", "--sample-every", "0", "--save-every", "2"),
+    *("--core-metric-every", "4", "--core-metric-max-per-task", "2"),  # CORE's examples split over ranks
 ]
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -31,6 +32,7 @@ def test_two_process_training_writes_per_rank_state_and_resumes_only_with_two(
     trained = run([*TORCHRUN, "-m", "trainer.base_train", "--", *FLAGS])
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert "cpu × 2 process(es)" in trained.stdout and "base_train done" in trained.stdout
+    assert "step 4/4 | CORE" in trained.stdout
     out = tmp_path / "runs" / "ddp" / "base"
     assert checkpoint.list_steps(out) == [2, 4]
     files = sorted(p.name for p in checkpoint.step_dir(out, 4).iterdir())

@@ -13,19 +13,21 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import median
 
 import torch
+import torch.distributed as dist
 
-from trainer import checkpoint, dataset, scaling
+from trainer import checkpoint, core_eval, dataset, scaling, task_data
 from trainer.common import add_run_flag, print0, print_banner, progress_bar
 from trainer.dataloader import PackingLoader
-from trainer.engine import generate
+from trainer.engine import Engine
 from trainer.gpt import GPT, GPTConfig
 from trainer.loss_eval import evaluate_bpb
 from trainer.optim import MuonAdamW
-from trainer.plot import line_chart
 from trainer.report import write_section
 from trainer.runtime import (
     Runtime,
@@ -40,6 +42,8 @@ from trainer.settings import TrainerSettings
 from trainer.tokenizer import Tokenizer
 
 PHASE = "base"
+# The reference's "total training time" leaves out steps 0-10 (its `step > 10`): compilation, warm-up.
+UNTIMED_STEPS = 11
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -84,7 +88,8 @@ group.add_argument(
     "--target-param-data-ratio",
     type=float,
     default=10.5,
-    help="training tokens per scaling parameter when --num-iterations is not given (default: 10.5)",
+    help="planned tokens per scaling parameter: sets batch size and weight decay, and the steps unless "
+    "--num-iterations is given (default: 10.5)",
 )
 group = parser.add_argument_group("Optimization")
 group.add_argument(
@@ -94,6 +99,13 @@ group.add_argument("--embedding-lr", type=float, default=0.3, help="token embedd
 group.add_argument("--unembedding-lr", type=float, default=0.008, help="lm_head AdamW LR (default: 0.008)")
 group.add_argument("--scalar-lr", type=float, default=0.5, help="per-layer scalar AdamW LR (default: 0.5)")
 group.add_argument("--weight-decay", type=float, default=None, help="Muon weight decay (default: derived)")
+group.add_argument(
+    "--weight-decay-horizon",
+    choices=["planned", "trained"],
+    default="planned",
+    help="tokens in the derived weight decay's D: the planned horizon (the reference) or the tokens this "
+    "run trains on (default: planned)",
+)
 group.add_argument("--warmup-steps", type=int, default=40, help="linear LR warm-up steps (default: 40)")
 group.add_argument(
     "--warmdown-ratio", type=float, default=0.65, help="share of steps in warm-down (default: 0.65)"
@@ -103,11 +115,21 @@ group = parser.add_argument_group("Evaluation")
 group.add_argument(
     "--eval-tokens", type=int, default=20 * 2**19, help="val tokens per bpb evaluation (default: 10.5M)"
 )
+group.add_argument(
+    "--core-metric-every",
+    type=int,
+    default=2000,
+    help="steps between CORE evaluations, -1: off (default: 2000)",
+)
+group.add_argument(
+    "--core-metric-max-per-task", type=int, default=500, help="CORE examples per task (default: 500)"
+)
 add_training_flags(parser)
 
 
 def build_optimizer(model: GPT, args: argparse.Namespace, horizon: scaling.Horizon) -> MuonAdamW:
-    """The recipe's parameter groups; every LR × √(B/B_ref), AdamW LRs also × (width/768)^−½."""
+    """The recipe's parameter groups: LRs × √(B/B_ref) (smear/backout excepted), the embeddings' and
+    lm_head's also × (width/768)^−½."""
     s = horizon.lr_scale
     width_scale = (model.config.n_embd / 768) ** -0.5
     embedding_lr = args.embedding_lr * width_scale * s
@@ -133,8 +155,8 @@ def build_optimizer(model: GPT, args: argparse.Namespace, horizon: scaling.Horiz
     small = [p for p in (model.smear_lambda, model.backout_lambda) if p is not None]
     if model.smear_gate is not None:
         small.append(model.smear_gate.weight)
-    if small:
-        groups.append(adamw(small, 0.2 * s, (0.8, 0.95), 0.0))
+    if small:  # the recipe's one LR not scaled by the batch factor
+        groups.append(adamw(small, 0.2, (0.8, 0.95), 0.0))
     weight_decay = horizon.weight_decay if args.weight_decay is None else args.weight_decay
     matrices = model.matrix_params()
     for shape in sorted({tuple(p.shape) for p in matrices}):
@@ -153,7 +175,7 @@ def build_optimizer(model: GPT, args: argparse.Namespace, horizon: scaling.Horiz
     for group in groups:
         group["base_lr"], group["base_weight_decay"] = group["lr"], group["weight_decay"]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())), "a parameter has no group"
-    return MuonAdamW(groups)
+    return MuonAdamW(groups, compute_dtype=model.compute_dtype)
 
 
 def apply_schedules(optimizer: MuonAdamW, step: int, total: int, args: argparse.Namespace) -> float:
@@ -168,11 +190,11 @@ def apply_schedules(optimizer: MuonAdamW, step: int, total: int, args: argparse.
 
 def sample(model: GPT, tokenizer: Tokenizer, max_tokens: int = 16) -> list[str]:
     """Greedy completions of fixed prompts: a quick look at what the model knows."""
-    lines = []
+    engine, lines = Engine(model, tokenizer), []
     for prompt in SAMPLE_PROMPTS:
         ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
-        completion = tokenizer.decode(list(generate(model, ids, max_tokens, temperature=0)))
-        lines.append(f"{prompt} → {completion!r}")
+        (completion,) = engine.complete(ids, max_tokens=max_tokens, temperature=0)
+        lines.append(f"{prompt} → {tokenizer.decode([t.id for t in completion])!r}")
     return lines
 
 
@@ -203,41 +225,30 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def charts(self) -> dict[str, str]:
-        """SVG charts of the training loss and the validation bpb over steps."""
-        records = [json.loads(line) for line in self.path.read_text().splitlines()]
-        loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        bpb = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
-        return {
-            "base_train_loss": line_chart({"train loss": loss}, "base_train: training loss", "step", "loss"),
-            "base_train_val_bpb": line_chart(
-                {"val bpb": bpb}, "base_train: validation bits per byte", "step", "bpb"
-            ),
-        }
-
 
 def plan(
     args: argparse.Namespace, vocab_size: int, runtime: Runtime
 ) -> tuple[GPTConfig, scaling.Horizon, int]:
     """What --depth and the flags resolve to: model config, horizon, gradient accumulation steps. Printed."""
-    config = scaling.model_config(
-        args.depth,
-        vocab_size,
-        args.max_seq_len,
-        args.head_dim,
-        args.aspect_ratio,
-        args.n_kv_head,
-        window_pattern=args.window_pattern,
-        value_embeds=args.value_embeds,
-        smear=args.smear,
-        backout=args.backout,
-        softcap=args.softcap,
-        rope_base=args.rope_base,
-        qk_scale=args.qk_scale,
-    )
+    architecture = {
+        "window_pattern": args.window_pattern,
+        "value_embeds": args.value_embeds,
+        "smear": args.smear,
+        "backout": args.backout,
+        "softcap": args.softcap,
+        "rope_base": args.rope_base,
+        "qk_scale": args.qk_scale,
+    }
+    shape = (vocab_size, args.max_seq_len, args.head_dim, args.aspect_ratio)
+    config = scaling.model_config(args.depth, *shape, args.n_kv_head, **architecture)
     num_params = scaling.scaling_params(config)
     horizon = scaling.horizon(
-        num_params, args.target_param_data_ratio, args.total_batch_size, args.num_iterations
+        num_params,
+        scaling.reference_params(*shape, **architecture),
+        args.target_param_data_ratio,
+        args.total_batch_size,
+        args.num_iterations,
+        args.weight_decay_horizon,
     )
     micro_tokens = args.device_batch_size * args.max_seq_len * runtime.world_size
     if horizon.total_batch_size % micro_tokens:
@@ -252,12 +263,17 @@ def plan(
         f"vocab {config.vocab_size:,}"
     )
     print0(
-        f"horizon: N {num_params:,} scaling params | D {horizon.tokens:,} tokens "
-        f"(D/N {horizon.tokens / num_params:.1f}) | {horizon.num_iterations:,} steps"
+        f"horizon: N {num_params:,} scaling params | planned D {horizon.planned_tokens:,} tokens "
+        f"(ratio {args.target_param_data_ratio}) | reference d12 D_ref {horizon.reference_tokens:,.0f}"
+    )
+    print0(
+        f"training: {horizon.num_iterations:,} steps × {horizon.total_batch_size:,} tokens = "
+        f"{horizon.tokens:,} tokens (D/N {horizon.tokens / num_params:.2f})"
     )
     print0(
         f"batch: {horizon.total_batch_size:,} tokens/step = {accumulation} accumulation step(s) × "
-        f"{micro_tokens:,} | LR scale {horizon.lr_scale:.3f} | Muon weight decay {horizon.weight_decay:.4f}"
+        f"{micro_tokens:,} | LR scale {horizon.lr_scale:.4f} | Muon weight decay {horizon.weight_decay:.4f} "
+        f"({args.weight_decay_horizon} horizon)"
     )
     print0(f"runtime: {runtime.device} × {runtime.world_size} process(es) | compute dtype {runtime.dtype}")
     return config, horizon, accumulation
@@ -265,30 +281,68 @@ def plan(
 
 def resume_step(args: argparse.Namespace, out_dir: Path) -> int | None:
     """The checkpoint to continue from: --resume-from-step, or the latest with --resume, or None."""
-    steps = checkpoint.list_steps(out_dir)
     if args.resume_from_step is not None:
-        if args.resume_from_step not in steps:
-            raise SystemExit(
-                f"no complete checkpoint for step {args.resume_from_step} in {out_dir} (have: {steps})"
-            )
-        return args.resume_from_step
+        return checkpoint.resolve_step(out_dir, args.resume_from_step)
+    steps = checkpoint.list_steps(out_dir)
     if args.resume and not steps:
         print0(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
     return steps[-1] if args.resume and steps else None
 
 
+def core_bundle(settings: TrainerSettings) -> tuple[Path, str]:
+    """The eval bundle and task list for CORE during training, found (or downloaded) before training."""
+    try:
+        bundle = task_data.eval_bundle_dir(settings)
+        return bundle, core_eval.choose_config(bundle, "core.yaml", print0)
+    except OSError as error:  # FileNotFoundError included
+        message = f"CORE during training needs the eval bundle: {error}; or pass --core-metric-every -1"
+        raise SystemExit(message) from error
+
+
+@dataclass
+class LoopState:
+    """What the loop carries across steps besides model, optimizer and data; saved with checkpoints, so a
+    resumed run reports what an uninterrupted one would."""
+
+    val_bpb: float | None = None
+    min_val_bpb: float | None = None
+    core: float | None = None
+    training_time: float = 0.0  # seconds of steps ≥ UNTIMED_STEPS: the reference's "total training time"
+    startup_time: float = 0.0  # seconds of the first UNTIMED_STEPS steps
+    wall_time: float = 0.0  # seconds of the loop, evaluations and checkpoints included, up to the last save
+
+    def record_eval(self, val_bpb: float) -> None:
+        self.val_bpb = val_bpb
+        self.min_val_bpb = val_bpb if self.min_val_bpb is None else min(self.min_val_bpb, val_bpb)
+
+    def record_step(self, step: int, seconds: float) -> None:
+        if step >= UNTIMED_STEPS:
+            self.training_time += seconds
+        else:
+            self.startup_time += seconds
+
+
 def train_step(
-    model: torch.nn.Module, loader: PackingLoader, optimizer: MuonAdamW, accumulation: int, scaler
+    model: torch.nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: MuonAdamW,
+    accumulation: int,
+    scaler: torch.amp.GradScaler | None,
+    runtime: Runtime,
 ) -> float:
     """One optimizer step over `accumulation` micro-batches; returns this process's mean loss."""
-    total_loss = torch.zeros((), device=loader.device)
+    total_loss = torch.zeros((), device=runtime.device)
     for _ in range(accumulation):
-        inputs, targets = next(loader)
+        inputs, targets = next(batches)
         loss = model(inputs, targets) / accumulation
         (scaler.scale(loss) if scaler else loss).backward()
         total_loss += loss.detach()
     if scaler:
-        scaler.step(optimizer)
+        scaler.unscale_(optimizer)
+        if runtime.distributed:  # skip on every rank or on none: the optimizer's collectives must pair up
+            for found_inf in scaler._found_inf_per_device(optimizer).values():
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        scaler.step(optimizer)  # skipped when a gradient is inf/nan; the scale then halves
         scaler.update()
     else:
         optimizer.step()
@@ -322,15 +376,18 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     optimizer = build_optimizer(model, args, horizon)
     use_compile = args.compile if args.compile is not None else runtime.device.type == "cuda"
     train_model = torch.compile(model, dynamic=False) if use_compile else model
-    scaler = torch.amp.GradScaler("cuda") if runtime.dtype == torch.float16 else None
+    # fp16's narrow range needs loss scaling; bf16 has fp32's exponent range and needs none.
+    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
     flops_per_token = model.estimate_flops()
     peak, peak_source = peak_flops(runtime)
     print0(f"FLOPs per token {flops_per_token:.3e} | peak {peak:.3e} FLOP/s per device ({peak_source})")
 
-    start_step, loader_state = resume_step(args, out_dir), None
-    if start_step is not None:
+    start_step, loader_state, loop = resume_step(args, out_dir), None, LoopState()
+    resuming = start_step is not None
+    if resuming:
         checkpoint.load_weights(out_dir, start_step, model)
-        loader_state = checkpoint.load_training_state(out_dir, start_step, optimizer, runtime)
+        loader_state = checkpoint.load_training_state(out_dir, start_step, optimizer, runtime, scaler)
+        loop = LoopState(**checkpoint.read_meta(out_dir, start_step)["loop_state"])
         print0(f"resumed from {checkpoint.step_dir(out_dir, start_step)}")
     metrics = MetricsLog(out_dir / "metrics.jsonl", runtime, start_step)
     start_step = start_step or 0
@@ -348,40 +405,61 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     )
     val_shards = dataset.list_shards(settings, "val")
     eval_steps = max(1, args.eval_tokens // (horizon.total_batch_size // accumulation))
+    core_tasks = core_bundle(settings) if args.core_metric_every > 0 else None
     wandb_run = init_wandb(settings, args.run, {**vars(args), "model": config.to_dict()}, runtime)
     total = horizon.num_iterations
     bar = progress_bar(total=total, initial=start_step, unit="step") if sys.stderr.isatty() else None
     log = bar.write if bar is not None else print0
 
-    val_bpb = min_val_bpb = float("nan")
     step_times: list[float] = []
-    started = time.time()
+    invocation_start, wall_before = time.time(), loop.wall_time
     for step in range(start_step, total + 1):
         last = step == total
         stopping = runtime.any(stop.requested)
-        if last or (args.eval_every > 0 and step % args.eval_every == 0):
-            model.eval()
-            val_bpb = evaluate_bpb(
-                model, PackingLoader(tokenizer, val_shards, **loader_args), eval_steps, token_bytes
-            )
+        # The checkpoint we resumed from was written after this step's evaluation and sampling.
+        done_before_checkpoint = resuming and step == start_step
+        if not done_before_checkpoint and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+            model.eval()  # the training model, compiled when training is: the reference evaluates so
+            val_loader = PackingLoader(tokenizer, val_shards, **loader_args)
+            val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
             model.train()
-            min_val_bpb = min(min_val_bpb, val_bpb) if not math.isnan(min_val_bpb) else val_bpb
+            loop.record_eval(val_bpb)
             log(f"step {step}/{total} | val bpb {val_bpb:.4f}")
             metrics.write({"step": step, "val_bpb": val_bpb})
             wandb_run.log({"val/bpb": val_bpb}, step=step)
-        if runtime.is_master and (
-            last or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0)
-        ):
+        sample_now = last or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0)
+        if runtime.is_master and not done_before_checkpoint and sample_now:
             model.eval()
             for line in sample(model, tokenizer):
                 log(f"  sample | {line}")
             model.train()
+        core_now = last or (step > 0 and step % max(1, args.core_metric_every) == 0)
+        if core_tasks is not None and not done_before_checkpoint and core_now:
+            model.eval()  # the uncompiled model: CORE's prompts change shape all the time
+            bundle, core_config = core_tasks
+            results = core_eval.evaluate_core(
+                model,
+                tokenizer,
+                bundle,
+                config.sequence_len,
+                runtime.device,
+                core_config,
+                args.core_metric_max_per_task,
+                log,
+            )
+            model.train()
+            loop.core = results["core"]
+            log(f"step {step}/{total} | CORE {loop.core:.4f}")
+            metrics.write({"step": step, "core": loop.core})
+            wandb_run.log({"core_metric": loop.core}, step=step)
         if step > start_step and (last or stopping or (args.save_every > 0 and step % args.save_every == 0)):
+            loop.wall_time = wall_before + time.time() - invocation_start
             meta = {
                 "phase": PHASE,
                 "args": vars(args),
-                "val_bpb": val_bpb,
+                "val_bpb": loop.val_bpb,
                 "tokens_seen": step * horizon.total_batch_size,
+                "loop_state": asdict(loop),
             }
             saved = checkpoint.save(
                 out_dir,
@@ -392,6 +470,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
                 meta,
                 runtime,
                 args.keep_checkpoints,
+                scaler,
             )
             log(f"step {step}/{total} | checkpoint {saved}")
         if last or stopping:
@@ -400,10 +479,11 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         runtime.synchronize()
         t0 = time.time()
         lrm = apply_schedules(optimizer, step, total, args)
-        loss = runtime.mean(train_step(train_model, train_loader, optimizer, accumulation, scaler))
+        loss = runtime.mean(train_step(train_model, train_loader, optimizer, accumulation, scaler, runtime))
         runtime.synchronize()
         dt = time.time() - t0
         step_times.append(dt)
+        loop.record_step(step, dt)
         tok_per_s = horizon.total_batch_size / dt
         mfu = flops_per_token * tok_per_s / (peak * runtime.world_size)
         eta = format_duration((total - step - 1) * median(step_times[-50:]))  # median: early steps compile
@@ -428,24 +508,32 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         print0(f"stopped at step {step}; resume with --resume")
         shutdown(runtime)
         sys.exit(143)
-    tok_per_s = horizon.total_batch_size / median(step_times) if step_times else float("nan")
+    tok_per_s = horizon.total_batch_size / median(step_times) if step_times else None
     summary = {
         "depth": config.n_layer,
         "width": config.n_embd,
         "steps": step,
         "tokens": step * horizon.total_batch_size,
         "total_batch_size": horizon.total_batch_size,
-        "val_bpb": round(val_bpb, 4),
-        "min_val_bpb": round(min_val_bpb, 4),
-        "tok_per_s": round(tok_per_s) if step_times else None,
-        "mfu": round(flops_per_token * tok_per_s / (peak * runtime.world_size), 4) if step_times else None,
-        "train_minutes": round((time.time() - started) / 60, 2),
+        "val_bpb": round(loop.val_bpb, 4) if loop.val_bpb is not None else None,
+        "min_val_bpb": round(loop.min_val_bpb, 4) if loop.min_val_bpb is not None else None,
+        "core": round(loop.core, 4) if loop.core is not None else None,
+        "tok_per_s": round(tok_per_s) if tok_per_s else None,
+        "mfu": round(flops_per_token * tok_per_s / (peak * runtime.world_size), 4) if tok_per_s else None,
+        "training_minutes": round(loop.training_time / 60, 2),
+        "startup_seconds": round(loop.startup_time, 1),
+        "wall_seconds": round(wall_before + time.time() - invocation_start, 1),
         "crop_fraction": round(train_loader.crop_fraction, 4),
         "device": f"{runtime.device} × {runtime.world_size}",
+        "gpus": runtime.gpus,
         "dtype": str(runtime.dtype).removeprefix("torch."),
     }
+    print0(
+        f"training time {loop.training_time / 60:.2f} min (the steps after the first {UNTIMED_STEPS}, as the "
+        f"reference counts) | first {UNTIMED_STEPS} steps {loop.startup_time:.1f}s"
+    )
     if runtime.is_master:
-        write_section(settings, args.run, "base_train", summary, figures=metrics.charts())
+        write_section(settings, args.run, "base_train", summary, vars(args))
     print0("base_train done: " + json.dumps(summary, ensure_ascii=False))
     return summary
 

@@ -4,7 +4,8 @@ Checkpoints: runs/<run>/<phase>/step_XXXXXX/ with
     model.safetensors   the weights (no pickle)
     meta.json           step, model config, the program's flags, metrics, code version
     rank00.pt …         per process: optimizer state (sharded Muon state differs per rank),
-                        dataloader state and RNG states (loaded with weights_only=True: data, no code)
+                        dataloader state, RNG states and the fp16 grad scaler's state
+                        (loaded with weights_only=True: data, no code)
 
 Everything is written into a hidden temp folder that is renamed into place at the end, so a step
 folder exists only complete: a crash while saving leaves the previous checkpoint as the latest.
@@ -55,6 +56,7 @@ def save(
     meta: dict[str, Any],
     runtime: Runtime,
     keep: int,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Every process calls this; rank 0 writes the shared files and publishes the folder."""
     final = step_dir(folder, step)
@@ -64,6 +66,8 @@ def save(
         tmp.mkdir(parents=True)
     runtime.barrier()
     rank_state = {"optimizer": optimizer.state_dict(), "dataloader": loader_state, "rng": rng_state(runtime)}
+    if scaler is not None:
+        rank_state["grad_scaler"] = scaler.state_dict()
     torch.save(rank_state, tmp / f"rank{runtime.rank:02d}.pt")
     if runtime.is_master:
         weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
@@ -71,6 +75,7 @@ def save(
         meta = {
             "step": step,
             "model_config": model.config.to_dict(),
+            "compute_dtype": str(runtime.dtype).removeprefix("torch."),
             "world_size": runtime.world_size,
             "code": git_commit(),
             **meta,
@@ -83,6 +88,18 @@ def save(
             shutil.rmtree(step_dir(folder, old))
     runtime.barrier()
     return final
+
+
+def resolve_step(folder: Path, step: int | None) -> int:
+    """`step` if it has a complete checkpoint, the latest one when None; a clear exit otherwise."""
+    steps = list_steps(folder)
+    if not steps:
+        raise SystemExit(f"no checkpoint in {folder}: train this stage first")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise SystemExit(f"no complete checkpoint for step {step} in {folder} (have: {steps})")
+    return step
 
 
 def read_meta(folder: Path, step: int) -> dict[str, Any]:
@@ -106,19 +123,31 @@ def load_model(folder: Path, step: int, device: torch.device, dtype: torch.dtype
 
 
 def load_training_state(
-    folder: Path, step: int, optimizer: torch.optim.Optimizer, runtime: Runtime
+    folder: Path,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Any]:
-    """Restore this process's optimizer and RNG states; returns its dataloader state."""
+    """Restore this process's optimizer, RNG and grad scaler states; returns its dataloader state."""
     meta = read_meta(folder, step)
     if meta["world_size"] != runtime.world_size:
         raise SystemExit(
             f"checkpoint step {step} was written by {meta['world_size']} processes; resume it with as many "
             f"(this run has {runtime.world_size})"
         )
+    dtype = str(runtime.dtype).removeprefix("torch.")
+    if meta["compute_dtype"] != dtype:
+        raise SystemExit(
+            f"checkpoint step {step} was trained in {meta['compute_dtype']}; resume it with "
+            f"--dtype {meta['compute_dtype']} (this run computes in {dtype})"
+        )
     state = torch.load(
         step_dir(folder, step) / f"rank{runtime.rank:02d}.pt", map_location="cpu", weights_only=True
     )
     optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None:
+        scaler.load_state_dict(state["grad_scaler"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and runtime.device.type == "cuda":
         torch.cuda.set_rng_state(state["rng"]["cuda"], runtime.device)

@@ -3,7 +3,7 @@ Pretraining batches: documents streamed from parquet row groups, tokenized on th
 packed into rows of seq_len+1 tokens with BOS-aligned best-fit packing:
 
 - every document is tokenized with a leading BOS, and every row starts at a document start;
-- a row is filled with the largest buffered document that still fits;
+- a row is filled with the largest buffered document that still fits (the earliest of equals);
 - only when no buffered document fits is one cropped to fill the row (the shortest; the rest of it
   is dropped). `crop_fraction` reports how many tokens that costs;
 - with split_docs, a document longer than a row enters the buffer as row-sized chunks that each start
@@ -121,7 +121,10 @@ class PackingLoader:
             self.refill()
             remaining = self.row_len - len(row)
             fits = bisect.bisect_right(self.buffer, (remaining, math.inf)) - 1  # largest length <= remaining
-            tokens = self.buffer.pop(max(fits, 0))[3]  # nothing fits: crop the shortest document
+            # Among equally long documents the one buffered first (as the reference picks); when nothing
+            # fits, the shortest is cropped.
+            length = self.buffer[fits][0] if fits >= 0 else 0
+            tokens = self.buffer.pop(bisect.bisect_left(self.buffer, (length, -1)))[3]
             row.extend(tokens[:remaining])
             self.tokens_consumed += len(tokens)
             self.tokens_cropped += max(0, len(tokens) - remaining)

@@ -5,7 +5,7 @@ The GPT: a decoder-only Transformer in the shape of nanochat's recipe (../shared
                                  └─ for each layer: x = resid_λ·x + x0_λ·x0
                                                     x = x + attn(norm(x), value embedding)
                                                     x = x + mlp(norm(x))
-                                    x = x − backout_λ·(x after the first half of the layers)
+                                    x = x − backout_λ·(x out of block index n_layer//2)
                                     norm ─ lm_head ─ fp32: 15·tanh(z/15) ─ logits
 
 - rotary positions (base 100k), no learned positions; QK-norm after rotary, then q, k ×1.2;
@@ -16,8 +16,8 @@ The GPT: a decoder-only Transformer in the shape of nanochat's recipe (../shared
 - smear: each position mixes in a gated share of the previous token's embedding.
 
 Mixed precision is explicit: weights are fp32 masters, cast to the compute dtype in each matmul
-(`Linear`, the lm_head included), embeddings are stored in the compute dtype, and the logits are
-soft-capped and scored in fp32.
+(`Linear`, the lm_head included), embeddings are stored in the compute dtype (fp32 under fp16, for
+the grad scaler), and the logits are soft-capped and scored in fp32.
 """
 
 import math
@@ -64,7 +64,8 @@ class GPTConfig:
         return -(-self.vocab_size // 64) * 64
 
     def window_sizes(self) -> list[int]:
-        """Tokens each layer's queries see (themselves included): L = all, S = ¼ context rounded up to 128."""
+        """Earlier tokens each layer's queries see besides their own (the reference's left window):
+        L = the context length, S = ¼ of it rounded up to a multiple of 128."""
         short = -(-self.sequence_len // 4 // 128) * 128
         pattern = self.window_pattern.upper()
         sizes = [
@@ -124,9 +125,11 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * value_embed.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * self.config.qk_scale, norm(k) * self.config.qk_scale
-        if kv_cache is not None:
+        if kv_cache is None:
+            y = attention(q, k, v, window)
+        else:
             k, v = kv_cache.store(self.layer, k, v)  # all keys/values so far, this step's included
-        y = attention(q, k, v, window)
+            y = attention(q, k, v, window, kv_cache.positions)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -167,9 +170,10 @@ class GPT(nn.Module):
         self.x0_lambdas = nn.Parameter(torch.zeros(n_layer))
         self.smear_gate = Linear(GATE_CHANNELS_SMEAR, 1) if config.smear else None
         self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
-        # The residual after the first half of the layers is subtracted back out before the head.
-        self.backout_layer = n_layer // 2 if config.backout and n_layer >= 2 else None
-        self.backout_lambda = nn.Parameter(torch.zeros(1)) if self.backout_layer else None
+        # The residual coming out of block index n_layer//2 is subtracted back out before the head.
+        self.backout_layer = n_layer // 2 if config.backout else None
+        self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
+        self.compute_dtype = torch.float32
         self.window_sizes = config.window_sizes()
         self.rotary_len = config.sequence_len * 10  # room to sample well past the training length
         cos, sin = self.rotary_tables(self.rotary_len)
@@ -205,15 +209,14 @@ class GPT(nn.Module):
             self.backout_lambda.fill_(0.2)
 
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
-        """Store embeddings and rotary tables in the compute dtype; everything else stays fp32."""
-        self.wte.to(dtype)
-        self.value_embeds.to(dtype)
+        """Activations, rotary tables and embeddings in `dtype`; all other weights stay fp32 masters.
+        Under fp16 the embeddings stay fp32 too: a grad scaler refuses to unscale fp16 gradients."""
+        self.compute_dtype = dtype
+        embedding_dtype = torch.float32 if dtype == torch.float16 else dtype
+        self.wte.to(embedding_dtype)
+        self.value_embeds.to(embedding_dtype)
         cos, sin = self.rotary_tables(self.rotary_len)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
 
     def rotary_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         head_dim = self.config.head_dim
@@ -245,11 +248,17 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction: str = "mean") -> torch.Tensor:
         """Logits (B, T, vocab) in fp32, or with targets the cross-entropy loss (ignore index −1)."""
         T = idx.size(1)
-        start = kv_cache.pos if kv_cache is not None else 0
-        assert start + T <= self.rotary_len, f"sequence of {start + T} tokens exceeds {self.rotary_len}"
-        cos, sin = self.cos[:, start : start + T], self.sin[:, start : start + T]
+        if kv_cache is None:
+            assert self.rotary_len >= T, f"sequence of {T} tokens exceeds {self.rotary_len}"
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:  # each row continues from its own length
+            positions = kv_cache.start(T)
+            assert kv_cache.end <= self.rotary_len, (
+                f"sequence of {kv_cache.end} tokens exceeds {self.rotary_len}"
+            )
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, head_dim/2)
 
-        x = norm(self.wte(idx))
+        x = norm(self.wte(idx).to(self.compute_dtype))
         if self.smear_gate is not None:
             previous = kv_cache.last_embedding if kv_cache is not None else None
             if kv_cache is not None:
@@ -259,15 +268,17 @@ class GPT(nn.Module):
         dtype = x.dtype
         halfway = None
         for i, block in enumerate(self.blocks):
-            x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
-            value_embed = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            # In fp32, rounded once (as a fused kernel does): rounding λ to bf16 first would hide its
+            # small learned steps (bf16 spacing near 1 is 0.008; resid_λ's LR is ~0.0004 per step).
+            x = (self.resid_lambdas[i] * x.float() + self.x0_lambdas[i] * x0.float()).to(dtype)
+            value_embed = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, value_embed, cos, sin, self.window_sizes[i], kv_cache)
-            if i + 1 == self.backout_layer:
+            if i == self.backout_layer:
                 halfway = x
         if halfway is not None:
             x = x - self.backout_lambda.to(dtype) * halfway
         if kv_cache is not None:
-            kv_cache.advance(T)
+            kv_cache.advance()
 
         logits = self.lm_head(norm(x)).float()[..., : self.config.vocab_size]
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)

@@ -10,12 +10,13 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from trainer.gpt import GPT
-
 
 @torch.no_grad()
 def evaluate_bpb(
-    model: GPT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, token_bytes: torch.Tensor
+    model: torch.nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    token_bytes: torch.Tensor,
 ) -> float:
     """bpb over `steps` batches (summed over all processes when distributed)."""
     nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)

@@ -7,11 +7,18 @@ are all-reduced; each Muon group (matrices of one shape) is stacked and reduce-s
 rank orthogonalises only its share, and the updated matrices are all-gathered. The result equals
 one process with gradient accumulation over the same micro-batches (up to float rounding).
 
-Muon (https://kellerjordan.github.io/posts/muon/): Nesterov momentum, then the update is replaced by
-its nearest semi-orthogonal matrix, computed with the Polar Express iteration in bf16
-(Amsel et al. 2025, https://arxiv.org/abs/2505.16932); then a NorMuon-style factored second moment
-evens out the rows (or columns); cautious weight decay only shrinks a weight where the update
-already pushes it towards zero.
+Muon (https://kellerjordan.github.io/posts/muon/), per stack of same-shape matrices, in this order:
+1. Nesterov momentum;
+2. a cast to bf16 when the compute dtype is bf16 (fp32 and fp16 runs orthogonalise in fp32);
+3. MuonEq row equilibration: every row scaled to the mean row norm, so the spectrum entering the
+   iteration is better conditioned (https://arxiv.org/abs/2603.28254);
+4. X / (1.01·‖X‖_F) and 5 Polar Express iterations towards the nearest semi-orthogonal matrix
+   (Amsel et al. 2025, https://arxiv.org/abs/2505.16932);
+5. Muon+: the Frobenius norm snapped to √min(rows, cols), that of an exactly semi-orthogonal
+   matrix, correcting the iteration's under-convergence (https://arxiv.org/abs/2602.21545);
+6. NorMuon: a factored second moment evens out the rows (or columns), keeping the update's norm
+   (https://arxiv.org/abs/2510.05491);
+7. cautious weight decay (only where update and weight agree in sign), LR × √max(1, rows/cols).
 """
 
 import math
@@ -30,17 +37,33 @@ POLAR_EXPRESS = [
 ]
 
 
-def orthogonalize(G: Tensor, steps: int = 5) -> Tensor:
-    """≈ U·Vᵀ for G = U·S·Vᵀ (batched over leading dims), in bf16: all singular values pushed to ~1."""
-    X = G.bfloat16()
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # singular values into [0, 1)
-    tall = X.size(-2) > X.size(-1)
-    if tall:  # iterate on the smaller Gram matrix
-        X = X.mT
+def equilibrate_rows(X: Tensor) -> Tensor:
+    """MuonEq: each row rescaled to the mean row norm ‖X‖_F/√rows (norms computed in fp32)."""
+    target = X.float().norm(dim=(-2, -1), keepdim=True) / math.sqrt(X.size(-2))
+    row_norms = X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return X * (target / row_norms).to(X.dtype)
+
+
+def orthogonalize(X: Tensor, steps: int = 5) -> Tensor:
+    """≈ U·Vᵀ for X = U·S·Vᵀ (batched over leading dims): singular values pushed to ~1.
+    Matmuls run in X's dtype; the element-wise sums in fp32, rounded once, as the reference's fused
+    (compiled) kernel computes them: in bf16, rounding after every operation costs ~1.5× the error."""
+    dtype = X.dtype
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)  # singular values into [0, 1)
+    tall = X.size(-2) > X.size(-1)  # tall: iterate on the smaller Gram matrix XᵀX
     for a, b, c in POLAR_EXPRESS[:steps]:
-        A = X @ X.mT
-        X = a * X + (b * A + c * (A @ A)) @ X
-    return X.mT if tall else X
+        A = X.mT @ X if tall else X @ X.mT
+        B = (b * A.float() + c * (A @ A).float()).to(dtype)
+        X = (a * X.float() + (X @ B if tall else B @ X).float()).to(dtype)
+    return X
+
+
+def muon_direction(G: Tensor, bf16: bool, steps: int = 5) -> Tensor:
+    """Steps 2-5 on the momentum-blended gradient: the fp32 semi-orthogonal update direction."""
+    X = equilibrate_rows(G.bfloat16() if bf16 else G)
+    update = orthogonalize(X, steps).float()
+    target_norm = math.sqrt(min(update.size(-2), update.size(-1)))
+    return update * (target_norm / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
 
 
 def world() -> tuple[int, int]:
@@ -56,9 +79,11 @@ class MuonAdamW(torch.optim.Optimizer):
     - muon: 'momentum', 'beta2' (second moment), 'weight_decay', 'ns_steps'; all params of one shape;
     - adamw: 'betas', 'eps', 'weight_decay'.
     A training loop schedules 'lr', 'momentum' and 'weight_decay' by writing them into the groups.
+    compute_dtype: the model's; Muon orthogonalises in bf16 only when it is bf16.
     """
 
-    def __init__(self, param_groups: list[dict]) -> None:
+    def __init__(self, param_groups: list[dict], compute_dtype: torch.dtype = torch.float32) -> None:
+        self.bf16_orthogonalize = compute_dtype == torch.bfloat16
         for group in param_groups:
             assert group["kind"] in ("muon", "adamw"), f"unknown kind {group['kind']!r}"
             if group["kind"] == "muon":
@@ -91,12 +116,19 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             state["step"] += 1
-            p.mul_(1 - lr * wd)  # decoupled weight decay
-            state["exp_avg"].lerp_(grad, 1 - beta1)
-            state["exp_avg_sq"].lerp_(grad.square(), 1 - beta2)
+            # In fp32, rounded once at the end: on a bf16 embedding, p·(1 − lr·wd) alone rounds back
+            # to p. For fp32 params .float() is the tensor itself, updated in place.
+            p32, grad32 = p.float(), grad.float()
+            exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()
+            p32.mul_(1 - lr * wd)  # decoupled weight decay
+            exp_avg.lerp_(grad32, 1 - beta1)
+            exp_avg_sq.lerp_(grad32.square(), 1 - beta2)
             bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
-            denominator = (state["exp_avg_sq"] / bias2).sqrt_().add_(eps)
-            p.addcdiv_(state["exp_avg"], denominator, value=-lr / bias1)
+            denominator = (exp_avg_sq / bias2).sqrt_().add_(eps)
+            p32.addcdiv_(exp_avg, denominator, value=-lr / bias1)
+            p.copy_(p32)  # copying a tensor onto itself returns at once
+            state["exp_avg"].copy_(exp_avg)
+            state["exp_avg_sq"].copy_(exp_avg_sq)
 
     def muon_step(self, group: dict, rank: int, world_size: int) -> None:
         params: list[Tensor] = group["params"]
@@ -119,12 +151,13 @@ class MuonAdamW(torch.optim.Optimizer):
             factored = (per_rank, rows, 1) if reduce_dim == -1 else (per_rank, 1, cols)
             state["second_moment"] = my_grads.new_zeros(factored)
 
-        # Nesterov momentum, then orthogonalise.
+        # 1. Nesterov momentum; 2-5. the semi-orthogonal direction.
         momentum = group["momentum"]
         state["momentum_buffer"].lerp_(my_grads, 1 - momentum)
-        update = orthogonalize(my_grads.lerp_(state["momentum_buffer"], momentum), group["ns_steps"]).float()
+        blended = my_grads.lerp_(state["momentum_buffer"], momentum)
+        update = muon_direction(blended, self.bf16_orthogonalize, group["ns_steps"])
 
-        # NorMuon: divide by a running per-row RMS, then restore the update's overall norm.
+        # 6. NorMuon: divide by a running per-row RMS, then restore the update's overall norm.
         mean_square = update.square().mean(dim=reduce_dim, keepdim=True)
         state["second_moment"].lerp_(mean_square, 1 - group["beta2"])
         scale = state["second_moment"].clamp_min(1e-10).rsqrt()
@@ -132,7 +165,7 @@ class MuonAdamW(torch.optim.Optimizer):
         norm_after = (mean_square * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
         update = update * scale * (norm_before / norm_after.clamp_min(1e-10))
 
-        # Shape-aware step (√(rows/cols) for tall matrices), cautious weight decay.
+        # 7. Shape-aware step (√(rows/cols) for tall matrices), cautious weight decay.
         lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
         stacked = torch.stack(params)
         stacked = torch.cat([stacked, stacked.new_zeros(per_rank * world_size - len(params), rows, cols)])

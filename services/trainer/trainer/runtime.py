@@ -61,6 +61,18 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--resume-from-step", type=int, default=None, help="continue from this checkpoint step"
     )
+    group = add_runtime_flags(parser)
+    group.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (default: on for CUDA, off elsewhere)",
+    )
+    group.add_argument("--seed", type=int, default=42, help="initialisation and sampling seed (default: 42)")
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--device and --dtype: every program that runs a model has them. Returns their group."""
     group = parser.add_argument_group("Runtime")
     group.add_argument(
         "--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu (default: auto)"
@@ -69,15 +81,9 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", *DTYPES],
-        help="compute dtype; auto: bfloat16 on CUDA SM≥80, float16 on older CUDA, float32 elsewhere",
+        help="compute dtype; auto: bfloat16 on CUDA SM≥80, float32 elsewhere (float16 adds a grad scaler)",
     )
-    group.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the model (default: on for CUDA, off elsewhere)",
-    )
-    group.add_argument("--seed", type=int, default=42, help="initialisation and sampling seed (default: 42)")
+    return group
 
 
 @dataclass
@@ -116,6 +122,11 @@ class Runtime:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
 
+    @property
+    def gpus(self) -> int:
+        """GPUs this run uses (0 on a CPU): what a cost estimate counts."""
+        return self.world_size if self.device.type == "cuda" else 0
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -132,8 +143,9 @@ def autodetect_device() -> str:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    # Pre-Ampere GPUs have no bf16 and fp16 needs a grad scaler: fp32 unless fp16 is asked for.
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16
     return torch.float32
 
 
@@ -173,16 +185,19 @@ def peak_flops(runtime: Runtime) -> tuple[float, str]:
                 scale = 1.0 if runtime.dtype in (torch.bfloat16, torch.float16) else 0.5
                 return flops * scale, f"{name} data sheet"
         return float("nan"), f"{name}: peak unknown"
-    # CPUs publish no single peak: measure this machine's best large matmul in the compute dtype.
-    if runtime.dtype not in _measured_cpu_peak:
-        a = torch.randn(1024, 1024, dtype=runtime.dtype)
+    # CPUs publish no single peak: measure this machine's best large matmul in the compute dtype. CPUs
+    # have no fast fp16 matmul (a 1024² one takes seconds): fp16 runs are measured against fp32's peak.
+    dtype = torch.float32 if runtime.dtype == torch.float16 else runtime.dtype
+    if dtype not in _measured_cpu_peak:
+        a = torch.randn(1024, 1024, dtype=dtype)
         best = float("inf")
         for _ in range(5):
             start = time.perf_counter()
             a @ a
             best = min(best, time.perf_counter() - start)
-        _measured_cpu_peak[runtime.dtype] = 2 * 1024**3 / best
-    return _measured_cpu_peak[runtime.dtype], f"measured {runtime.device.type} matmul peak"
+        _measured_cpu_peak[dtype] = 2 * 1024**3 / best
+    name = str(dtype).removeprefix("torch.")
+    return _measured_cpu_peak[dtype], f"measured {runtime.device.type} {name} matmul peak"
 
 
 class StopRequest:

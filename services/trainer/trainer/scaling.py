@@ -4,10 +4,12 @@ learning rates and weight decay (nanochat's recipe, ../shared/RECIPE.md). Every 
 overridden by its own flag; the training program prints them all at start.
 
 - width = aspect_ratio·depth rounded up to the head dim; heads = width / head_dim;
-- tokens D = ratio × N, with N = transformer matrices + lm_head (ratio ~10.5 is compute-optimal);
+- planned tokens D = ratio × N, with N = transformer matrices + lm_head (ratio ~10.5 is
+  compute-optimal); D_ref the same for a d12 built like the run's model (only the depth differs);
 - batch B = 2^round(log2(B_ref·(D/D_ref)^0.383)), Power Lines' optimal batch growth (B_ref = 2^19
   tokens at the reference d12);
 - every learning rate × √(B/B_ref); Muon weight decay λ = 0.28·√(B/B_ref)·(D_ref/D).
+D is the planned horizon: --num-iterations changes how long a run trains, never B or λ.
 """
 
 import math
@@ -22,6 +24,7 @@ REFERENCE_BATCH = 2**19  # tokens per step at the reference depth
 REFERENCE_DEPTH = 12
 BATCH_EXPONENT = 0.383  # Power Lines: B_opt ∝ D^0.383
 BASE_WEIGHT_DECAY = 0.28
+MOMENTUM_WARMUP_STEPS = 400
 
 
 def model_config(
@@ -53,34 +56,55 @@ def scaling_params(config: GPTConfig) -> int:
         return GPT(config).num_scaling_params()
 
 
-REFERENCE_PARAMS = scaling_params(model_config(REFERENCE_DEPTH, vocab_size=32768, sequence_len=2048))
+def reference_params(
+    vocab_size: int, sequence_len: int, head_dim: int = 128, aspect_ratio: int = 64, **architecture: Any
+) -> int:
+    """N of the reference d12, built like the run's model (its vocab, head dim, aspect ratio and
+    switches): only the depth is 12. Full multi-head attention, as the reference was tuned."""
+    config = model_config(REFERENCE_DEPTH, vocab_size, sequence_len, head_dim, aspect_ratio, **architecture)
+    return scaling_params(config)
 
 
 @dataclass
 class Horizon:
-    tokens: int  # D
+    planned_tokens: int  # D = ratio × N: B and λ come from it, whatever --num-iterations says
+    reference_tokens: float  # D_ref = ratio × N(d12)
     total_batch_size: int  # B, tokens per optimizer step
     num_iterations: int
     lr_scale: float  # √(B/B_ref)
     weight_decay: float  # Muon's λ before its cosine schedule
 
-
-def optimal_batch_size(tokens: float, ratio: float) -> int:
-    reference_tokens = ratio * REFERENCE_PARAMS
-    return 2 ** round(math.log2(REFERENCE_BATCH * (tokens / reference_tokens) ** BATCH_EXPONENT))
+    @property
+    def tokens(self) -> int:
+        """Tokens the run trains on (D itself only when the step count is derived from it)."""
+        return self.num_iterations * self.total_batch_size
 
 
 def horizon(
-    num_params: int, ratio: float, total_batch_size: int | None = None, num_iterations: int | None = None
+    num_params: int,
+    reference_num_params: int,
+    ratio: float,
+    total_batch_size: int | None = None,
+    num_iterations: int | None = None,
+    weight_decay_horizon: str = "planned",
 ) -> Horizon:
-    """The training horizon for a model of num_params scaling params; explicit batch/steps win."""
-    planned_tokens = ratio * num_params
-    batch = total_batch_size or optimal_batch_size(planned_tokens, ratio)
-    steps = num_iterations or max(1, round(planned_tokens / batch))
-    tokens = steps * batch
+    """The training horizon of a model with num_params scaling params; explicit batch/steps win.
+
+    D is the planned horizon ratio × N: an explicit step count shortens or lengthens the run but moves
+    neither B nor λ. weight_decay_horizon="trained" is our option (not the reference's) to put the
+    tokens actually trained in λ's D instead, as T_epoch = B/(η·λ·D) constant asks for a run that
+    stops early (https://arxiv.org/abs/2405.13698).
+    """
+    assert weight_decay_horizon in ("planned", "trained"), f"unknown horizon {weight_decay_horizon!r}"
+    planned = int(ratio * num_params)
+    reference = ratio * reference_num_params
+    optimal_batch = REFERENCE_BATCH * (planned / reference) ** BATCH_EXPONENT  # Power Lines
+    batch = total_batch_size or 2 ** round(math.log2(optimal_batch))
+    steps = num_iterations or max(1, planned // batch)
     lr_scale = math.sqrt(batch / REFERENCE_BATCH)
-    weight_decay = BASE_WEIGHT_DECAY * lr_scale * (ratio * REFERENCE_PARAMS) / tokens
-    return Horizon(tokens, batch, steps, lr_scale, weight_decay)
+    decay_tokens = planned if weight_decay_horizon == "planned" else steps * batch
+    weight_decay = BASE_WEIGHT_DECAY * lr_scale * reference / decay_tokens
+    return Horizon(planned, reference, batch, steps, lr_scale, weight_decay)
 
 
 # -- schedules (step counts from 0; `total` = num_iterations) -------------------------------
@@ -100,11 +124,14 @@ def lr_multiplier(
 
 
 def muon_momentum(step: int, total: int, warmdown_ratio: float = 0.65) -> float:
-    """0.85 → 0.97 over the first 400 steps, then 0.97 → 0.90 during the warm-down."""
+    """0.85 → 0.97 over the first 400 steps (this wins, even inside the warm-down), then 0.97 → 0.90
+    during the warm-down."""
+    if step < MOMENTUM_WARMUP_STEPS:
+        return 0.85 + 0.12 * step / MOMENTUM_WARMUP_STEPS
     warmdown_start = total - round(warmdown_ratio * total)
     if step >= warmdown_start:
         return 0.97 - 0.07 * (step - warmdown_start) / max(1, total - warmdown_start)
-    return 0.85 + 0.12 * min(1.0, step / 400)
+    return 0.97
 
 
 def weight_decay_multiplier(step: int, total: int) -> float:

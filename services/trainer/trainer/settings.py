@@ -33,6 +33,12 @@ class TrainerSettings(BaseSettings):
         description="Index of the source's last shard, which is always fetched as the validation split.",
     )
 
+    gpu_hour_price: float = Field(
+        default=3.0,
+        ge=0,
+        description="US dollars per GPU-hour, for the cost estimate in run reports.",
+    )
+
     wandb_api_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("WANDB_API_KEY"),

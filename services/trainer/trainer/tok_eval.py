@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         f"{name}/{label}": round(v, 4) for name, by_label in results.items() for label, v in by_label.items()
     }
-    write_section(settings, args.run, "tok_eval", summary)
+    write_section(settings, args.run, "tok_eval", summary, vars(args))
     return summary
 
 

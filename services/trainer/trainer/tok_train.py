@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if tokenizer.vocab_size < args.vocab_size:
         print(f"note: the text only supported {tokenizer.vocab_size} of {args.vocab_size} tokens", flush=True)
-    write_section(settings, args.run, "tok_train", summary)
+    write_section(settings, args.run, "tok_train", summary, vars(args))
     print("tokenizer trained:", flush=True)
     for key, value in summary.items():
         print(

@@ -133,3 +133,7 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The raw bytes of the tokens: one character may span several tokens (see engine.TextStream)."""
+        return self.encoding.decode_bytes(ids)

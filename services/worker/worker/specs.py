@@ -41,6 +41,10 @@ class BaseTrainConfig(StrictModel):
     target_param_data_ratio: float | None = Field(default=None, gt=0, le=1000)
     eval_every: int | None = Field(default=None, ge=0)
     eval_tokens: int | None = Field(default=None, ge=1, le=2**34)
+    core_metric_every: int | None = Field(
+        default=None, ge=-1, description="steps between CORE evals, -1: off"
+    )
+    core_metric_max_per_task: int | None = Field(default=None, ge=-1, le=1_000_000)
     sample_every: int | None = Field(default=None, ge=0)
     save_every: int | None = Field(default=None, ge=0)
     resume: bool = Field(default=False, description="continue from the run's latest checkpoint")

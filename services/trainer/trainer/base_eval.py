@@ -1,0 +1,154 @@
+"""
+Evaluate a base model: CORE (core_eval.py), bits per byte on the train and val shards, and greedy
+samples from fixed prompts. Results go to the run's report (section base_eval) and, per task, to the
+log; several processes split CORE's examples and the bpb batches.
+
+    python -m trainer.base_eval --run demo                                   # all three, latest step
+    python -m trainer.base_eval --run demo --eval core --max-per-task 100    # a quick CORE
+    torchrun --standalone --nproc_per_node=8 -m trainer.base_eval -- --run demo
+"""
+
+import argparse
+import time
+
+import torch
+
+from trainer import checkpoint, core_eval, dataset, task_data
+from trainer.base_train import PHASE, SAMPLE_PROMPTS
+from trainer.common import add_run_flag, print0, print_banner
+from trainer.dataloader import PackingLoader
+from trainer.engine import Engine
+from trainer.gpt import GPT
+from trainer.loss_eval import evaluate_bpb
+from trainer.report import write_section
+from trainer.runtime import Runtime, add_runtime_flags, setup_runtime, shutdown
+from trainer.settings import TrainerSettings
+from trainer.tokenizer import Tokenizer
+
+EVALS = ("core", "bpb", "sample")
+
+parser = argparse.ArgumentParser(description="CORE, bits per byte and samples of a base model.")
+add_run_flag(parser)
+parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+parser.add_argument(
+    "--eval", default="core,bpb,sample", help="comma-separated: core, bpb, sample (default: all)"
+)
+parser.add_argument(
+    "--max-per-task",
+    type=int,
+    default=-1,
+    help="CORE examples per task, after the seeded shuffle (default: all)",
+)
+parser.add_argument(
+    "--core-tasks",
+    default="core.yaml",
+    help="task list in the eval bundle; core_offline.yaml is used when the bundle lacks some data "
+    "(default: core.yaml)",
+)
+parser.add_argument(
+    "--split-tokens", type=int, default=40 * 2**19, help="tokens per split for bpb (default: 20M)"
+)
+parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per bpb batch (default: 32)")
+add_runtime_flags(parser)
+
+
+def core(
+    model: GPT,
+    tokenizer: Tokenizer,
+    settings: TrainerSettings,
+    runtime: Runtime,
+    config: str,
+    max_per_task: int,
+) -> dict:
+    """CORE of the model over the bundle's tasks (the offline kit's 20 when the real 22 are not there)."""
+    bundle = task_data.eval_bundle_dir(settings)
+    chosen = core_eval.choose_config(bundle, config, log=print0)
+    started = time.time()
+    results = core_eval.evaluate_core(
+        model, tokenizer, bundle, model.config.sequence_len, runtime.device, chosen, max_per_task, print0
+    )
+    print0(f"CORE {results['core']:.4f} over {len(results['tasks'])} tasks ({time.time() - started:.0f}s)")
+    return results
+
+
+def bits_per_byte(
+    model: GPT, tokenizer: Tokenizer, settings: TrainerSettings, runtime: Runtime, args: argparse.Namespace
+) -> dict[str, float]:
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=runtime.device)
+    seq_len = model.config.sequence_len
+    steps = max(1, args.split_tokens // (args.device_batch_size * seq_len * runtime.world_size))
+    results = {}
+    for split in ("train", "val"):
+        loader = PackingLoader(
+            tokenizer,
+            dataset.list_shards(settings, split),
+            args.device_batch_size,
+            seq_len,
+            runtime.rank,
+            runtime.world_size,
+            runtime.device,
+        )
+        results[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        print0(f"{split} bpb {results[split]:.4f}")
+    return results
+
+
+def samples(model: GPT, tokenizer: Tokenizer) -> dict[str, list[str]]:
+    """Greedy completions of the fixed prompts, and a few unconditioned samples at temperature 1."""
+    engine = Engine(model, tokenizer)
+    greedy = []
+    for prompt in SAMPLE_PROMPTS:
+        (completion,) = engine.complete(
+            tokenizer.encode(prompt, prepend=tokenizer.bos_token_id), max_tokens=16, temperature=0
+        )
+        greedy.append(prompt + tokenizer.decode([t.id for t in completion]))
+    free = [
+        tokenizer.decode([t.id for t in row])
+        for row in engine.complete([tokenizer.bos_token_id], num_samples=4, max_tokens=64, temperature=1.0)
+    ]
+    for text in [*greedy, *free]:
+        print0(f"  sample | {text!r}")
+    return {"greedy": greedy, "unconditioned": free}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser.parse_args(argv)
+    evals = {name.strip() for name in args.eval.split(",") if name.strip()}
+    if not evals or evals - set(EVALS):
+        parser.error(f"--eval takes a comma-separated subset of {', '.join(EVALS)}, not {args.eval!r}")
+    runtime = setup_runtime(args.device, args.dtype)
+    settings = TrainerSettings()
+    print_banner("base_eval", args, settings)
+    try:
+        folder = settings.run_dir(args.run) / PHASE
+        step = checkpoint.resolve_step(folder, args.step)
+        model, _ = checkpoint.load_model(folder, step, runtime.device, runtime.dtype)
+        model.eval()
+        tokenizer = Tokenizer.load(settings.run_dir(args.run) / "tokenizer")
+        print0(f"evaluating {checkpoint.step_dir(folder, step)} on {runtime.device} in {runtime.dtype}")
+        started = time.time()
+        summary: dict = {"step": step}
+        if "core" in evals:
+            results = core(model, tokenizer, settings, runtime, args.core_tasks, args.max_per_task)
+            summary.update(
+                core=round(results["core"], 4), core_tasks=results["config"], max_per_task=args.max_per_task
+            )
+            summary["core_per_task"] = {
+                label: {"accuracy": round(r["accuracy"], 4), "centered": round(r["centered"], 4)}
+                for label, r in results["tasks"].items()
+            }
+        if "bpb" in evals:
+            bpb = bits_per_byte(model, tokenizer, settings, runtime, args)
+            summary.update(train_bpb=round(bpb["train"], 4), val_bpb=round(bpb["val"], 4))
+        if "sample" in evals and runtime.is_master:
+            summary["samples"] = samples(model, tokenizer)
+        summary.update(wall_seconds=round(time.time() - started, 1), gpus=runtime.gpus)
+        if runtime.is_master:
+            write_section(settings, args.run, "base_eval", summary, vars(args))
+        return summary
+    finally:
+        shutdown(runtime)
+
+
+if __name__ == "__main__":
+    main()
