@@ -25,7 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = (
     "--depth 4 --head-dim 64 --window-pattern L --max-seq-len 512 --device-batch-size 8 "
-    "--total-batch-size 4096 --num-iterations 20 --eval-every 0 --sample-every 0 --core-metric-every -1 "
+    "--total-batch-size 4096 --num-iterations 20 --eval-every 0 --eval-tokens 4096 --sample-every 0 "
+    "--core-metric-every -1 "
     "--dtype bfloat16"
 )
 CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]

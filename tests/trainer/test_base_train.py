@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer import base_train, checkpoint, scaling
+from trainer import base_train, checkpoint, scaling, training
 from trainer.gpt import GPT
 
 from conftest import copy_tokenizer
@@ -222,7 +222,7 @@ def test_optimizer_groups_scale_every_lr_by_the_batch_but_smear_and_backout() ->
 
 
 def test_training_time_counts_the_steps_after_the_first_eleven() -> None:
-    loop = base_train.LoopState()
+    loop = training.LoopState()
     for step in range(14):
         loop.record_step(step, seconds=float(step))
     assert loop.startup_time == sum(range(11)) and loop.training_time == 11 + 12 + 13

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer import base_train, scaling
+from trainer import base_train, scaling, training
 from trainer.gpt import GPT, GPTConfig
 from trainer.runtime import Runtime, resolve_dtype
 
@@ -84,7 +84,7 @@ def test_fp16_trains_on_cpu_and_skips_the_step_with_an_inf_gradient() -> None:
         before, scale = snapshot(model), scaler.get_scale()
         if step == 2:
             poison_next_backward(model)
-        losses.append(base_train.train_step(model, data, optimizer, 1, scaler, runtime))
+        losses.append(training.train_step(model, data, optimizer, 1, scaler, runtime))
         after = snapshot(model)
         if step == 2:  # skipped: no weight moved, and the scale halved
             assert all(torch.equal(before[name], after[name]) for name in before)
@@ -104,11 +104,11 @@ def skip_worker(rank: int, port: int, results) -> None:
     optimizer, scaler = optimizer_for(model), torch.amp.GradScaler("cpu")
     runtime = Runtime(torch.device("cpu"), torch.float16, rank, rank, world_size=2)
     data = batches(rank)
-    base_train.train_step(model, data, optimizer, 1, scaler, runtime)
+    training.train_step(model, data, optimizer, 1, scaler, runtime)
     before = snapshot(model)
     if rank == 1:
         poison_next_backward(model)
-    base_train.train_step(model, data, optimizer, 1, scaler, runtime)
+    training.train_step(model, data, optimizer, 1, scaler, runtime)
     after = snapshot(model)
     results[rank] = {
         "unchanged": all(torch.equal(before[name], after[name]) for name in before),

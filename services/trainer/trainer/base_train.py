@@ -10,18 +10,15 @@ Muon+AdamW optimizer and schedules. Checkpoints resume exactly; SIGTERM saves on
 
 import argparse
 import json
-import math
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import median
 
 import torch
-import torch.distributed as dist
 
-from trainer import checkpoint, core_eval, dataset, scaling, task_data
+from trainer import checkpoint, core_eval, dataset, scaling, task_data, training
 from trainer.common import add_run_flag, print0, print_banner, progress_bar
 from trainer.dataloader import PackingLoader
 from trainer.engine import Engine
@@ -40,10 +37,20 @@ from trainer.runtime import (
 )
 from trainer.settings import TrainerSettings
 from trainer.tokenizer import Tokenizer
+from trainer.training import (
+    UNTIMED_STEPS,
+    LoopState,
+    MetricsLog,
+    Recipe,
+    format_duration,
+    grad_scaler,
+    resume_step,
+    rounded,
+    summary_times,
+    train_step,
+)
 
 PHASE = "base"
-# The reference's "total training time" leaves out steps 0-10 (its `step > 10`): compilation, warm-up.
-UNTIMED_STEPS = 11
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -127,55 +134,23 @@ group.add_argument(
 add_training_flags(parser)
 
 
+def recipe_of(args: argparse.Namespace, horizon: scaling.Horizon) -> Recipe:
+    """The batch and LRs this run trains with, saved with its checkpoints for the chat stages."""
+    return Recipe(
+        max_seq_len=args.max_seq_len,
+        device_batch_size=args.device_batch_size,
+        total_batch_size=horizon.total_batch_size,
+        lr_scale=horizon.lr_scale,
+        matrix_lr=args.matrix_lr,
+        embedding_lr=args.embedding_lr,
+        unembedding_lr=args.unembedding_lr,
+        scalar_lr=args.scalar_lr,
+    )
+
+
 def build_optimizer(model: GPT, args: argparse.Namespace, horizon: scaling.Horizon) -> MuonAdamW:
-    """The recipe's parameter groups: LRs × √(B/B_ref) (smear/backout excepted), the embeddings' and
-    lm_head's also × (width/768)^−½."""
-    s = horizon.lr_scale
-    width_scale = (model.config.n_embd / 768) ** -0.5
-    embedding_lr = args.embedding_lr * width_scale * s
-
-    def adamw(params, lr, betas, weight_decay):
-        return {
-            "kind": "adamw",
-            "params": params,
-            "lr": lr,
-            "betas": betas,
-            "eps": 1e-10,
-            "weight_decay": weight_decay,
-        }
-
-    groups = [
-        adamw([model.lm_head.weight], args.unembedding_lr * width_scale * s, (0.8, 0.96), 0.01),
-        adamw([model.wte.weight], embedding_lr, (0.8, 0.995), 0.001),
-        adamw([model.resid_lambdas], args.scalar_lr * 0.01 * s, (0.8, 0.95), 0.05),
-        adamw([model.x0_lambdas], args.scalar_lr * s, (0.96, 0.95), 0.0),
-    ]
-    if model.value_embeds:
-        groups.append(adamw(list(model.value_embeds.parameters()), embedding_lr / 2, (0.8, 0.995), 0.01))
-    small = [p for p in (model.smear_lambda, model.backout_lambda) if p is not None]
-    if model.smear_gate is not None:
-        small.append(model.smear_gate.weight)
-    if small:  # the recipe's one LR not scaled by the batch factor
-        groups.append(adamw(small, 0.2, (0.8, 0.95), 0.0))
     weight_decay = horizon.weight_decay if args.weight_decay is None else args.weight_decay
-    matrices = model.matrix_params()
-    for shape in sorted({tuple(p.shape) for p in matrices}):
-        params = [p for p in matrices if tuple(p.shape) == shape]
-        groups.append(
-            {
-                "kind": "muon",
-                "params": params,
-                "lr": args.matrix_lr * s,
-                "momentum": 0.95,
-                "beta2": 0.9,
-                "weight_decay": weight_decay,
-                "ns_steps": 5,
-            }
-        )
-    for group in groups:
-        group["base_lr"], group["base_weight_decay"] = group["lr"], group["weight_decay"]
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())), "a parameter has no group"
-    return MuonAdamW(groups, compute_dtype=model.compute_dtype)
+    return training.build_optimizer(model, recipe_of(args, horizon), weight_decay)
 
 
 def apply_schedules(optimizer: MuonAdamW, step: int, total: int, args: argparse.Namespace) -> float:
@@ -196,34 +171,6 @@ def sample(model: GPT, tokenizer: Tokenizer, max_tokens: int = 16) -> list[str]:
         (completion,) = engine.complete(ids, max_tokens=max_tokens, temperature=0)
         lines.append(f"{prompt} → {tokenizer.decode([t.id for t in completion])!r}")
     return lines
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-class MetricsLog:
-    """runs/<run>/base/metrics.jsonl, one JSON object per line; rank 0 writes."""
-
-    def __init__(self, path: Path, runtime: Runtime, resume_step: int | None) -> None:
-        self.path, self.enabled = path, runtime.is_master
-        if not self.enabled:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():  # drop what a crashed run logged past the checkpoint we resume from
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def plan(
@@ -279,16 +226,6 @@ def plan(
     return config, horizon, accumulation
 
 
-def resume_step(args: argparse.Namespace, out_dir: Path) -> int | None:
-    """The checkpoint to continue from: --resume-from-step, or the latest with --resume, or None."""
-    if args.resume_from_step is not None:
-        return checkpoint.resolve_step(out_dir, args.resume_from_step)
-    steps = checkpoint.list_steps(out_dir)
-    if args.resume and not steps:
-        print0(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
-    return steps[-1] if args.resume and steps else None
-
-
 def core_bundle(settings: TrainerSettings) -> tuple[Path, str]:
     """The eval bundle and task list for CORE during training, found (or downloaded) before training."""
     try:
@@ -300,54 +237,8 @@ def core_bundle(settings: TrainerSettings) -> tuple[Path, str]:
 
 
 @dataclass
-class LoopState:
-    """What the loop carries across steps besides model, optimizer and data; saved with checkpoints, so a
-    resumed run reports what an uninterrupted one would."""
-
-    val_bpb: float | None = None
-    min_val_bpb: float | None = None
+class BaseLoopState(LoopState):
     core: float | None = None
-    training_time: float = 0.0  # seconds of steps ≥ UNTIMED_STEPS: the reference's "total training time"
-    startup_time: float = 0.0  # seconds of the first UNTIMED_STEPS steps
-    wall_time: float = 0.0  # seconds of the loop, evaluations and checkpoints included, up to the last save
-
-    def record_eval(self, val_bpb: float) -> None:
-        self.val_bpb = val_bpb
-        self.min_val_bpb = val_bpb if self.min_val_bpb is None else min(self.min_val_bpb, val_bpb)
-
-    def record_step(self, step: int, seconds: float) -> None:
-        if step >= UNTIMED_STEPS:
-            self.training_time += seconds
-        else:
-            self.startup_time += seconds
-
-
-def train_step(
-    model: torch.nn.Module,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: MuonAdamW,
-    accumulation: int,
-    scaler: torch.amp.GradScaler | None,
-    runtime: Runtime,
-) -> float:
-    """One optimizer step over `accumulation` micro-batches; returns this process's mean loss."""
-    total_loss = torch.zeros((), device=runtime.device)
-    for _ in range(accumulation):
-        inputs, targets = next(batches)
-        loss = model(inputs, targets) / accumulation
-        (scaler.scale(loss) if scaler else loss).backward()
-        total_loss += loss.detach()
-    if scaler:
-        scaler.unscale_(optimizer)
-        if runtime.distributed:  # skip on every rank or on none: the optimizer's collectives must pair up
-            for found_inf in scaler._found_inf_per_device(optimizer).values():
-                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-        scaler.step(optimizer)  # skipped when a gradient is inf/nan; the scale then halves
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total_loss.item()  # one device sync per step, not one per micro-batch
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -376,18 +267,17 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     optimizer = build_optimizer(model, args, horizon)
     use_compile = args.compile if args.compile is not None else runtime.device.type == "cuda"
     train_model = torch.compile(model, dynamic=False) if use_compile else model
-    # fp16's narrow range needs loss scaling; bf16 has fp32's exponent range and needs none.
-    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
+    scaler = grad_scaler(runtime)
     flops_per_token = model.estimate_flops()
     peak, peak_source = peak_flops(runtime)
     print0(f"FLOPs per token {flops_per_token:.3e} | peak {peak:.3e} FLOP/s per device ({peak_source})")
 
-    start_step, loader_state, loop = resume_step(args, out_dir), None, LoopState()
+    start_step, loader_state, loop = resume_step(args, out_dir), None, BaseLoopState()
     resuming = start_step is not None
     if resuming:
         checkpoint.load_weights(out_dir, start_step, model)
         loader_state = checkpoint.load_training_state(out_dir, start_step, optimizer, runtime, scaler)
-        loop = LoopState(**checkpoint.read_meta(out_dir, start_step)["loop_state"])
+        loop = BaseLoopState(**checkpoint.read_meta(out_dir, start_step)["loop_state"])
         print0(f"resumed from {checkpoint.step_dir(out_dir, start_step)}")
     metrics = MetricsLog(out_dir / "metrics.jsonl", runtime, start_step)
     start_step = start_step or 0
@@ -460,6 +350,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
                 "val_bpb": loop.val_bpb,
                 "tokens_seen": step * horizon.total_batch_size,
                 "loop_state": asdict(loop),
+                "recipe": asdict(recipe_of(args, horizon)),
             }
             saved = checkpoint.save(
                 out_dir,
@@ -515,14 +406,12 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         "steps": step,
         "tokens": step * horizon.total_batch_size,
         "total_batch_size": horizon.total_batch_size,
-        "val_bpb": round(loop.val_bpb, 4) if loop.val_bpb is not None else None,
-        "min_val_bpb": round(loop.min_val_bpb, 4) if loop.min_val_bpb is not None else None,
-        "core": round(loop.core, 4) if loop.core is not None else None,
+        "val_bpb": rounded(loop.val_bpb),
+        "min_val_bpb": rounded(loop.min_val_bpb),
+        "core": rounded(loop.core),
         "tok_per_s": round(tok_per_s) if tok_per_s else None,
         "mfu": round(flops_per_token * tok_per_s / (peak * runtime.world_size), 4) if tok_per_s else None,
-        "training_minutes": round(loop.training_time / 60, 2),
-        "startup_seconds": round(loop.startup_time, 1),
-        "wall_seconds": round(wall_before + time.time() - invocation_start, 1),
+        **summary_times(loop, wall_before + time.time() - invocation_start),
         "crop_fraction": round(train_loader.crop_fraction, 4),
         "device": f"{runtime.device} × {runtime.world_size}",
         "gpus": runtime.gpus,

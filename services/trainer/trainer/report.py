@@ -6,8 +6,8 @@ timings, key metrics) and the environment it ran in; report.md is rebuilt from a
   NANOCHAT_GPU_HOUR_PRICE setting (CPU-hours are listed, not priced);
 - a BASE / MID / SFT / RL table of CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval,
   SpellingBee and ChatCORE;
-- PNG charts (matplotlib) of train loss, val bpb, tok/s and MFU against step, a line per stage, from
-  each stage's metrics.jsonl;
+- PNG charts (matplotlib) of train loss, val bpb, tok/s, MFU and RL reward against step, a line per
+  stage, from each stage's metrics.jsonl;
 - every section's values.
 
     python -m trainer.report --run demo      # rebuild and print where report.md is
@@ -32,6 +32,7 @@ CHARTS = {  # file stem → (metrics.jsonl key, y label)
     "val_bpb": ("val_bpb", "val bits per byte"),
     "tok_per_s": ("tok_per_s", "tokens / s"),
     "mfu": ("mfu", "MFU"),
+    "reward": ("reward", "RL mean reward"),
 }
 
 

@@ -37,17 +37,21 @@ GPU_PEAK_FLOPS = {
 }
 
 
-def add_training_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by base, mid, SFT and RL training."""
+def add_training_flags(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
+    """Flags shared by base, mid, SFT and RL training. With `inherited`, batch flags default to the
+    source checkpoint's (a chat stage trains with the batch its base run used)."""
     group = parser.add_argument_group("Training")
     group.add_argument("--num-iterations", type=int, default=None, help="optimizer steps (default: derived)")
-    group.add_argument(
-        "--device-batch-size", type=int, default=32, help="sequences per forward pass (default: 32)"
-    )
-    group.add_argument(
-        "--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: derived)"
-    )
-    group.add_argument("--max-seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
+
+    def batch_flag(flag: str, default: int | None, text: str) -> None:
+        shown = "the source run's" if inherited else (f"{default:,}" if default else "derived")
+        group.add_argument(
+            flag, type=int, default=None if inherited else default, help=f"{text} (default: {shown})"
+        )
+
+    batch_flag("--device-batch-size", 32, "sequences per forward pass")
+    batch_flag("--total-batch-size", None, "tokens per optimizer step")
+    batch_flag("--max-seq-len", 2048, "tokens per sequence")
     group = parser.add_argument_group("Evaluation and checkpoints")
     group.add_argument(
         "--eval-every", type=int, default=250, help="steps between val evaluations (default: 250)"

@@ -1,0 +1,305 @@
+"""
+Reinforcement learning on GSM8K (RECIPE.md): for each question the policy samples a group of replies
+(with the calculator tool), each reply's reward is 1 when its final answer is right, its advantage is
+the reward minus the group's mean, and the loss is the token-level policy gradient
+−Σ advantage·log p(token) / (tokens sampled). On-policy, so no ratio clipping, and no KL term: the
+simple REINFORCE-with-baseline that the reference calls GRPO. Tool outputs are forced, not sampled,
+so they are not trained on; the stop token is (it is how a reply ends).
+
+Every --eval-every steps, pass@1…k on the first --eval-examples test questions (k samples each at
+temperature 1). Checkpoints resume exactly: the question cursor is saved and every sample's seed is a
+function of the step and the question.
+
+    python -m trainer.chat_rl --run demo                           # from runs/demo/sft, latest step
+    torchrun --standalone --nproc_per_node=8 -m trainer.chat_rl -- --run demo
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from trainer import checkpoint, training
+from trainer.chat_format import render_for_completion
+from trainer.common import add_run_flag, print0, print_banner, progress_bar
+from trainer.engine import Engine
+from trainer.gpt import GPT
+from trainer.report import write_section
+from trainer.runtime import Runtime, StopRequest, add_runtime_flags, init_wandb, setup_runtime, shutdown
+from trainer.settings import TrainerSettings
+from trainer.tasks import Task, gsm8k
+from trainer.tokenizer import Tokenizer
+from trainer.training import MetricsLog, format_duration, grad_scaler, resume_step, rounded, summary_times
+
+parser = argparse.ArgumentParser(description="Reinforcement learning on GSM8K.")
+add_run_flag(parser)
+training.add_source_flags(parser, "sft", ("mid", "sft"))
+group = parser.add_argument_group("Rollouts")
+group.add_argument("--num-epochs", type=int, default=1, help="passes over GSM8K train (default: 1)")
+group.add_argument(
+    "--num-iterations", type=int, default=None, help="optimizer steps (default: the epochs' worth)"
+)
+group.add_argument(
+    "--examples-per-step", type=int, default=16, help="questions per step, all ranks (default: 16)"
+)
+group.add_argument("--num-samples", type=int, default=16, help="replies sampled per question (default: 16)")
+group.add_argument("--device-batch-size", type=int, default=8, help="replies per forward pass (default: 8)")
+group.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply (default: 256)")
+group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+group.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (default: 50)")
+group = parser.add_argument_group("Optimization (LRs default to the source run's)")
+for flag in ("--matrix-lr", "--embedding-lr", "--unembedding-lr", "--scalar-lr"):
+    group.add_argument(flag, type=float, default=None)
+group.add_argument(
+    "--init-lr-frac", type=float, default=0.05, help="LR as a fraction of the source's (default: 0.05)"
+)
+group = parser.add_argument_group("Evaluation and checkpoints")
+group.add_argument(
+    "--eval-every", type=int, default=60, help="steps between pass@k evaluations (default: 60)"
+)
+group.add_argument(
+    "--eval-examples", type=int, default=400, help="test questions per evaluation (default: 400)"
+)
+group.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (default: 60)")
+group.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept (default: last 3)")
+group.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+group.add_argument("--resume-from-step", type=int, default=None, help="continue from this checkpoint step")
+group = add_runtime_flags(parser)
+group.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
+
+
+@dataclass
+class Group:
+    """One question's sampled replies as a training batch."""
+
+    inputs: torch.Tensor  # (samples, T)
+    targets: torch.Tensor  # (samples, T), −1 on the prompt, forced tool output and padding
+    rewards: torch.Tensor  # (samples,)
+    lengths: list[int]  # generated tokens per reply
+
+    @property
+    def advantages(self) -> torch.Tensor:
+        return self.rewards - self.rewards.mean()
+
+
+@torch.no_grad()
+def sample_group(
+    engine: Engine,
+    prompt: list[int],
+    reward: Callable[[str], float],
+    args: argparse.Namespace,
+    seed: int,
+) -> Group:
+    """args.num_samples replies to `prompt`, args.device_batch_size at a time (one prefill each)."""
+    tokenizer, device = engine.tokenizer, engine.device
+    sequences, masks, rewards, lengths = [], [], [], []
+    for batch_start in range(0, args.num_samples, args.device_batch_size):
+        replies = engine.complete(
+            prompt,
+            num_samples=min(args.device_batch_size, args.num_samples - batch_start),
+            max_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=seed + batch_start,
+            keep_stop=True,
+        )
+        for reply in replies:
+            sequences.append(prompt + [t.id for t in reply])
+            masks.append([0] * len(prompt) + [int(not t.forced) for t in reply])
+            text = [t.id for t in reply if t.id not in engine.stop_tokens]
+            rewards.append(float(reward(tokenizer.decode(text))))
+            lengths.append(len(reply))
+    width = max(len(s) for s in sequences)
+    pad = tokenizer.bos_token_id
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=device)
+    mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device, dtype=torch.bool)
+    targets = ids[:, 1:].masked_fill(~mask[:, 1:], -1)
+    return Group(ids[:, :-1], targets, torch.tensor(rewards, device=device), lengths)
+
+
+def policy_gradient_backward(
+    model: GPT, group: Group, batch_size: int, normalizer: int, scaler: torch.amp.GradScaler | None = None
+) -> float:
+    """Accumulate the gradient of −Σ advantage·log p over the group's sampled tokens (each forward pass's
+    sum divided by its token count and by `normalizer`, the passes per optimizer step). Returns the loss."""
+    total = 0.0
+    advantages = group.advantages
+    for start in range(0, group.inputs.size(0), batch_size):
+        inputs, targets = group.inputs[start : start + batch_size], group.targets[start : start + batch_size]
+        log_probs = -model(inputs, targets, loss_reduction="none").view_as(inputs)  # 0 where target −1
+        objective = (log_probs * advantages[start : start + batch_size, None]).sum()
+        loss = -objective / ((targets >= 0).sum().clamp(min=1) * normalizer)
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.item()
+    return total
+
+
+@torch.no_grad()
+def pass_at_k(engine: Engine, task: Task, runtime: Runtime, args: argparse.Namespace) -> list[float]:
+    """pass@1…k (k = device batch size, temperature 1) over the first args.eval_examples test questions."""
+    k = args.device_batch_size
+    passed = torch.zeros(k, device=runtime.device)
+    count = torch.zeros((), device=runtime.device)
+    problems = range(runtime.rank, min(args.eval_examples, len(task)), runtime.world_size)
+    for index in progress_bar(problems, desc="pass@k", unit="problem", leave=False):
+        conversation = task[index]
+        replies = engine.complete(
+            render_for_completion(engine.tokenizer, conversation["messages"]),
+            num_samples=k,
+            max_tokens=args.max_new_tokens,
+            temperature=1.0,
+            top_k=args.top_k,
+            seed=index,
+        )
+        correct = [task.evaluate(conversation, engine.tokenizer.decode([t.id for t in r])) for r in replies]
+        for i in range(k):
+            passed[i] += any(correct[: i + 1])
+        count += 1
+    if runtime.distributed:
+        torch.distributed.all_reduce(passed)
+        torch.distributed.all_reduce(count)
+    return (passed / count.clamp(min=1)).tolist()
+
+
+@dataclass
+class RLLoopState(training.LoopState):
+    pass_at_1: float | None = None
+    cursor: int = 0  # questions this rank has trained on
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser.parse_args(argv)
+    if min(args.num_samples, args.device_batch_size, args.examples_per_step) < 1:
+        parser.error("--num-samples, --device-batch-size and --examples-per-step must be ≥ 1")
+    runtime = setup_runtime(args.device, args.dtype)
+    if args.examples_per_step % runtime.world_size:
+        parser.error(f"--examples-per-step must be a multiple of the {runtime.world_size} processes")
+    settings = TrainerSettings()
+    print_banner("chat_rl", args, settings)
+    stop = StopRequest()
+    try:
+        return train(args, settings, runtime, stop)
+    finally:
+        shutdown(runtime)
+
+
+def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime, stop: StopRequest) -> dict:
+    source = training.open_source(settings, args)
+    out_dir = settings.run_dir(args.run) / "rl"
+    tokenizer = Tokenizer.load(settings.run_dir(args.run) / "tokenizer")
+    start_step = resume_step(args, out_dir)
+    resuming = start_step is not None
+    weights_from = (out_dir, start_step) if resuming else (source.folder, source.step)
+    model, meta = checkpoint.load_model(*weights_from, runtime.device, runtime.dtype)
+    recipe = training.Recipe(**meta["recipe"]).override(args)
+    optimizer = training.build_optimizer(model, recipe, weight_decay=0.0, lr_frac=args.init_lr_frac)
+    scaler = grad_scaler(runtime)
+    loop = RLLoopState()
+    if resuming:
+        checkpoint.load_training_state(out_dir, start_step, optimizer, runtime, scaler)
+        loop = RLLoopState(**checkpoint.read_meta(out_dir, start_step)["loop_state"])
+        print0(f"resumed from {checkpoint.step_dir(out_dir, start_step)}")
+    engine = Engine(model, tokenizer)
+    train_task, test_task = gsm8k(settings, "train"), gsm8k(settings, "test")
+    per_rank = args.examples_per_step // runtime.world_size
+    total = args.num_iterations or len(train_task) // args.examples_per_step * args.num_epochs
+    print0(
+        f"source: {source.folder} step {source.step} | {total} steps × {args.examples_per_step} questions × "
+        f"{args.num_samples} samples | LR {args.init_lr_frac} × the source's"
+    )
+    metrics = MetricsLog(out_dir / "metrics.jsonl", runtime, start_step)
+    wandb_run = init_wandb(settings, f"{args.run}-rl", vars(args), runtime)
+    start_step = start_step or 0
+    invocation_start, wall_before = time.time(), loop.wall_time
+    for step in range(start_step, total + 1):
+        last, stopping = step == total, runtime.any(stop.requested)
+        done_before_checkpoint = resuming and step == start_step
+        if not done_before_checkpoint and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+            model.eval()
+            passk = pass_at_k(engine, test_task, runtime, args)
+            loop.pass_at_1 = passk[0]
+            print0(
+                f"step {step}/{total} | " + " | ".join(f"pass@{k + 1} {p:.4f}" for k, p in enumerate(passk))
+            )
+            metrics.write({"step": step, **{f"pass@{k + 1}": p for k, p in enumerate(passk)}})
+            wandb_run.log({f"pass@{k + 1}": p for k, p in enumerate(passk)}, step=step)
+        if step > start_step and (last or stopping or (args.save_every > 0 and step % args.save_every == 0)):
+            loop.wall_time = wall_before + time.time() - invocation_start
+            meta = {
+                "phase": "rl",
+                "args": vars(args),
+                "source": {"folder": str(source.folder), "step": source.step},
+                "loop_state": asdict(loop),
+                "recipe": asdict(recipe),
+            }
+            saved = checkpoint.save(
+                out_dir, step, model, optimizer, {}, meta, runtime, args.keep_checkpoints, scaler
+            )
+            print0(f"step {step}/{total} | checkpoint {saved}")
+        if last or stopping:
+            break
+
+        t0 = time.time()
+        rewards, lengths, loss = [], [], 0.0
+        for _ in range(per_rank):
+            index = (runtime.rank + loop.cursor * runtime.world_size) % len(train_task)
+            conversation = train_task[index]
+            prompt = render_for_completion(tokenizer, conversation["messages"])
+            model.eval()
+            group = sample_group(
+                engine,
+                prompt,
+                lambda reply, c=conversation: train_task.evaluate(c, reply),
+                args,
+                seed=args.seed + (step * len(train_task) + index) * args.num_samples,
+            )
+            model.train()
+            passes = -(-args.num_samples // args.device_batch_size)
+            loss += policy_gradient_backward(model, group, args.device_batch_size, passes * per_rank, scaler)
+            rewards.append(group.rewards.mean().item())
+            lengths += group.lengths
+            loop.cursor += 1
+        lrm = 1.0 - step / total
+        for group_settings in optimizer.param_groups:
+            group_settings["lr"] = group_settings["base_lr"] * lrm
+        training.optimizer_step(optimizer, scaler, runtime)
+        dt = time.time() - t0
+        loop.record_step(step, dt)
+        reward = runtime.mean(sum(rewards) / len(rewards))
+        length = runtime.mean(sum(lengths) / len(lengths))
+        eta = format_duration((total - step - 1) * dt)
+        print0(
+            f"step {step + 1}/{total} | reward {reward:.4f} | reply tokens {length:.0f} | loss {loss:.4f} | "
+            f"lrm {lrm:.2f} | dt {dt:.1f}s | eta {eta}"
+        )
+        record = {"step": step + 1, "reward": reward, "loss": loss, "sequence_length": length, "lrm": lrm}
+        metrics.write({**record, "dt": dt})
+        wandb_run.log(record, step=step + 1)
+
+    wandb_run.finish()
+    if stopping and not last:
+        print0(f"stopped at step {step}; resume with --resume")
+        shutdown(runtime)
+        sys.exit(143)
+    summary = {
+        "source": f"{source.folder.parent.name}/{source.folder.name} step {source.step}",
+        "steps": step,
+        "questions": step * args.examples_per_step,
+        "pass_at_1": rounded(loop.pass_at_1),
+        **summary_times(loop, wall_before + time.time() - invocation_start),
+        "device": f"{runtime.device} × {runtime.world_size}",
+        "gpus": runtime.gpus,
+        "dtype": str(runtime.dtype).removeprefix("torch."),
+    }
+    if runtime.is_master:
+        write_section(settings, args.run, "chat_rl", summary, vars(args))
+    print0("chat_rl done: " + json.dumps(summary, ensure_ascii=False))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""
+Fine-tuning on conversations, the loop behind the two supervised chat stages:
+
+- mid (trainer.mid_train): from the base model; conversations packed like pretraining (a row is
+  topped up with the start of a conversation), full LR, linear warm-down over the last 20%;
+- sft (trainer.chat_sft): from the mid model; conversations packed without cutting any (rows padded),
+  LR × 0.8, warm-down over the last 50% to 0, ChatCORE measured during training.
+
+Both learn only the assistant's tokens (chat_format's mask), start from the source stage's batch and
+LRs (RECIPE.md: inherited from the base run; flags override), warm-start the optimizer's momentum from
+the source checkpoint, use no Muon weight decay (pretraining decays it to 0), and by default train one
+pass over their task mixture (mixture.py). Checkpoints resume exactly, as in base_train.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import median
+
+import torch
+
+from trainer import checkpoint, training
+from trainer.chat_eval import chatcore
+from trainer.chat_eval import evaluate_task as evaluate_chat_task
+from trainer.common import add_run_flag, print0, print_banner, progress_bar
+from trainer.conversation_loader import ConversationLoader
+from trainer.engine import Engine
+from trainer.loss_eval import evaluate_bpb
+from trainer.mixture import default_mixture, load_mixture
+from trainer.report import write_section
+from trainer.runtime import (
+    Runtime,
+    StopRequest,
+    add_training_flags,
+    init_wandb,
+    peak_flops,
+    setup_runtime,
+    shutdown,
+)
+from trainer.settings import TrainerSettings
+from trainer.tasks import CHAT_TASKS, PUBLISHED_CHATCORE_TASKS
+from trainer.tokenizer import Tokenizer
+from trainer.training import MetricsLog, format_duration, grad_scaler, resume_step, rounded, summary_times
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # its folder under the run, and the report's stage name
+    program: str  # its module and report section
+    description: str
+    source: str  # the stage it starts from by default
+    pad: bool  # pad rows instead of cropping a conversation into them
+    init_lr_frac: float
+    warmdown_ratio: float
+    eval_every: int
+    chatcore_every: int
+
+
+STAGES = {
+    "mid": Stage(
+        "mid", "mid_train", "Midtrain a base model on conversations.", "base", False, 1.0, 0.2, 150, -1
+    ),
+    "sft": Stage(
+        "sft", "chat_sft", "Fine-tune a chat model on a task mixture.", "mid", True, 0.8, 0.5, 200, 200
+    ),
+}
+
+
+def build_parser(stage: Stage) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=stage.description)
+    add_run_flag(parser)
+    training.add_source_flags(parser, stage.source, ("base", "mid", "sft"))
+    group = parser.add_argument_group("Data")
+    group.add_argument(
+        "--mixture",
+        default=None,
+        help=f"task mixture file (default: {default_mixture(stage.name).name} beside mixture.py)",
+    )
+    group = parser.add_argument_group("Optimization (LRs default to the source run's)")
+    for flag in ("--matrix-lr", "--embedding-lr", "--unembedding-lr", "--scalar-lr"):
+        group.add_argument(flag, type=float, default=None)
+    group.add_argument(
+        "--init-lr-frac",
+        type=float,
+        default=stage.init_lr_frac,
+        help=f"LR as a fraction of the source's (default: {stage.init_lr_frac})",
+    )
+    group.add_argument(
+        "--warmup-ratio", type=float, default=0.0, help="share of the run in LR warm-up (default: 0)"
+    )
+    group.add_argument(
+        "--warmdown-ratio",
+        type=float,
+        default=stage.warmdown_ratio,
+        help=f"share of the run in linear warm-down (default: {stage.warmdown_ratio})",
+    )
+    group.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, × peak (default: 0)")
+    group.add_argument(
+        "--load-optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start from the source checkpoint's momentum buffers (default: on)",
+    )
+    add_training_flags(parser, inherited=True)
+    parser.set_defaults(eval_every=stage.eval_every, save_every=500, sample_every=0)
+    group = parser.add_argument_group("Chat evaluation during training")
+    group.add_argument(
+        "--eval-tokens", type=int, default=20 * 2**19, help="val tokens per bpb evaluation (default: 10.5M)"
+    )
+    group.add_argument(
+        "--chatcore-every",
+        type=int,
+        default=stage.chatcore_every,
+        help=f"steps between ChatCORE evaluations, -1: off (default: {stage.chatcore_every})",
+    )
+    group.add_argument(
+        "--chatcore-max-cat", type=int, default=-1, help="problems per choice task, -1: all (default: -1)"
+    )
+    group.add_argument(
+        "--chatcore-max-sample", type=int, default=24, help="problems per generative task (default: 24)"
+    )
+    return parser
+
+
+def lr_multiplier(progress: float, args: argparse.Namespace) -> float:
+    """Warm-up, constant, linear warm-down, as a function of the share of the run done (0 → 1)."""
+    if progress < args.warmup_ratio:
+        return (progress + 1e-8) / args.warmup_ratio
+    if progress <= 1.0 - args.warmdown_ratio:
+        return 1.0
+    decay = (progress - (1.0 - args.warmdown_ratio)) / args.warmdown_ratio
+    return (1 - decay) + decay * args.final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    """0.85 → 0.95 over the first 300 steps (the reference's chat stages)."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def evaluate_chatcore(
+    model, tokenizer: Tokenizer, settings, runtime: Runtime, args, batch_size: int
+) -> dict[str, float]:
+    """ChatCORE on the first problems of each task (greedy), as the reference does during SFT."""
+    engine, accuracies, baselines = Engine(model, tokenizer), {}, {}
+    for name in PUBLISHED_CHATCORE_TASKS:
+        task = CHAT_TASKS[name](settings)
+        limit = args.chatcore_max_cat if task.eval_type == "categorical" else args.chatcore_max_sample
+        options = argparse.Namespace(
+            max_problems=None if limit < 0 else limit,
+            batch_size=batch_size,
+            num_samples=1,
+            max_new_tokens=256,
+            temperature=0.0,
+            top_k=50,
+        )
+        accuracies[name] = evaluate_chat_task(task, model, engine, tokenizer, runtime, options)
+        baselines[name] = task.baseline
+    return {**accuracies, "chatcore": chatcore(accuracies, baselines, PUBLISHED_CHATCORE_TASKS)}
+
+
+@dataclass
+class ChatLoopState(training.LoopState):
+    chatcore: float | None = None
+    progress: float = 0.0  # share of the mixture done; never decreases, drives the LR schedule
+
+
+def main(stage_name: str, argv: list[str] | None = None) -> dict:
+    stage = STAGES[stage_name]
+    args = build_parser(stage).parse_args(argv)
+    runtime = setup_runtime(args.device, args.dtype)
+    settings = TrainerSettings()
+    print_banner(stage.program, args, settings)
+    stop = StopRequest()
+    try:
+        return train(stage, args, settings, runtime, stop)
+    finally:
+        shutdown(runtime)
+
+
+def train(
+    stage: Stage, args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime, stop: StopRequest
+) -> dict:
+    source = training.open_source(settings, args)
+    out_dir = settings.run_dir(args.run) / stage.name
+    tokenizer = Tokenizer.load(settings.run_dir(args.run) / "tokenizer")
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=runtime.device)
+    start_step = resume_step(args, out_dir)
+    resuming = start_step is not None
+    weights_from = (out_dir, start_step) if resuming else (source.folder, source.step)
+    model, meta = checkpoint.load_model(*weights_from, runtime.device, runtime.dtype)
+    recipe = training.Recipe(**meta["recipe"]).override(args)  # a resumed stage keeps its own
+    micro_tokens = recipe.device_batch_size * recipe.max_seq_len * runtime.world_size
+    if recipe.total_batch_size % micro_tokens or recipe.max_seq_len > model.config.sequence_len:
+        raise SystemExit(
+            f"batch {recipe.total_batch_size:,} tokens must be a multiple of device batch × seq len × "
+            f"processes = {micro_tokens:,}, and seq len ≤ the model's {model.config.sequence_len:,}"
+        )
+    accumulation = recipe.total_batch_size // micro_tokens
+    optimizer = training.build_optimizer(model, recipe, weight_decay=0.0, lr_frac=args.init_lr_frac)
+    scaler = grad_scaler(runtime)
+    use_compile = args.compile if args.compile is not None else runtime.device.type == "cuda"
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+
+    mixture_path = Path(args.mixture) if args.mixture else default_mixture(stage.name)
+    train_mixture = load_mixture(settings, mixture_path, "train", seed=args.seed)
+    val_mixture = load_mixture(settings, mixture_path, "val", seed=args.seed)
+    print0(f"source: {source.folder} step {source.step} | mixture {mixture_path}")
+    print0(f"train: {train_mixture.describe()} conversations")
+    print0(f"val: {val_mixture.describe()} conversations")
+    print0(
+        f"batch: {recipe.total_batch_size:,} tokens/step = {accumulation} × {micro_tokens:,} | "
+        f"LR {args.init_lr_frac} × the source's (scale {recipe.lr_scale:.4f}) | runtime {runtime.device} × "
+        f"{runtime.world_size}, {runtime.dtype}"
+    )
+
+    loader_state, loop = None, ChatLoopState()
+    if resuming:
+        loader_state = checkpoint.load_training_state(out_dir, start_step, optimizer, runtime, scaler)
+        loop = ChatLoopState(**checkpoint.read_meta(out_dir, start_step)["loop_state"])
+        print0(f"resumed from {checkpoint.step_dir(out_dir, start_step)}")
+    elif args.load_optimizer and not training.warm_start_optimizer(
+        optimizer, source.folder, source.step, runtime, 0.0
+    ):
+        print0("note: the source checkpoint was written by another number of processes: fresh optimizer")
+    loader_args = {
+        "batch_size": recipe.device_batch_size,
+        "seq_len": recipe.max_seq_len,
+        "pad": stage.pad,
+        "rank": runtime.rank,
+        "world_size": runtime.world_size,
+        "device": runtime.device,
+    }
+    train_loader = ConversationLoader(tokenizer, train_mixture, state=loader_state, **loader_args)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", runtime, start_step)
+    start_step = start_step or 0
+    eval_steps = max(1, args.eval_tokens // micro_tokens)
+    flops_per_token = model.estimate_flops()
+    peak, _ = peak_flops(runtime)
+    wandb_run = init_wandb(settings, f"{args.run}-{stage.name}", vars(args), runtime)
+    bar = (
+        progress_bar(total=100, unit="%", initial=round(100 * loop.progress)) if sys.stderr.isatty() else None
+    )
+    log = bar.write if bar is not None else print0
+
+    def finished(step: int) -> bool:
+        if args.num_iterations is not None:
+            return step >= args.num_iterations
+        return runtime.any(loop.progress >= 1.0)
+
+    step_times: list[float] = []
+    invocation_start, wall_before = time.time(), loop.wall_time
+    step = start_step
+    while True:
+        last, stopping = finished(step), runtime.any(stop.requested)
+        done_before_checkpoint = resuming and step == start_step
+        if not done_before_checkpoint and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+            model.eval()
+            val_loader = ConversationLoader(tokenizer, val_mixture, **loader_args)
+            val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
+            model.train()
+            loop.record_eval(val_bpb)
+            log(f"step {step} | val bpb {val_bpb:.4f}")
+            metrics.write({"step": step, "val_bpb": val_bpb})
+            wandb_run.log({"val/bpb": val_bpb}, step=step)
+        chatcore_now = args.chatcore_every > 0 and (last or (step > 0 and step % args.chatcore_every == 0))
+        if chatcore_now and not done_before_checkpoint:
+            model.eval()  # the uncompiled model: prompts change shape all the time
+            scores = evaluate_chatcore(model, tokenizer, settings, runtime, args, recipe.device_batch_size)
+            model.train()
+            loop.chatcore = scores["chatcore"]
+            log(f"step {step} | " + " | ".join(f"{name} {value:.4f}" for name, value in scores.items()))
+            metrics.write({"step": step, **scores})
+            wandb_run.log(scores, step=step)
+        if step > start_step and (last or stopping or (args.save_every > 0 and step % args.save_every == 0)):
+            loop.wall_time = wall_before + time.time() - invocation_start
+            meta = {
+                "phase": stage.name,
+                "args": vars(args),
+                "source": {"folder": str(source.folder), "step": source.step},
+                "val_bpb": loop.val_bpb,
+                "loop_state": asdict(loop),
+                "recipe": asdict(recipe),
+            }
+            saved = checkpoint.save(
+                out_dir,
+                step,
+                model,
+                optimizer,
+                train_loader.state_dict(),
+                meta,
+                runtime,
+                args.keep_checkpoints,
+                scaler,
+            )
+            log(f"step {step} | checkpoint {saved}")
+        if last or stopping:
+            break
+
+        runtime.synchronize()
+        t0 = time.time()
+        progress = step / args.num_iterations if args.num_iterations is not None else loop.progress
+        lrm = lr_multiplier(progress, args)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step)
+        loss = runtime.mean(
+            training.train_step(train_model, train_loader, optimizer, accumulation, scaler, runtime)
+        )
+        runtime.synchronize()
+        dt = time.time() - t0
+        step += 1
+        loop.progress = max(loop.progress, runtime.mean(train_loader.progress))
+        step_times.append(dt)
+        loop.record_step(step - 1, dt)
+        tok_per_s = recipe.total_batch_size / dt
+        mfu = flops_per_token * tok_per_s / (peak * runtime.world_size)
+        done = step / args.num_iterations if args.num_iterations is not None else loop.progress
+        eta = format_duration((1 - done) / max(done, 1e-9) * (wall_before + time.time() - invocation_start))
+        log(
+            f"step {step} ({100 * done:.1f}%) | loss {loss:.4f} | lrm {lrm:.2f} | dt {dt:.2f}s | "
+            f"tok/s {tok_per_s:,.0f} | mfu {100 * mfu:.1f}% | eta {eta}"
+        )
+        metrics.write({"step": step, "loss": loss, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s, "mfu": mfu})
+        wandb_run.log({"train/loss": loss, "train/lrm": lrm, "train/mfu": mfu}, step=step)
+        if bar is not None:
+            bar.n = min(100, round(100 * done))
+            bar.refresh()
+
+    if bar is not None:
+        bar.close()
+    wandb_run.finish()
+    if stopping and not last:
+        print0(f"stopped at step {step}; resume with --resume")
+        shutdown(runtime)
+        sys.exit(143)
+    tok_per_s = recipe.total_batch_size / median(step_times) if step_times else None
+    summary = {
+        "source": f"{source.folder.parent.name}/{source.folder.name} step {source.step}",
+        "steps": step,
+        "conversations": len(train_mixture),
+        "epochs": round(loop.progress, 3),
+        "total_batch_size": recipe.total_batch_size,
+        "val_bpb": rounded(loop.val_bpb),
+        "min_val_bpb": rounded(loop.min_val_bpb),
+        "chatcore": rounded(loop.chatcore),
+        "tok_per_s": round(tok_per_s) if tok_per_s else None,
+        **summary_times(loop, wall_before + time.time() - invocation_start),
+        "device": f"{runtime.device} × {runtime.world_size}",
+        "gpus": runtime.gpus,
+        "dtype": str(runtime.dtype).removeprefix("torch."),
+    }
+    if runtime.is_master:
+        write_section(settings, args.run, stage.program, summary, vars(args))
+    print0(f"{stage.program} done: " + json.dumps(summary, ensure_ascii=False))
+    return summary
