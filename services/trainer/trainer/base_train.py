@@ -19,7 +19,7 @@ from statistics import median
 import torch
 
 from trainer import checkpoint, core_eval, dataset, scaling, task_data, training
-from trainer.common import add_run_flag, print0, print_banner, progress_bar
+from trainer.common import add_run_flag, print0, progress_bar
 from trainer.dataloader import PackingLoader
 from trainer.engine import Engine
 from trainer.gpt import GPT, GPTConfig
@@ -32,8 +32,6 @@ from trainer.runtime import (
     add_training_flags,
     init_wandb,
     peak_flops,
-    setup_runtime,
-    shutdown,
 )
 from trainer.settings import TrainerSettings
 from trainer.tokenizer import Tokenizer
@@ -243,14 +241,7 @@ class BaseLoopState(LoopState):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
-    runtime = setup_runtime(args.device, args.dtype)
-    settings = TrainerSettings()
-    print_banner("base_train", args, settings)
-    stop = StopRequest()
-    try:
-        return train(args, settings, runtime, stop)
-    finally:
-        shutdown(runtime)
+    return training.run_training("base_train", args, train)
 
 
 def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime, stop: StopRequest) -> dict:
@@ -396,9 +387,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         bar.close()
     wandb_run.finish()
     if stopping and not last:
-        print0(f"stopped at step {step}; resume with --resume")
-        shutdown(runtime)
-        sys.exit(143)
+        training.exit_stopped(runtime, step)
     tok_per_s = horizon.total_batch_size / median(step_times) if step_times else None
     summary = {
         "depth": config.n_layer,
@@ -413,9 +402,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         "mfu": round(flops_per_token * tok_per_s / (peak * runtime.world_size), 4) if tok_per_s else None,
         **summary_times(loop, wall_before + time.time() - invocation_start),
         "crop_fraction": round(train_loader.crop_fraction, 4),
-        "device": f"{runtime.device} × {runtime.world_size}",
-        "gpus": runtime.gpus,
-        "dtype": str(runtime.dtype).removeprefix("torch."),
+        **training.runtime_summary(runtime),
     }
     print0(
         f"training time {loop.training_time / 60:.2f} min (the steps after the first {UNTIMED_STEPS}, as the "

@@ -16,7 +16,6 @@ function of the step and the question.
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,11 +24,11 @@ import torch
 
 from trainer import checkpoint, training
 from trainer.chat_format import render_for_completion
-from trainer.common import add_run_flag, print0, print_banner, progress_bar
+from trainer.common import add_run_flag, print0, progress_bar
 from trainer.engine import Engine
 from trainer.gpt import GPT
 from trainer.report import write_section
-from trainer.runtime import Runtime, StopRequest, add_runtime_flags, init_wandb, setup_runtime, shutdown
+from trainer.runtime import Runtime, StopRequest, add_runtime_flags, init_wandb
 from trainer.settings import TrainerSettings
 from trainer.tasks import Task, gsm8k
 from trainer.tokenizer import Tokenizer
@@ -175,19 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if min(args.num_samples, args.device_batch_size, args.examples_per_step) < 1:
         parser.error("--num-samples, --device-batch-size and --examples-per-step must be ≥ 1")
-    runtime = setup_runtime(args.device, args.dtype)
-    if args.examples_per_step % runtime.world_size:
-        parser.error(f"--examples-per-step must be a multiple of the {runtime.world_size} processes")
-    settings = TrainerSettings()
-    print_banner("chat_rl", args, settings)
-    stop = StopRequest()
-    try:
-        return train(args, settings, runtime, stop)
-    finally:
-        shutdown(runtime)
+    return training.run_training("chat_rl", args, train)
 
 
 def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime, stop: StopRequest) -> dict:
+    if args.examples_per_step % runtime.world_size:
+        raise SystemExit(f"--examples-per-step must be a multiple of the {runtime.world_size} processes")
     source = training.open_source(settings, args)
     out_dir = settings.run_dir(args.run) / "rl"
     tokenizer = Tokenizer.load(settings.run_dir(args.run) / "tokenizer")
@@ -282,18 +274,14 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
 
     wandb_run.finish()
     if stopping and not last:
-        print0(f"stopped at step {step}; resume with --resume")
-        shutdown(runtime)
-        sys.exit(143)
+        training.exit_stopped(runtime, step)
     summary = {
         "source": f"{source.folder.parent.name}/{source.folder.name} step {source.step}",
         "steps": step,
         "questions": step * args.examples_per_step,
         "pass_at_1": rounded(loop.pass_at_1),
         **summary_times(loop, wall_before + time.time() - invocation_start),
-        "device": f"{runtime.device} × {runtime.world_size}",
-        "gpus": runtime.gpus,
-        "dtype": str(runtime.dtype).removeprefix("torch."),
+        **training.runtime_summary(runtime),
     }
     if runtime.is_master:
         write_section(settings, args.run, "chat_rl", summary, vars(args))

@@ -25,7 +25,7 @@ import torch
 from trainer import checkpoint, training
 from trainer.chat_eval import chatcore
 from trainer.chat_eval import evaluate_task as evaluate_chat_task
-from trainer.common import add_run_flag, print0, print_banner, progress_bar
+from trainer.common import add_run_flag, print0, progress_bar
 from trainer.conversation_loader import ConversationLoader
 from trainer.engine import Engine
 from trainer.loss_eval import evaluate_bpb
@@ -37,8 +37,6 @@ from trainer.runtime import (
     add_training_flags,
     init_wandb,
     peak_flops,
-    setup_runtime,
-    shutdown,
 )
 from trainer.settings import TrainerSettings
 from trainer.tasks import CHAT_TASKS, PUBLISHED_CHATCORE_TASKS
@@ -171,14 +169,7 @@ class ChatLoopState(training.LoopState):
 def main(stage_name: str, argv: list[str] | None = None) -> dict:
     stage = STAGES[stage_name]
     args = build_parser(stage).parse_args(argv)
-    runtime = setup_runtime(args.device, args.dtype)
-    settings = TrainerSettings()
-    print_banner(stage.program, args, settings)
-    stop = StopRequest()
-    try:
-        return train(stage, args, settings, runtime, stop)
-    finally:
-        shutdown(runtime)
+    return training.run_training(stage.program, args, lambda *context: train(stage, *context))
 
 
 def train(
@@ -335,9 +326,7 @@ def train(
         bar.close()
     wandb_run.finish()
     if stopping and not last:
-        print0(f"stopped at step {step}; resume with --resume")
-        shutdown(runtime)
-        sys.exit(143)
+        training.exit_stopped(runtime, step)
     tok_per_s = recipe.total_batch_size / median(step_times) if step_times else None
     summary = {
         "source": f"{source.folder.parent.name}/{source.folder.name} step {source.step}",
@@ -350,9 +339,7 @@ def train(
         "chatcore": rounded(loop.chatcore),
         "tok_per_s": round(tok_per_s) if tok_per_s else None,
         **summary_times(loop, wall_before + time.time() - invocation_start),
-        "device": f"{runtime.device} × {runtime.world_size}",
-        "gpus": runtime.gpus,
-        "dtype": str(runtime.dtype).removeprefix("torch."),
+        **training.runtime_summary(runtime),
     }
     if runtime.is_master:
         write_section(settings, args.run, stage.program, summary, vars(args))

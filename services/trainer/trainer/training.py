@@ -8,19 +8,20 @@ import argparse
 import json
 import math
 import shutil
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from trainer import checkpoint
-from trainer.common import print0
+from trainer.common import print0, print_banner
 from trainer.gpt import GPT
 from trainer.optim import MuonAdamW
-from trainer.runtime import Runtime
+from trainer.runtime import Runtime, StopRequest, setup_runtime, shutdown
 from trainer.settings import TrainerSettings
 
 # The reference's "total training time" leaves out steps 0-10 (its `step > 10`): compilation, warm-up.
@@ -250,3 +251,34 @@ def open_source(settings: TrainerSettings, args: argparse.Namespace) -> Source:
     if source_run != args.run and not tokenizer_dir.exists():
         shutil.copytree(settings.run_dir(source_run) / "tokenizer", tokenizer_dir)
     return Source(folder, step, checkpoint.read_meta(folder, step))
+
+
+def run_training(
+    program: str,
+    args: argparse.Namespace,
+    train: Callable[[argparse.Namespace, TrainerSettings, Runtime, StopRequest], dict],
+) -> dict:
+    """What every training program's main does around its loop: runtime, settings, banner, SIGTERM."""
+    runtime = setup_runtime(args.device, args.dtype)
+    settings = TrainerSettings()
+    print_banner(program, args, settings)
+    stop = StopRequest()
+    try:
+        return train(args, settings, runtime, stop)
+    finally:
+        shutdown(runtime)
+
+
+def exit_stopped(runtime: Runtime, step: int) -> NoReturn:
+    """After the checkpoint of a SIGTERM: exit 143, as a process killed by SIGTERM does."""
+    print0(f"stopped at step {step}; resume with --resume")
+    shutdown(runtime)
+    sys.exit(143)
+
+
+def runtime_summary(runtime: Runtime) -> dict[str, Any]:
+    return {
+        "device": f"{runtime.device} × {runtime.world_size}",
+        "gpus": runtime.gpus,
+        "dtype": str(runtime.dtype).removeprefix("torch."),
+    }
