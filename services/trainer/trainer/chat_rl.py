@@ -50,12 +50,7 @@ group.add_argument("--device-batch-size", type=int, default=8, help="replies per
 group.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply (default: 256)")
 group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
 group.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (default: 50)")
-group = parser.add_argument_group("Optimization (LRs default to the source run's)")
-for flag in ("--matrix-lr", "--embedding-lr", "--unembedding-lr", "--scalar-lr"):
-    group.add_argument(flag, type=float, default=None)
-group.add_argument(
-    "--init-lr-frac", type=float, default=0.05, help="LR as a fraction of the source's (default: 0.05)"
-)
+training.add_lr_flags(parser, init_lr_frac=0.05)
 group = parser.add_argument_group("Evaluation and checkpoints")
 group.add_argument(
     "--eval-every", type=int, default=60, help="steps between pass@k evaluations (default: 60)"

@@ -39,7 +39,7 @@ from trainer.runtime import (
     peak_flops,
 )
 from trainer.settings import TrainerSettings
-from trainer.tasks import CHAT_TASKS, PUBLISHED_CHATCORE_TASKS
+from trainer.tasks import CHAT_TASKS, PUBLISHED_CHATCORE_TASKS, Task
 from trainer.tokenizer import Tokenizer
 from trainer.training import MetricsLog, format_duration, grad_scaler, resume_step, rounded, summary_times
 
@@ -77,15 +77,7 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
         default=None,
         help=f"task mixture file (default: {default_mixture(stage.name).name} beside mixture.py)",
     )
-    group = parser.add_argument_group("Optimization (LRs default to the source run's)")
-    for flag in ("--matrix-lr", "--embedding-lr", "--unembedding-lr", "--scalar-lr"):
-        group.add_argument(flag, type=float, default=None)
-    group.add_argument(
-        "--init-lr-frac",
-        type=float,
-        default=stage.init_lr_frac,
-        help=f"LR as a fraction of the source's (default: {stage.init_lr_frac})",
-    )
+    group = training.add_lr_flags(parser, stage.init_lr_frac)
     group.add_argument(
         "--warmup-ratio", type=float, default=0.0, help="share of the run in LR warm-up (default: 0)"
     )
@@ -140,12 +132,12 @@ def muon_momentum(step: int) -> float:
 
 
 def evaluate_chatcore(
-    model, tokenizer: Tokenizer, settings, runtime: Runtime, args, batch_size: int
+    model, tokenizer: Tokenizer, tasks: list[Task], runtime: Runtime, args, batch_size: int
 ) -> dict[str, float]:
     """ChatCORE on the first problems of each task (greedy), as the reference does during SFT."""
     engine, accuracies, baselines = Engine(model, tokenizer), {}, {}
-    for name in PUBLISHED_CHATCORE_TASKS:
-        task = CHAT_TASKS[name](settings)
+    for task in tasks:
+        name = task.name
         limit = args.chatcore_max_cat if task.eval_type == "categorical" else args.chatcore_max_sample
         options = argparse.Namespace(
             max_problems=None if limit < 0 else limit,
@@ -229,6 +221,10 @@ def train(
     metrics = MetricsLog(out_dir / "metrics.jsonl", runtime, start_step)
     start_step = start_step or 0
     eval_steps = max(1, args.eval_tokens // micro_tokens)
+    # Read once: every ChatCORE evaluation uses the same problems.
+    chat_tasks = (
+        [CHAT_TASKS[name](settings) for name in PUBLISHED_CHATCORE_TASKS] if args.chatcore_every > 0 else []
+    )
     flops_per_token = model.estimate_flops()
     peak, _ = peak_flops(runtime)
     wandb_run = init_wandb(settings, f"{args.run}-{stage.name}", vars(args), runtime)
@@ -260,7 +256,7 @@ def train(
         chatcore_now = args.chatcore_every > 0 and (last or (step > 0 and step % args.chatcore_every == 0))
         if chatcore_now and not done_before_checkpoint:
             model.eval()  # the uncompiled model: prompts change shape all the time
-            scores = evaluate_chatcore(model, tokenizer, settings, runtime, args, recipe.device_batch_size)
+            scores = evaluate_chatcore(model, tokenizer, chat_tasks, runtime, args, recipe.device_batch_size)
             model.train()
             loop.chatcore = scores["chatcore"]
             log(f"step {step} | " + " | ".join(f"{name} {value:.4f}" for name, value in scores.items()))

@@ -229,6 +229,20 @@ def add_source_flags(parser: argparse.ArgumentParser, default: str, choices: tup
     group.add_argument("--source-step", type=int, default=None, help="its checkpoint step (default: latest)")
 
 
+def add_lr_flags(parser: argparse.ArgumentParser, init_lr_frac: float) -> argparse._ArgumentGroup:
+    """A chat stage's LR flags: the recipe's LRs (default: the source run's) and the stage's fraction."""
+    group = parser.add_argument_group("Optimization (LRs default to the source run's)")
+    for flag in ("--matrix-lr", "--embedding-lr", "--unembedding-lr", "--scalar-lr"):
+        group.add_argument(flag, type=float, default=None)
+    group.add_argument(
+        "--init-lr-frac",
+        type=float,
+        default=init_lr_frac,
+        help=f"LR as a fraction of the source's (default: {init_lr_frac})",
+    )
+    return group
+
+
 @dataclass
 class Source:
     """The checkpoint a chat stage starts from."""
