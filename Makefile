@@ -32,3 +32,4 @@ bench: setup ## run the benchmarks (over an hour on 2 cores; see bench/RESULTS.m
 	$(VENV_PYTHON) bench/reference.py
 	$(VENV_PYTHON) bench/evals.py
 	$(VENV_PYTHON) bench/engine.py
+	$(VENV_PYTHON) bench/inference.py

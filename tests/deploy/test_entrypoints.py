@@ -20,13 +20,19 @@ def container_command(service: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("service", "extra_env"), [("api", {"API_TOKEN": "t" * 32}), ("inference", {}), ("web", {})]
+    ("service", "extra_env"),
+    [("api", {"API_TOKEN": "t" * 32}), ("inference", {"API_TOKEN": "t" * 32}), ("web", {})],
 )
 def test_http_services_start_and_answer_health(
     service: str, extra_env: dict, redis_url: str, tmp_path
 ) -> None:
     port = free_port()
-    env = service_env(REDIS_URL=redis_url, **{f"{service.upper()}_PORT": str(port)}, **extra_env)
+    env = service_env(
+        REDIS_URL=redis_url,
+        NANOCHAT_BASE_DIR=str(tmp_path),  # no checkpoints: the model server starts with nothing to load
+        **{f"{service.upper()}_PORT": str(port)},
+        **extra_env,
+    )
     process = Process(service, container_command(service), env, tmp_path)
     try:
         process.wait_healthy(f"http://127.0.0.1:{port}/health")

@@ -1,1 +1,2 @@
-"""The chat model server (OpenAI-compatible /v1/chat/completions arrives with the inference issue)."""
+"""The model server: OpenAI-compatible chat and text completions over trained checkpoints,
+with continuous batching."""

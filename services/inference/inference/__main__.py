@@ -1,5 +1,7 @@
 """`python -m inference`: serve the model server on INFERENCE_HOST:INFERENCE_PORT."""
 
+import logging
+
 import uvicorn
 
 from inference.app import create_app
@@ -8,7 +10,10 @@ from inference.settings import InferenceSettings
 
 def main() -> None:
     settings = InferenceSettings()
-    uvicorn.run(create_app(), host=settings.inference_host, port=settings.inference_port, log_level="info")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings), host=settings.inference_host, port=settings.inference_port, log_level="info"
+    )
 
 
 if __name__ == "__main__":

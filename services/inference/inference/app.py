@@ -1,12 +1,99 @@
-from fastapi import FastAPI
+"""The model server's app: settings, the model pool, auth, CORS, OpenAI-shaped errors, metrics."""
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from inference.metrics import Metrics
+from inference.pool import ModelPool
+from inference.protocol import OpenAIError
+from inference.registry import UnknownModel
+from inference.routes import public, router
+from inference.scheduler import Output, SamplingParams, Submission
+from inference.settings import InferenceSettings
+
+log = logging.getLogger("inference")
 
 
-def create_app() -> FastAPI:
-    app = FastAPI(title="nanochat-stack inference", version="0.1.0")
+async def warm_up(pool: ModelPool) -> None:
+    """Load the default model and generate one token, so /ready turns 200 before the first user."""
+    try:
+        served = await run_in_threadpool(pool.get, "default")
+    except UnknownModel:
+        log.warning(
+            "no checkpoint to serve yet under %s: /ready stays 503 until one is written and asked for",
+            pool.settings.runs_dir,
+        )
+        return
+    submission = Submission([served.tokenizer.bos_token_id], SamplingParams(max_tokens=1, temperature=0))
+    served.scheduler.submit([submission])
+    while not isinstance(event := await submission.events.get(), Output) or event.finish_reason is None:
+        pass
+    log.info("ready: %s generated its first token", served.checkpoint.id)
 
-    @app.get("/health")
-    def health() -> dict:
-        # No model is served yet: the chat endpoints come with the inference issue.
-        return {"status": "ok", "model": None}
+
+def error_response(error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def create_app(settings: InferenceSettings | None = None) -> FastAPI:
+    settings = settings or InferenceSettings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.pool = ModelPool(settings, metrics)
+        task = asyncio.create_task(warm_up(app.state.pool))
+        yield
+        task.cancel()
+        app.state.pool.close()
+
+    app = FastAPI(title="nanochat-stack inference", version="0.1.0", lifespan=lifespan)
+    app.state.settings, app.state.metrics = settings, metrics
+    app.include_router(public)
+    app.include_router(router)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type"],
+    )
+
+    @app.middleware("http")
+    async def limit_and_count(request: Request, call_next):
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > settings.inference_max_request_bytes:
+            response = error_response(
+                OpenAIError(413, f"request body over {settings.inference_max_request_bytes} bytes")
+            )
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        path = route.path if route is not None else "unmatched"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        location = [str(part) for part in first["loc"] if part != "body"]
+        param = location[0] if location else None
+        message = f"{'.'.join(location) or 'body'}: {first['msg']}"
+        return error_response(OpenAIError(400, message, param=param))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return error_response(OpenAIError(error.status_code, str(error.detail), headers=error.headers))
 
     return app

@@ -1,7 +1,13 @@
 """Inference settings, from the environment (or a .env file in the working directory)."""
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trainer.settings import TrainerSettings
+
+MIN_TOKEN_LENGTH = 16
 
 
 class InferenceSettings(BaseSettings):
@@ -11,3 +17,53 @@ class InferenceSettings(BaseSettings):
         default="127.0.0.1", description="Interface to listen on (0.0.0.0 in containers)."
     )
     inference_port: int = Field(default=8001, ge=1, le=65535)
+    api_token: SecretStr | None = Field(
+        default=None, description="Bearer token for every route but /health (the API's token)."
+    )
+    dev_mode: bool = Field(default=False, description="Allow starting without API_TOKEN (local only).")
+    inference_cors_origins: str = Field(
+        default="http://localhost:8080,http://127.0.0.1:8080",
+        description="Comma-separated browser origins allowed to call the server (the web UI's).",
+    )
+    inference_device: str = Field(default="auto", description="cuda, cpu or auto.")
+    inference_dtype: str = Field(
+        default="auto", description="Compute dtype: auto (bf16 on a GPU that has it, else fp32)."
+    )
+    inference_default_model: str | None = Field(
+        default=None,
+        description="Model id behind the `default` alias; empty: the newest chat checkpoint.",
+    )
+    inference_max_batch_size: int = Field(
+        default=32, ge=1, le=1024, description="Sequences decoded together in one step, per model."
+    )
+    inference_max_waiting: int = Field(
+        default=64, ge=0, description="Requests waiting for a batch slot, per model; beyond: 429."
+    )
+    inference_max_model_memory_gb: float = Field(
+        default=8.0,
+        gt=0,
+        description="Loaded models (weights + KV cache) are evicted, least recently used first, past this.",
+    )
+    inference_max_messages: int = Field(default=256, ge=1, description="Messages per chat request.")
+    inference_max_request_bytes: int = Field(
+        default=1_000_000, ge=1024, description="Largest request body accepted (413 beyond)."
+    )
+
+    @model_validator(mode="after")
+    def refuse_missing_token(self) -> "InferenceSettings":
+        # The same rule as the API's (one token for the whole stack).
+        token = self.api_token.get_secret_value() if self.api_token else ""
+        if not token and not self.dev_mode:
+            raise ValueError("API_TOKEN is not set (set DEV_MODE=1 to run without one locally)")
+        if token and len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"API_TOKEN is shorter than {MIN_TOKEN_LENGTH} characters")
+        return self
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [origin.strip() for origin in self.inference_cors_origins.split(",") if origin.strip()]
+
+    @property
+    def runs_dir(self) -> Path:
+        """Where the trainer writes runs (NANOCHAT_BASE_DIR/runs)."""
+        return TrainerSettings().base_dir.expanduser() / "runs"

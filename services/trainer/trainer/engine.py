@@ -14,6 +14,7 @@ a single run with seed + i), runs the calculator tool when a row writes
 """
 
 import codecs
+import copy
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,6 +65,38 @@ class KVCache:
 
     def advance(self) -> None:
         self.lengths += self.positions.size(1)
+
+    def swap_last_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Store each row's newest token embedding (in place, so views see it); return the previous."""
+        previous = self.last_embedding.clone()
+        self.last_embedding.copy_(embedding)
+        return previous
+
+    def head(self, num_rows: int) -> "KVCache":
+        """The first num_rows rows as a cache of their own that shares this one's storage: the
+        inference scheduler runs only its active rows, which it keeps at the front."""
+        view = copy.copy(self)
+        view.keys, view.values = self.keys[:, :num_rows], self.values[:, :num_rows]
+        view.lengths, view.last_embedding = self.lengths[:num_rows], self.last_embedding[:num_rows]
+        return view
+
+    def grow(self, max_len: int) -> None:
+        """Room for max_len positions per row, keeping what is cached."""
+        if max_len <= self.max_len:
+            return
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:2], max_len, *old.shape[3:]))
+            new[:, :, : old.size(2)] = old
+            setattr(self, name, new)
+
+    def move_row(self, source: int, target: int) -> None:
+        """Row `target` becomes a copy of row `source` (the scheduler fills a finished row's place)."""
+        length = int(self.lengths[source])
+        self.keys[:, target, :length] = self.keys[:, source, :length]
+        self.values[:, target, :length] = self.values[:, source, :length]
+        self.lengths[target] = length
+        self.last_embedding[target] = self.last_embedding[source]
 
     def copy_rows(self, source: "KVCache", source_row: int, rows: list[int]) -> None:
         """Make `rows` of this cache continue from row `source_row` of another (e.g. a prefill)."""

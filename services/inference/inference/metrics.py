@@ -1,0 +1,40 @@
+"""Prometheus metrics of the model server (GET /metrics), in a registry of the app's own."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "inference_requests",
+            "Finished requests by route and HTTP status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "inference_rejected_requests", "Requests refused with 429 because the queue was full.", registry=r
+        )
+        self.prompt_tokens = Counter("inference_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generation_tokens = Counter("inference_generation_tokens", "Tokens generated.", registry=r)
+        self.waiting = Gauge(
+            "inference_queue_depth", "Requests waiting for a batch slot.", ["model"], registry=r
+        )
+        self.running = Gauge(
+            "inference_running_sequences", "Sequences in the running batch.", ["model"], registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "inference_time_to_first_token_seconds",
+            "From a request's arrival to its first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "inference_time_per_output_token_seconds",
+            "Between consecutive tokens of a sequence.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )

@@ -1,0 +1,347 @@
+"""
+Continuous batching: one thread per loaded model runs a loop of steps, and every running sequence
+of every request shares each step.
+
+    step: drop cancelled sequences → admit waiting requests into free rows (each prompt prefilled on
+          its own, then copied into the batch cache) → pick one token per sequence → retire the
+          finished ones (the last row moves into a freed row, so the running rows stay at the front)
+          → one decode forward over the running rows
+
+Each row has its own position and mask (engine.KVCache), and each sequence its own seeded generator,
+so what a request gets does not depend on what else is in the batch. Results go back to the event
+loop through an asyncio.Queue per request (call_soon_threadsafe), so the loop never waits on the model.
+"""
+
+import asyncio
+import logging
+import math
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from inference.metrics import Metrics
+from trainer.engine import Engine, KVCache, Row, TextStream, sample
+
+log = logging.getLogger("inference")
+INITIAL_CACHE_LEN = 256  # positions per row at first; the cache doubles when a row needs more
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Unloaded(Exception):
+    """The model was unloaded between its lookup and this submission."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # alternatives per generated token; None: no logprobs at all
+    prompt_logprobs: int | None = None  # score the prompt's own tokens (echo) with these alternatives
+
+
+@dataclass
+class TokenScore:
+    """A token, its log-probability under the model (before temperature), and the top alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Output:
+    """What one sequence added in one step: text (held back while it may start a stop string),
+    its new tokens, and once it is done, why ("stop" or "length")."""
+
+    index: int
+    text: str
+    tokens: list[TokenScore]
+    finish_reason: str | None = None
+
+
+@dataclass
+class PromptScores:
+    first_index: int  # of the submission's sequences
+    scores: list[TokenScore | None]  # None for the first prompt token (nothing before it)
+
+
+@dataclass
+class Failure:
+    message: str
+
+
+class Submission:
+    """n sequences sampled from one prompt, numbered from first_index (a request with several prompts
+    makes one submission per prompt, all on one queue). The event loop reads `events`."""
+
+    def __init__(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        n: int = 1,
+        events: asyncio.Queue | None = None,
+        first_index: int = 0,
+    ) -> None:
+        self.prompt, self.params, self.n, self.first_index = prompt, params, n, first_index
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = events or asyncio.Queue()
+        self.cancelled = False  # set by the event loop when the client goes away
+        self.created = time.perf_counter()
+
+    def put(self, event: Output | PromptScores | Failure) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclass
+class Sequence:
+    submission: Submission
+    index: int
+    row: Row
+    stream: TextStream
+    held: str = ""  # decoded text not yet sent: it may be the start of a stop string
+    last_token: int = 0
+    generated: int = 0
+    last_time: float = 0.0
+    finish_reason: str | None = None
+    pending: list[TokenScore] = field(default_factory=list)
+
+
+def token_scores(logprobs: torch.Tensor, tokens: list[int], top: int) -> list[TokenScore]:
+    """Each row's chosen token with its log-probability and the `top` likeliest alternatives."""
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    if top > 0:
+        values, indices = torch.topk(logprobs, top, dim=-1)
+        alternatives = [
+            list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)
+        ]
+    else:
+        alternatives = [[] for _ in tokens]
+    return [TokenScore(t, lp, alt) for t, lp, alt in zip(tokens, chosen, alternatives, strict=True)]
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class Scheduler:
+    def __init__(
+        self, engine: Engine, max_batch_size: int, max_waiting: int, metrics: Metrics, name: str
+    ) -> None:
+        self.engine, self.model = engine, engine.model
+        self.context = self.model.config.sequence_len
+        self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
+        self.metrics, self.name = metrics, name
+        self.cache = KVCache(self.model, max_batch_size, min(INITIAL_CACHE_LEN, self.context))
+        self.logits: torch.Tensor | None = None  # next-token logits of the running rows
+        self.running: list[Sequence] = []  # row i of the cache is running[i]
+        self.waiting: deque[Submission] = deque()
+        self.wake = threading.Condition()
+        self.closed = False
+        self.has_generated = False  # readiness: a token has come out of this model
+        self.thread = threading.Thread(target=self.run, name=f"scheduler-{name}", daemon=True)
+        self.thread.start()
+
+    # -- the event loop's side -------------------------------------------------------
+
+    def submit(self, submissions: list[Submission]) -> None:
+        """Queue all of a request's submissions, or none (QueueFull) when the waiting places run out."""
+        with self.wake:
+            if self.closed:
+                raise Unloaded(self.name)
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+            if self.waiting and len(self.waiting) + len(submissions) > self.max_waiting:
+                self.metrics.rejected.inc()
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting for this model")
+            self.waiting.extend(submissions)
+            self.metrics.waiting.labels(self.name).set(len(self.waiting))
+            self.wake.notify()
+
+    def close_if_idle(self) -> bool:
+        with self.wake:
+            if self.waiting or self.running:
+                return False
+            self.closed = True
+            self.wake.notify()
+        self.thread.join(timeout=10)
+        return True
+
+    def close(self) -> None:
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
+        self.thread.join(timeout=10)
+        self.fail_all("the model was unloaded", waiting=True)
+
+    # -- the model thread -------------------------------------------------------------
+
+    def run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.wake:
+                    while not self.closed and not self.waiting and not self.running:
+                        self.wake.wait()
+                    if self.closed:
+                        return
+                try:
+                    self.step()
+                except Exception as error:  # a broken step fails its requests, not the server
+                    log.exception("scheduler step failed")
+                    self.fail_all(f"generation failed: {error}")
+
+    def step(self) -> None:
+        self.retire([i for i, s in enumerate(self.running) if s.submission.cancelled])
+        self.admit()
+        if self.running:
+            self.choose_tokens()
+            self.retire([i for i, s in enumerate(self.running) if s.finish_reason is not None])
+        if self.running:
+            self.decode()
+        self.metrics.running.labels(self.name).set(len(self.running))
+
+    def admit(self) -> None:
+        while True:
+            with self.wake:
+                if not self.waiting or len(self.running) + self.waiting[0].n > self.max_batch_size:
+                    return
+                submission = self.waiting.popleft()
+                self.metrics.waiting.labels(self.name).set(len(self.waiting))
+            if submission.cancelled:
+                continue
+            try:
+                self.prefill(submission)
+            except Exception as error:  # this request fails; the running ones go on
+                log.exception("prefill failed")
+                submission.put(Failure(f"generation failed: {error}"))
+
+    def prefill(self, submission: Submission) -> None:
+        """Run the prompt on its own one-row cache, then copy it into n free rows."""
+        prompt, params = submission.prompt, submission.params
+        self.metrics.prompt_tokens.inc(len(prompt))
+        single = KVCache(self.model, 1, len(prompt))
+        logits = self.model(torch.tensor([prompt], device=self.engine.device), kv_cache=single)[0]
+        if params.prompt_logprobs is not None:
+            logprobs = torch.log_softmax(logits[:-1], dim=-1)
+            scores = token_scores(logprobs, prompt[1:], params.prompt_logprobs) if len(prompt) > 1 else []
+            submission.put(PromptScores(submission.first_index, [None, *scores]))
+        if params.max_tokens == 0:  # echo only: nothing to generate
+            for index in range(submission.n):
+                submission.put(Output(submission.first_index + index, "", [], "length"))
+            return
+        now, sequences = time.perf_counter(), []
+        for index in range(submission.n):
+            seed = random.randrange(2**62) if params.seed is None else params.seed + index
+            generator = self.engine.row_generator(seed) if params.temperature > 0 else None
+            stream = TextStream(self.engine.tokenizer)
+            sequences.append(Sequence(submission, submission.first_index + index, Row(generator), stream))
+            sequences[-1].last_time = now
+        # Nothing above changed the batch: a failure there fails this request alone.
+        first = len(self.running)
+        self.grow_cache(len(prompt))
+        self.cache.copy_rows(single, 0, list(range(first, first + submission.n)))
+        new_logits = logits[-1:].expand(submission.n, -1).clone()  # rows get moved in place later
+        self.logits = new_logits if self.logits is None else torch.cat([self.logits[:first], new_logits])
+        self.running += sequences
+
+    def grow_cache(self, needed: int) -> None:
+        """Room for `needed` positions per row: double the cache (up to the context) when short."""
+        if needed > self.cache.max_len:
+            self.cache.grow(min(max(needed, 2 * self.cache.max_len), self.context))
+
+    def choose_tokens(self) -> None:
+        tokens = []
+        for sequence, logits in zip(self.running, self.logits, strict=False):
+            row, params = sequence.row, sequence.submission.params
+            if row.forced:  # the tool's output, not sampled
+                tokens.append(row.forced.popleft())
+            else:
+                tokens.append(sample(logits, params.temperature, params.top_k, params.top_p, row.generator))
+        wanted = [s.submission.params.logprobs for s in self.running]
+        scores: list[TokenScore | None] = [None] * len(tokens)
+        if any(w is not None for w in wanted):
+            logprobs = torch.log_softmax(self.logits[: len(tokens)].float(), dim=-1)
+            top = max(w or 0 for w in wanted)
+            scores = token_scores(logprobs, tokens, top)
+            for score, w in zip(scores, wanted, strict=True):
+                score.top = score.top[: w or 0]
+        now = time.perf_counter()
+        for sequence, token, score in zip(self.running, tokens, scores, strict=True):
+            self.accept(sequence, token, score, now)
+        self.metrics.generation_tokens.inc(len(tokens))
+        self.has_generated = True
+
+    def accept(self, sequence: Sequence, token: int, score: TokenScore | None, now: float) -> None:
+        """Record one token: the tool state machine, stop tokens and strings, the length limit."""
+        submission, params = sequence.submission, sequence.submission.params
+        if sequence.generated == 0:
+            self.metrics.time_to_first_token.observe(now - submission.created)
+        else:
+            self.metrics.time_per_output_token.observe(now - sequence.last_time)
+        sequence.last_time = now
+        sequence.generated += 1
+        sequence.last_token = token
+        self.engine.advance_row(sequence.row, token)
+        if sequence.row.done:  # a stop token: it ends the sequence and is not part of the text
+            sequence.finish_reason = "stop"
+            text = sequence.held + sequence.stream.flush()
+        else:
+            sequence.pending.append(score or TokenScore(token, math.nan, []))
+            text = sequence.held + sequence.stream.push(token)
+            if sequence.generated >= params.max_tokens:
+                sequence.finish_reason = "length"
+                text += sequence.stream.flush()
+        cut = min((i for i in (text.find(stop) for stop in params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, sequence.finish_reason = text[:cut], "stop"
+        keep = 0 if sequence.finish_reason else held_back(text, params.stop)
+        sequence.held = text[len(text) - keep :]
+        sent = text[: len(text) - keep]
+        if sent or sequence.finish_reason or (sequence.pending and not keep):
+            submission.put(Output(sequence.index, sent, sequence.pending, sequence.finish_reason))
+            sequence.pending = []
+
+    def retire(self, rows: list[int]) -> None:
+        """Take these rows out of the batch; the last running row moves into each freed row."""
+        for row in sorted(rows, reverse=True):
+            last = len(self.running) - 1
+            if row != last:
+                self.cache.move_row(last, row)
+                self.running[row] = self.running[last]
+                self.logits[row] = self.logits[last]
+            self.running.pop()
+        if self.logits is not None:
+            self.logits = self.logits[: len(self.running)]
+
+    def decode(self) -> None:
+        count = len(self.running)
+        self.grow_cache(int(self.cache.lengths[:count].max()) + 1)
+        fed = torch.tensor([[s.last_token] for s in self.running], device=self.engine.device)
+        self.logits = self.model(fed, kv_cache=self.cache.head(count))[:, -1]
+
+    def fail_all(self, message: str, waiting: bool = False) -> None:
+        """Fail the running requests (and the waiting ones too when the scheduler closes)."""
+        failed = {id(s.submission): s.submission for s in self.running}
+        if waiting:
+            with self.wake:
+                failed |= {id(s): s for s in self.waiting}
+                self.waiting.clear()
+        self.running, self.logits = [], None
+        for submission in failed.values():
+            submission.put(Failure(message))
