@@ -162,6 +162,26 @@ async def events(job: Job, request: Request) -> AsyncIterator[Output | PromptSco
         job.cancel()  # a no-op for finished sequences
 
 
+async def collect(
+    job: Job, request: Request
+) -> tuple[list[str], list[list[TokenScore]], list[str | None], dict[int, list[TokenScore | None]]]:
+    """A whole job's results, per choice index: text, token scores and finish reason; and the prompt
+    scores of each submission (by its first index), for non-streaming responses."""
+    count = job.sequences
+    texts: list[list[str]] = [[] for _ in range(count)]
+    scores: list[list[TokenScore]] = [[] for _ in range(count)]
+    reasons: list[str | None] = [None] * count
+    prompt_scores: dict[int, list[TokenScore | None]] = {}
+    async for event in events(job, request):
+        if isinstance(event, PromptScores):
+            prompt_scores[event.first_index] = event.scores
+            continue
+        texts[event.index].append(event.text)
+        scores[event.index] += event.tokens
+        reasons[event.index] = event.finish_reason or reasons[event.index]
+    return ["".join(t) for t in texts], scores, reasons, prompt_scores
+
+
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -204,17 +224,14 @@ class ChatCompletion:
         return {"id": self.id, "created": self.created, "model": self.served.checkpoint.id}
 
     async def response(self, http_request: Request) -> dict:
-        job = submit(self.served, [(self.prompt, self.params)], self.request.n)
         n = self.request.n
-        texts, scores, reasons = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
-        async for event in events(job, http_request):
-            texts[event.index].append(event.text)
-            scores[event.index] += event.tokens
-            reasons[event.index] = event.finish_reason or reasons[event.index]
+        texts, scores, reasons, _ = await collect(
+            submit(self.served, [(self.prompt, self.params)], n), http_request
+        )
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(texts[i])},
+                "message": {"role": "assistant", "content": texts[i]},
                 "logprobs": {"content": chat_logprobs(self.served.tokenizer, scores[i])}
                 if self.request.logprobs
                 else None,
@@ -312,17 +329,9 @@ class TextCompletion:
         return submit(self.served, list(zip(self.prompts, self.params, strict=True)), self.request.n)
 
     async def response(self, http_request: Request) -> dict:
-        job, n = self.submit(), self.request.n
+        n = self.request.n
         count = len(self.prompts) * n
-        texts, scores, reasons = [[] for _ in range(count)], [[] for _ in range(count)], [None] * count
-        prompt_scores: dict[int, list[TokenScore | None]] = {}
-        async for event in events(job, http_request):
-            if isinstance(event, PromptScores):
-                prompt_scores[event.first_index] = event.scores
-                continue
-            texts[event.index].append(event.text)
-            scores[event.index] += event.tokens
-            reasons[event.index] = event.finish_reason or reasons[event.index]
+        texts, scores, reasons, prompt_scores = await collect(self.submit(), http_request)
         choices = []
         for i in range(count):
             prompt = self.prompts[i // n]
@@ -335,7 +344,7 @@ class TextCompletion:
                     logprobs = {key: echoed[key] + logprobs[key] for key in logprobs}
             choices.append(
                 {
-                    "text": echo + "".join(texts[i]),
+                    "text": echo + texts[i],
                     "index": i,
                     "logprobs": logprobs,
                     "finish_reason": reasons[i],
