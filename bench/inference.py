@@ -1,7 +1,8 @@
 """
 What continuous batching buys: the model server (`python -m inference`, over HTTP, streaming) at
 1/4/16/64 concurrent chat requests, next to the engine's one-request-at-a-time loop on the same model
-and prompts (in this process, while the server is idle).
+and prompts (in this process, while the server is idle), and next to the ceiling: the model's bare
+decode forward at that batch size (no sampling, no HTTP), which no scheduler can beat.
 
 Models: random weights (timing depends on the shapes only) of a tiny model (d4, width 256, head dim 64,
 context 512) and a d12 (width 768, head dim 128, context 2048), both with a vocab-8,192 tokenizer
@@ -31,7 +32,7 @@ from safetensors.torch import save_file
 from trainer import scaling, tok_train
 from trainer.chat_format import render_for_completion
 from trainer.checkpoint import load_model, step_dir
-from trainer.engine import Engine
+from trainer.engine import Engine, KVCache
 from trainer.gpt import GPT
 from trainer.tokenizer import Tokenizer
 
@@ -121,6 +122,20 @@ def serial_engine(base: Path, name: str, tokenizer: Tokenizer, count: int, new_t
     return tokens / (time.perf_counter() - start)
 
 
+@torch.inference_mode()
+def decode_ceiling(base: Path, name: str, batch_size: int, context: int = 96, steps: int = 16) -> float:
+    """tok/s of bare decode forwards over batch_size rows that each hold `context` cached positions."""
+    model, _ = load_model(base / "runs" / name / "sft", 1, torch.device("cpu"), torch.float32)
+    cache = KVCache(model.eval(), batch_size, context + steps + 2)
+    model(torch.zeros(batch_size, context, dtype=torch.long), kv_cache=cache)
+    fed = torch.zeros(batch_size, 1, dtype=torch.long)
+    model(fed, kv_cache=cache)  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(fed, kv_cache=cache)
+    return batch_size * steps / (time.perf_counter() - start)
+
+
 def start_server(base: Path, port: int, batch: int) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -180,7 +195,16 @@ def main() -> None:
                 result = asyncio.run(
                     concurrent_run(f"http://127.0.0.1:{port}", f"{name}-sft", concurrency, args.new_tokens)
                 )
-                rows.append({"model": name, "concurrency": concurrency, "serial_tok_s": serial, **result})
+                ceiling = decode_ceiling(base, name, concurrency)
+                rows.append(
+                    {
+                        "model": name,
+                        "concurrency": concurrency,
+                        "serial_tok_s": serial,
+                        "ceiling_tok_s": ceiling,
+                        **result,
+                    }
+                )
         finally:
             server.terminate()
             server.wait()
@@ -188,13 +212,14 @@ def main() -> None:
     print(f"inference server | {machine} | fp32 | ~32-token prompts, greedy, {args.new_tokens} new tokens")
     print(
         f"{'model':>5} {'conc':>5} {'aggregate tok/s':>16} {'serial engine tok/s':>20} {'ratio':>6} "
-        f"{'stream tok/s':>13} {'TTFT p50':>9} {'TTFT p99':>9}"
+        f"{'bare forward tok/s':>19} {'its ratio':>10} {'stream tok/s':>13} {'TTFT p50':>9} {'TTFT p99':>9}"
     )
     for r in rows:
         print(
             f"{r['model']:>5} {r['concurrency']:>5} {r['aggregate_tok_s']:>16,.1f} "
             f"{r['serial_tok_s']:>20,.1f} "
-            f"{r['aggregate_tok_s'] / r['serial_tok_s']:>5.1f}× {r['stream_tok_s'] or 0:>13,.1f} "
+            f"{r['aggregate_tok_s'] / r['serial_tok_s']:>5.1f}× {r['ceiling_tok_s']:>19,.1f} "
+            f"{r['ceiling_tok_s'] / r['serial_tok_s']:>9.1f}× {r['stream_tok_s'] or 0:>13,.1f} "
             f"{r['ttft_p50']:>8.3f}s {r['ttft_p99']:>8.3f}s"
         )
     print(json.dumps({"bench": "inference", "machine": machine, "results": rows}))

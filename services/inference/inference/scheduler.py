@@ -2,10 +2,10 @@
 Continuous batching: one thread per loaded model runs a loop of steps, and every running sequence
 of every request shares each step.
 
-    step: drop cancelled sequences → admit waiting requests into free rows (each prompt prefilled on
-          its own, then copied into the batch cache) → pick one token per sequence → retire the
-          finished ones (the last row moves into a freed row, so the running rows stay at the front)
-          → one decode forward over the running rows
+    step: drop cancelled sequences → admit waiting requests into free rows (their prompts prefilled
+          together in one forward, then copied into the batch cache) → pick one token per sequence
+          → retire the finished ones (the last row moves into a freed row, so the running rows stay
+          at the front) → one decode forward over the running rows
 
 Each row has its own position and mask (engine.KVCache), and each sequence its own seeded generator,
 so what a request gets does not depend on what else is in the batch. Results go back to the event
@@ -28,6 +28,7 @@ from trainer.engine import Engine, KVCache, Row, TextStream, sample
 
 log = logging.getLogger("inference")
 INITIAL_CACHE_LEN = 256  # positions per row at first; the cache doubles when a row needs more
+PREFILL_TOKEN_BUDGET = 8192  # prompts prefilled together in one forward, counted padded (one always goes)
 
 
 class QueueFull(Exception):
@@ -98,6 +99,7 @@ class Submission:
         self.events: asyncio.Queue = events or asyncio.Queue()
         self.cancelled = False  # set by the event loop when the client goes away
         self.created = time.perf_counter()
+        self.sequences: list[Sequence] = []  # made by the scheduler once the prompt is prefilled
 
     def put(self, event: Output | PromptScores | Failure) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -217,48 +219,73 @@ class Scheduler:
         self.metrics.running.labels(self.name).set(len(self.running))
 
     def admit(self) -> None:
+        """Move waiting submissions into free rows, prefilling as many as fit in one forward."""
         while True:
+            group, rows, longest = [], len(self.running), 0
             with self.wake:
-                if not self.waiting or len(self.running) + self.waiting[0].n > self.max_batch_size:
-                    return
-                submission = self.waiting.popleft()
+                while self.waiting and rows + self.waiting[0].n <= self.max_batch_size:
+                    padded = max(longest, len(self.waiting[0].prompt)) * (len(group) + 1)
+                    if group and padded > PREFILL_TOKEN_BUDGET:
+                        break
+                    submission = self.waiting.popleft()
+                    if not submission.cancelled:
+                        group.append(submission)
+                        rows, longest = rows + submission.n, max(longest, len(submission.prompt))
                 self.metrics.waiting.labels(self.name).set(len(self.waiting))
-            if submission.cancelled:
-                continue
+            if not group:
+                return
             try:
-                self.prefill(submission)
-            except Exception as error:  # this request fails; the running ones go on
+                self.prefill(group)
+            except Exception as error:  # these requests fail; the running ones go on
                 log.exception("prefill failed")
-                submission.put(Failure(f"generation failed: {error}"))
+                for submission in group:
+                    submission.put(Failure(f"generation failed: {error}"))
 
-    def prefill(self, submission: Submission) -> None:
-        """Run the prompt on its own one-row cache, then copy it into n free rows."""
+    def prefill(self, group: list[Submission]) -> None:
+        """Run the prompts together on a cache of their own (padded at the end to the longest), then
+        copy each into its n free rows."""
+        prompts = [s.prompt for s in group]
+        longest = max(len(p) for p in prompts)
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        single = KVCache(self.model, len(group), longest)
+        single.pad_next([len(p) for p in prompts])
+        padded = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=self.engine.device)
+        all_logits = self.model(padded, kv_cache=single)
+        first_logits = []
+        for row, submission in enumerate(group):
+            logits = all_logits[row, : len(submission.prompt)]
+            if self.start_sequences(submission, logits):
+                first_logits.append((row, submission, logits[-1:]))
+        # Nothing above changed the batch: a failure there fails these requests alone.
+        self.grow_cache(longest)
+        for row, submission, logits in first_logits:
+            first = len(self.running)
+            self.cache.copy_rows(single, row, list(range(first, first + submission.n)))
+            new_logits = logits.expand(submission.n, -1).clone()  # rows get moved in place later
+            self.logits = new_logits if self.logits is None else torch.cat([self.logits[:first], new_logits])
+            self.running += submission.sequences
+
+    def start_sequences(self, submission: Submission, logits: torch.Tensor) -> bool:
+        """Send the prompt's scores when asked for, and make the submission's n sequences; False
+        when it has nothing to generate (an echo with max_tokens 0)."""
         prompt, params = submission.prompt, submission.params
-        self.metrics.prompt_tokens.inc(len(prompt))
-        single = KVCache(self.model, 1, len(prompt))
-        logits = self.model(torch.tensor([prompt], device=self.engine.device), kv_cache=single)[0]
         if params.prompt_logprobs is not None:
             logprobs = torch.log_softmax(logits[:-1], dim=-1)
             scores = token_scores(logprobs, prompt[1:], params.prompt_logprobs) if len(prompt) > 1 else []
             submission.put(PromptScores(submission.first_index, [None, *scores]))
-        if params.max_tokens == 0:  # echo only: nothing to generate
+        if params.max_tokens == 0:
             for index in range(submission.n):
                 submission.put(Output(submission.first_index + index, "", [], "length"))
-            return
-        now, sequences = time.perf_counter(), []
+            return False
+        now = time.perf_counter()
         for index in range(submission.n):
             seed = random.randrange(2**62) if params.seed is None else params.seed + index
             generator = self.engine.row_generator(seed) if params.temperature > 0 else None
             stream = TextStream(self.engine.tokenizer)
-            sequences.append(Sequence(submission, submission.first_index + index, Row(generator), stream))
-            sequences[-1].last_time = now
-        # Nothing above changed the batch: a failure there fails this request alone.
-        first = len(self.running)
-        self.grow_cache(len(prompt))
-        self.cache.copy_rows(single, 0, list(range(first, first + submission.n)))
-        new_logits = logits[-1:].expand(submission.n, -1).clone()  # rows get moved in place later
-        self.logits = new_logits if self.logits is None else torch.cat([self.logits[:first], new_logits])
-        self.running += sequences
+            row = Row(generator)
+            submission.sequences.append(Sequence(submission, submission.first_index + index, row, stream))
+            submission.sequences[-1].last_time = now
+        return True
 
     def grow_cache(self, needed: int) -> None:
         """Room for `needed` positions per row: double the cache (up to the context) when short."""
@@ -267,10 +294,13 @@ class Scheduler:
 
     def choose_tokens(self) -> None:
         tokens = []
-        for sequence, logits in zip(self.running, self.logits, strict=False):
+        greedy = self.logits.argmax(dim=-1).tolist()  # one call for every greedy row
+        for sequence, logits, best in zip(self.running, self.logits, greedy, strict=False):
             row, params = sequence.row, sequence.submission.params
             if row.forced:  # the tool's output, not sampled
                 tokens.append(row.forced.popleft())
+            elif params.temperature == 0:
+                tokens.append(best)
             else:
                 tokens.append(sample(logits, params.temperature, params.top_k, params.top_p, row.generator))
         wanted = [s.submission.params.logprobs for s in self.running]

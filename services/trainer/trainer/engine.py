@@ -40,6 +40,7 @@ class KVCache:
         self.last_embedding = torch.zeros(batch_size, 1, c.n_embd, device=device, dtype=dtype)
         self.positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # of this forward
         self.end = 0  # one past the last position written by this forward, over all rows
+        self.real_counts: torch.Tensor | None = None  # of the next forward, when its rows are padded
 
     @property
     def batch_size(self) -> int:
@@ -63,13 +64,25 @@ class KVCache:
         self.values[layer, rows, self.positions] = v
         return self.keys[layer, :, : self.end], self.values[layer, :, : self.end]
 
-    def advance(self) -> None:
-        self.lengths += self.positions.size(1)
+    def pad_next(self, real_counts: list[int]) -> None:
+        """The next forward's rows are padded at the end: only row i's first real_counts[i] tokens
+        count. The pads are cached past the row's length, where no query sees them before the row's
+        next tokens overwrite them (several prompts of different lengths share one prefill)."""
+        self.real_counts = torch.tensor(real_counts, device=self.lengths.device)
 
-    def swap_last_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Store each row's newest token embedding (in place, so views see it); return the previous."""
+    def advance(self) -> None:
+        self.lengths += self.positions.size(1) if self.real_counts is None else self.real_counts
+        self.real_counts = None
+
+    def swap_last_embedding(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Store each row's newest token embedding from this forward's (B, T, C) embeddings (in place,
+        so views see it); return the previous ones."""
         previous = self.last_embedding.clone()
-        self.last_embedding.copy_(embedding)
+        if self.real_counts is None:
+            self.last_embedding.copy_(embeddings[:, -1:])
+        else:
+            rows = torch.arange(embeddings.size(0), device=embeddings.device)
+            self.last_embedding.copy_(embeddings[rows, self.real_counts - 1][:, None])
         return previous
 
     def head(self, num_rows: int) -> "KVCache":

@@ -260,7 +260,7 @@ class GPT(nn.Module):
 
         x = norm(self.wte(idx).to(self.compute_dtype))
         if self.smear_gate is not None:
-            previous = kv_cache.swap_last_embedding(x[:, -1:]) if kv_cache is not None else None
+            previous = kv_cache.swap_last_embedding(x) if kv_cache is not None else None
             x = self.smear(x, previous)
         x0 = x
         dtype = x.dtype
