@@ -143,8 +143,8 @@ def main() -> int:
     env.setdefault("NANOCHAT_BASE_DIR", str(Path("~/.cache/nanochat").expanduser()))
     redis_dir = Path(env["NANOCHAT_BASE_DIR"]).expanduser() / "runs" / "_redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
-    redis_port = free_port()
-    env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+    redis_port, redis_password = free_port(), secrets.token_urlsafe(24)
+    env["REDIS_URL"] = f"redis://:{redis_password}@127.0.0.1:{redis_port}/0"
     ports = {
         name: int(env.get(f"{name.upper()}_PORT", default))
         for name, default in [("api", 8000), ("inference", 8001), ("web", 8080)]
@@ -173,6 +173,8 @@ def main() -> int:
                 "",
                 "--maxmemory-policy",
                 "noeviction",
+                "--requirepass",
+                redis_password,
             ],
             env,
         )
@@ -185,7 +187,7 @@ def main() -> int:
         print(f"  web UI      {urls['web']}")
         print(f"  API         {urls['api']}  (docs: {urls['api']}/docs)")
         print(f"  inference   {urls['inference']}")
-        print(f"  redis       {env['REDIS_URL']}  (data: {redis_dir})")
+        print(f"  redis       127.0.0.1:{redis_port}, password in REDIS_URL  (data: {redis_dir})")
         print(f"  API token   {env['API_TOKEN']}")
         print("Ctrl-C stops everything.\n", flush=True)
         if args.demo:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make setup`: idempotent set-up on a fresh Debian/Ubuntu machine with Python 3.11+.
-# Creates .venv when missing, installs torch (CPU build unless a GPU is present), the five services
+# Creates .venv when missing, installs torch (CPU build unless a GPU is present), the job protocol package and the five services
 # in editable mode and the test tools, and redis-server through apt when it is missing. Nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ fingerprint=$(cat services/*/pyproject.toml requirements-dev.txt scripts/install
 if [ "$(cat "$stamp" 2>/dev/null)" != "$fingerprint" ]; then
   PYTHON=.venv/bin/python scripts/install_torch.sh
   .venv/bin/python -m pip install --quiet \
-    -e services/trainer -e services/worker -e services/api -e services/inference -e services/web \
+    -e services/jobs -e services/trainer -e services/worker -e services/api -e services/inference -e services/web \
     -r requirements-dev.txt
   echo "$fingerprint" > "$stamp"
 fi

@@ -11,7 +11,7 @@ from redis import Redis
 
 from support import PYTHON, Process, free_port, service_env
 
-RESULT_TTL = 2  # seconds RQ keeps its job data: short, so a test can outlive it
+LEASE_SECONDS = 3  # a dead worker's job is re-queued about this long after its death
 
 
 @dataclass
@@ -20,6 +20,12 @@ class Stack:
     token: str
     base_dir: Path
     redis: Redis
+    env: dict[str, str]
+    workdir: Path
+    processes: list[Process]
+
+    def start_worker(self, name: str = "worker") -> Process:
+        return Process(name, [PYTHON, "-m", "worker"], self.env, self.workdir)
 
     def client(self, token: str | None = "valid") -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.token if token == 'valid' else token}"} if token else {}
@@ -34,7 +40,7 @@ def start_stack(redis_url: str, workdir: Path, data_kit: Path | None, with_worke
         REDIS_URL=redis_url,
         API_TOKEN=token,
         API_PORT=str(port),
-        JOB_RESULT_TTL=str(RESULT_TTL),
+        JOB_LEASE_SECONDS=str(LEASE_SECONDS),
         NANOCHAT_BASE_DIR=str(workdir / "base"),
         JOB_CANCEL_GRACE_SECONDS="20",
     )
@@ -45,7 +51,7 @@ def start_stack(redis_url: str, workdir: Path, data_kit: Path | None, with_worke
         processes.append(Process("worker", [PYTHON, "-m", "worker"], env, workdir))
     try:
         processes[0].wait_healthy(f"http://127.0.0.1:{port}/health")
-        yield Stack(f"http://127.0.0.1:{port}", token, workdir / "base", redis)
+        yield Stack(f"http://127.0.0.1:{port}", token, workdir / "base", redis, env, workdir, processes)
     finally:
         for process in processes:
             process.stop()

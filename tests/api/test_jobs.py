@@ -1,15 +1,15 @@
 """Jobs end to end: API → Redis/RQ → worker → trainer program, all real processes."""
 
 import json
-import time
 
 import pytest
+from jobs.queue import SERIALIZER
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
-from conftest import RESULT_TTL, Stack
+from conftest import Stack
 from sse import read_events
 from support import wait_until
 
@@ -24,7 +24,7 @@ def submit(stack: Stack, spec: dict) -> dict:
 
 
 def follow_to_end(stack: Stack, job_id: str) -> list:
-    with stack.client(token=None) as client:
+    with stack.client() as client:
         return read_events(client, f"/jobs/{job_id}/logs?follow=true")
 
 
@@ -40,7 +40,13 @@ def test_submit_returns_a_queued_job(finished_job: dict) -> None:
     job = finished_job["submitted"]
     assert job["status"] == "queued"
     assert job["kind"] == "tokenizer" and job["run"] == "e2e"
-    assert job["config"] == {"vocab_size": 1024, "max_chars": 2_000_000, "doc_cap": 10_000}
+    assert job["config"] == {
+        "vocab_size": 1024,
+        "max_chars": 2_000_000,
+        "doc_cap": 10_000,
+        "max_retries": 2,
+        "time_limit": None,
+    }
 
 
 def test_following_the_log_streams_every_line_then_ends(stack: Stack, finished_job: dict) -> None:
@@ -50,12 +56,12 @@ def test_following_the_log_streams_every_line_then_ends(stack: Stack, finished_j
     assert "tokenizer trained:" in lines
     assert events[-1].event == "end" and json.loads(events[-1].data) == {"status": "finished"}
     # The stream carries exactly the stored log, line for line.
-    with stack.client(token=None) as client:
+    with stack.client() as client:
         assert client.get(f"/jobs/{finished_job['submitted']['id']}/logs").text.splitlines() == lines
 
 
 def test_finished_job_has_times_and_result(stack: Stack, finished_job: dict) -> None:
-    with stack.client(token=None) as client:
+    with stack.client() as client:
         job = client.get(f"/jobs/{finished_job['submitted']['id']}").json()
     assert job["status"] == "finished" and job["error"] is None
     assert job["created_at"] <= job["started_at"] <= job["ended_at"]
@@ -77,7 +83,7 @@ def test_job_trains_a_real_tokenizer(stack: Stack, finished_job: dict) -> None:
 
 def test_reconnecting_client_resumes_after_last_event_id(stack: Stack, finished_job: dict) -> None:
     lines = [e for e in finished_job["events"] if e.event == "message"]
-    with stack.client(token=None) as client:
+    with stack.client() as client:
         resumed = read_events(
             client,
             f"/jobs/{finished_job['submitted']['id']}/logs?follow=true",
@@ -86,12 +92,15 @@ def test_reconnecting_client_resumes_after_last_event_id(stack: Stack, finished_
     assert [e.data for e in resumed if e.event == "message"] == [e.data for e in lines[3:]]
 
 
-def test_job_record_outlives_rq_result_ttl(stack: Stack, finished_job: dict) -> None:
+def test_job_record_outlives_rqs_own_job_data(stack: Stack, finished_job: dict) -> None:
     job_id = finished_job["submitted"]["id"]
-    time.sleep(RESULT_TTL + 1)
+    record = stack.client().get(f"/jobs/{job_id}").json()
+    Job.fetch(record["rq_job_id"], connection=stack.redis, serializer=SERIALIZER).delete()  # as its TTL does
     with pytest.raises(NoSuchJobError):
-        Job.fetch(job_id, connection=stack.redis)  # RQ has forgotten the job ...
-    with stack.client(token=None) as client:  # ... our record and log have not
+        Job.fetch(
+            record["rq_job_id"], connection=stack.redis, serializer=SERIALIZER
+        )  # RQ has forgotten it ...
+    with stack.client() as client:  # ... our record and log have not
         assert client.get(f"/jobs/{job_id}").json()["status"] == "finished"
         assert "tokenizer trained:" in client.get(f"/jobs/{job_id}/logs").text
 
@@ -104,7 +113,7 @@ def test_failing_program_marks_job_failed_and_worker_survives(stack: Stack, fini
     job = submit(stack, {**TINY_TOKENIZER, "run": "broken"})
     events = follow_to_end(stack, job["id"])
     assert json.loads(events[-1].data) == {"status": "failed"}
-    with stack.client(token=None) as client:
+    with stack.client() as client:
         record = client.get(f"/jobs/{job['id']}").json()
     assert record["error"].startswith("trainer.tok_train exited with code 1:")
     assert "FileExistsError" in record["error"]
@@ -113,20 +122,59 @@ def test_failing_program_marks_job_failed_and_worker_survives(stack: Stack, fini
     assert json.loads(follow_to_end(stack, again["id"])[-1].data) == {"status": "finished"}
 
 
-def test_jobs_are_listed_newest_first(stack: Stack, finished_job: dict) -> None:
-    with stack.client(token=None) as client:
-        jobs = client.get("/jobs").json()
+def test_jobs_are_listed_newest_first_filtered_and_paged(stack: Stack, finished_job: dict) -> None:
+    with stack.client() as client:
+        page = client.get("/jobs").json()
+        jobs = page["jobs"]
+        assert len(jobs) >= 2 and page["total"] == len(jobs)
         assert [j["created_at"] for j in jobs] == sorted((j["created_at"] for j in jobs), reverse=True)
-        assert client.get("/jobs", params={"limit": 1}).json() == jobs[:1]
-        assert client.get("/jobs", params={"limit": 1, "offset": 1}).json() == jobs[1:2]
+        assert client.get("/jobs", params={"limit": 1}).json()["jobs"] == jobs[:1]
+        assert client.get("/jobs", params={"limit": 1, "offset": 1}).json()["jobs"] == jobs[1:2]
+        finished = client.get(
+            "/jobs", params={"status": "finished", "kind": "tokenizer", "run": "e2e"}
+        ).json()
+        assert finished["total"] >= 1
+        assert all(j["status"] == "finished" and j["run"] == "e2e" for j in finished["jobs"])
+        assert client.get("/jobs", params={"run": "no-such-run"}).json() == {
+            "jobs": [],
+            "total": 0,
+            "offset": 0,
+            "limit": 50,
+        }
+        assert client.get("/jobs", params={"offset": 10**12}).status_code == 422  # bounded, never a 500
+        assert client.get("/jobs", params={"status": "sleeping"}).status_code == 422
+
+
+def test_logs_page_and_tail(stack: Stack, finished_job: dict) -> None:
+    job_id = finished_job["submitted"]["id"]
+    lines = [e.data for e in finished_job["events"] if e.event == "message"]
+    with stack.client() as client:
+        whole = client.get(f"/jobs/{job_id}/logs")
+        assert whole.headers["x-log-lines"] == str(len(lines))
+        assert (
+            client.get(f"/jobs/{job_id}/logs", params={"offset": 2, "limit": 3}).text.splitlines()
+            == lines[2:5]
+        )
+        assert client.get(f"/jobs/{job_id}/logs", params={"tail": 2}).text.splitlines() == lines[-2:]
+        assert client.get(f"/jobs/{job_id}/logs", params={"limit": 10**9}).status_code == 422
+
+
+def test_a_malformed_last_event_id_is_a_400(stack: Stack, finished_job: dict) -> None:
+    job_id = finished_job["submitted"]["id"]
+    with stack.client() as client:
+        for path in ("logs", "metrics"):
+            response = client.get(
+                f"/jobs/{job_id}/{path}?follow=true", headers={"Last-Event-ID": "'; FLUSHALL"}
+            )
+            assert response.status_code == 400 and "Last-Event-ID" in response.json()["detail"]
 
 
 def test_health_reports_redis(stack: Stack) -> None:
-    with stack.client(token=None) as client:
+    with stack.client() as client:
         assert client.get("/health").json() == {"status": "ok", "redis": "ok"}
 
 
-def test_canceling_a_training_job_stops_it_with_a_checkpoint(stack: Stack, finished_job: dict) -> None:
+def test_stopping_a_training_job_checkpoints_and_retry_resumes_it(stack: Stack, finished_job: dict) -> None:
     # Run "e2e" has the tokenizer from the finished job; train on it long enough to cancel mid-run.
     spec = {
         "kind": "base_train",
@@ -144,17 +192,47 @@ def test_canceling_a_training_job_stops_it_with_a_checkpoint(stack: Stack, finis
         },
     }
     job = submit(stack, spec)
-    with stack.client(token=None) as client:
+    with stack.client() as client:
         wait_until(
             lambda: "step 3/5000 | loss" in client.get(f"/jobs/{job['id']}/logs").text, 120, "training steps"
         )
     with stack.client() as client:
-        assert client.post(f"/jobs/{job['id']}/cancel").json()["cancel_requested"] is True
+        assert client.post(f"/jobs/{job['id']}/stop").json()["stop_requested"] is True
     events = follow_to_end(stack, job["id"])
-    assert json.loads(events[-1].data) == {"status": "canceled"}
+    assert json.loads(events[-1].data) == {"status": "stopped"}
     lines = [e.data for e in events if e.event == "message"]
-    assert lines[0].startswith("$ python -m trainer.base_train --run e2e --depth 2 --head-dim 64")
-    assert "cancel requested: stopping the program (SIGTERM)" in lines
+    assert (
+        lines[0].startswith("$ python -m trainer.base_train --run e2e ")
+        and "--depth 2 --head-dim 64" in lines[0]
+    )
+    assert "stopping the program (SIGTERM): stopped on request" in lines
     assert any("checkpoint" in line and "step_" in line for line in lines)
     checkpoints = sorted((stack.base_dir / "runs" / "e2e" / "base").glob("step_*"))
     assert checkpoints and (checkpoints[-1] / "model.safetensors").exists()
+    stopped_at = int(checkpoints[-1].name.removeprefix("step_"))
+    with stack.client() as client:
+        record = client.get(f"/jobs/{job['id']}").json()
+        assert (
+            record["error"] == "stopped on request"
+            and record["attempts"][0]["end_reason"] == "stopped on request"
+        )
+        assert record["progress"]["step"] >= 3 and 0 < record["progress"]["percent"] < 100
+        points = client.get(f"/jobs/{job['id']}/metrics").json()
+        assert [p["values"]["step"] for p in points if "loss" in p["values"]][:3] == [1, 2, 3]
+        newer = client.get(f"/jobs/{job['id']}/metrics", params={"after": points[1]["id"]}).json()
+        assert newer == points[2:]
+        # A retry continues from the checkpoint the stop wrote.
+        retried = client.post(f"/jobs/{job['id']}/retry")
+        assert retried.status_code == 200 and retried.json()["status"] == "queued"
+        assert client.post(f"/jobs/{job['id']}/retry").status_code == 409  # already queued
+        wait_until(
+            lambda: client.get(f"/jobs/{job['id']}").json()["progress"]["step"] > stopped_at,
+            120,
+            "resumed training",
+        )
+        record = client.get(f"/jobs/{job['id']}").json()
+        assert record["attempts"][1]["resumed_from_step"] == stopped_at
+        assert "--resume" in client.get(f"/jobs/{job['id']}/logs", params={"tail": 100000}).text
+        assert client.post(f"/jobs/{job['id']}/stop").status_code == 200
+    events = follow_to_end(stack, job["id"])
+    assert json.loads(events[-1].data) == {"status": "stopped"}

@@ -1,13 +1,17 @@
 """Bad input and missing credentials are refused before anything reaches the queue (no worker runs here)."""
 
+import json
+import pickle
 import subprocess
+import zlib
 
 import httpx
 import pytest
+from jobs.queue import QUEUE_NAME, SERIALIZER
+from jobs.records import JOBS_INDEX
 from rq import Queue
-
-from worker.queue import QUEUE_NAME
-from worker.records import JOBS_INDEX
+from rq.exceptions import DeserializationError
+from rq.job import Job
 
 from conftest import Stack
 from support import PYTHON, Process, free_port, service_env
@@ -49,47 +53,128 @@ def test_invalid_spec_is_422_naming_the_field_and_enqueues_nothing(
     assert api_only.redis.zcard(JOBS_INDEX) == jobs_before
 
 
-def mutating_routes(client: httpx.Client) -> list[tuple[str, str]]:
+def protected_routes(client: httpx.Client) -> list[tuple[str, str]]:
     paths = client.get("/openapi.json").json()["paths"]
-    return [
-        (method.upper(), path)
-        for path, ops in paths.items()
-        for method in ops
-        if method not in ("get", "head")
-    ]
+    return [(method.upper(), path) for path, ops in paths.items() for method in ops if path != "/health"]
+
+
+UNKNOWN_ID = "0" * 32
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token-wrong-token", ""])
-def test_every_mutating_route_refuses_a_missing_or_wrong_token(api_only: Stack, token: str | None) -> None:
+def test_every_route_but_health_refuses_a_missing_or_wrong_token(api_only: Stack, token: str | None) -> None:
     with api_only.client(token=token) as client:
-        routes = mutating_routes(client)
-        assert ("POST", "/jobs") in routes and ("POST", "/jobs/{job_id}/cancel") in routes
+        routes = protected_routes(client)
+        assert {("POST", "/jobs"), ("GET", "/jobs"), ("GET", "/jobs/{job_id}/logs")} <= set(routes)
         for method, path in routes:
-            response = client.request(method, path.replace("{job_id}", "some-id"), json=VALID)
+            response = client.request(method, path.replace("{job_id}", UNKNOWN_ID), json=VALID)
             assert response.status_code == 401, (method, path, response.text)
             assert response.headers["www-authenticate"] == "Bearer"
+        assert client.get("/health").status_code == 200
     assert queue_length(api_only) == 0
 
 
-def test_queued_job_can_be_canceled_once(api_only: Stack) -> None:
+def test_openapi_documents_the_statuses_each_route_returns(api_only: Stack) -> None:
+    with api_only.client() as client:
+        paths = client.get("/openapi.json").json()["paths"]
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            documented = set(operation["responses"])
+            if path != "/health":
+                assert {"401", "422"} <= documented, (method, path)
+            if "{job_id}" in path:
+                assert "404" in documented, (method, path)
+    assert "409" in paths["/jobs"]["post"]["responses"]
+    assert "413" in paths["/jobs"]["post"]["responses"]
+    assert {"400", "429"} <= set(paths["/jobs/{job_id}/logs"]["get"]["responses"])
+
+
+def test_queued_job_can_be_stopped_once(api_only: Stack) -> None:
     with api_only.client() as client:
         job = client.post("/jobs", json=VALID).json()
         assert job["status"] == "queued" and queue_length(api_only) == 1
-        canceled = client.post(f"/jobs/{job['id']}/cancel")
+        canceled = client.post(f"/jobs/{job['id']}/stop")
         assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
         assert canceled.json()["ended_at"] is not None
         assert queue_length(api_only) == 0  # gone from RQ's queue too
-        again = client.post(f"/jobs/{job['id']}/cancel")
+        again = client.post(f"/jobs/{job['id']}/cancel")  # the alias
         assert again.status_code == 409 and "already ended" in again.json()["detail"]
         assert client.get(f"/jobs/{job['id']}").json()["status"] == "canceled"
+        assert client.delete(f"/jobs/{job['id']}").status_code == 204
+        assert client.get(f"/jobs/{job['id']}").status_code == 404
 
 
-def test_unknown_job_is_404_everywhere(api_only: Stack) -> None:
+def test_a_second_job_on_the_same_run_and_stage_is_refused(api_only: Stack) -> None:
     with api_only.client() as client:
-        assert client.get("/jobs/nope").status_code == 404
-        assert client.get("/jobs/nope/logs").status_code == 404
-        assert client.get("/jobs/nope/logs?follow=true").status_code == 404
-        assert client.post("/jobs/nope/cancel").status_code == 404
+        first = client.post("/jobs", json={**VALID, "run": "busy"}).json()
+        second = client.post("/jobs", json={**VALID, "run": "busy"})
+        assert second.status_code == 409 and first["id"] in second.json()["detail"]
+        assert client.delete(f"/jobs/{first['id']}").status_code == 409  # still active
+        client.post(f"/jobs/{first['id']}/stop")
+        assert client.post("/jobs", json={**VALID, "run": "busy"}).status_code == 201
+
+
+def test_unknown_or_malformed_job_ids(api_only: Stack) -> None:
+    with api_only.client() as client:
+        for method, path in [("GET", ""), ("GET", "/logs"), ("GET", "/logs?follow=true"), ("GET", "/metrics"),
+                             ("POST", "/stop"), ("POST", "/retry"), ("DELETE", "")]:  # fmt: skip
+            assert client.request(method, f"/jobs/{UNKNOWN_ID}{path}").status_code == 404, path
+            assert client.request(method, f"/jobs/..%2F..%2Fetc{path}").status_code in (404, 422), path
+            assert client.request(method, f"/jobs/{'a' * 31}{path}").status_code == 422, path
+
+
+def test_an_oversize_body_is_413(api_only: Stack) -> None:
+    padding = "x" * 2_000_000
+    with api_only.client() as client:
+        response = client.post("/jobs", json={**VALID, "run": padding})
+        assert response.status_code == 413
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield b'{"kind": "tokenizer", "run": "'
+            for _ in range(40):
+                yield b"x" * 50_000
+            yield b'"}'
+
+        response = client.post("/jobs", content=chunks(), headers={"Content-Type": "application/json"})
+        assert response.status_code == 413
+
+
+def test_the_schema_route_describes_every_kind(api_only: Stack) -> None:
+    with api_only.client() as client:
+        schemas = client.get("/jobs/schema").json()
+    assert {
+        "tokenizer",
+        "base_train",
+        "mid_train",
+        "chat_sft",
+        "chat_rl",
+        "base_eval",
+        "chat_eval",
+        "pipeline",
+    } == set(schemas)
+    assert schemas["tokenizer"]["$defs"]["TokenizerConfig"]["properties"]["vocab_size"]["minimum"] == 265
+
+
+def test_a_pickled_payload_in_redis_is_never_executed(api_only: Stack, tmp_path) -> None:
+    """RQ's queue holds JSON (the job id); a pickled job someone plants is not run, only refused."""
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with api_only.client() as client:
+        job = client.post("/jobs", json={**VALID, "run": "pickle"}).json()
+    record = json.loads(api_only.redis.get(f"nanochat:job:{job['id']}"))
+    rq_key = f"rq:job:{record['rq_job_id']}"
+    assert json.loads(zlib.decompress(api_only.redis.hget(rq_key, "data")))[2] == [job["id"]]  # JSON: args
+    api_only.redis.hset(rq_key, "data", zlib.compress(pickle.dumps(Exploit())))
+
+    with pytest.raises(DeserializationError):
+        Job.fetch(record["rq_job_id"], connection=api_only.redis, serializer=SERIALIZER).get_call_string()
+    assert not marker.exists()
+    with api_only.client() as client:
+        client.post(f"/jobs/{job['id']}/stop")
 
 
 def run_api(tmp_path, **env: str) -> subprocess.CompletedProcess:
@@ -130,6 +215,7 @@ def test_dev_mode_starts_without_a_token_and_lets_requests_through(redis_url: st
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
             job = client.post("/jobs", json=VALID)
             assert job.status_code == 201
-            assert client.post(f"/jobs/{job.json()['id']}/cancel").json()["status"] == "canceled"
+            assert client.post(f"/jobs/{job.json()['id']}/stop").json()["status"] == "canceled"
+            assert client.get("/jobs").status_code == 200
     finally:
         api.stop()

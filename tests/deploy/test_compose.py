@@ -15,7 +15,7 @@ from support import ROOT
 SCHEMA = json.loads(
     (resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text()
 )
-ENV = {"API_TOKEN": "a-test-token-of-sufficient-length"}
+ENV = {"API_TOKEN": "a-test-token-of-sufficient-length", "REDIS_PASSWORD": "a-redis-password"}
 APP_SERVICES = ("api", "worker", "inference", "web")
 
 
@@ -85,6 +85,12 @@ def test_redis_persists_never_evicts_and_stays_private(compose: dict) -> None:
     redis = compose["services"]["redis"]
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    assert "--maxmemory 1gb" in command and "--requirepass a-redis-password" in command
+    assert redis["environment"]["REDISCLI_AUTH"] == "a-redis-password"  # for its healthcheck
+    for name in ("api", "worker"):  # the services reach it with the password
+        assert (
+            compose["services"][name]["environment"]["REDIS_URL"] == "redis://:a-redis-password@redis:6379/0"
+        )
     volume, target = redis["volumes"][0].split(":")
     assert volume in compose["volumes"] and target == "/data"
     assert "ports" not in redis
@@ -114,9 +120,10 @@ def test_ml_services_reserve_gpus_and_share_the_base_dir_volume(compose: dict) -
         assert service["environment"]["NANOCHAT_BASE_DIR"] == "/data/nanochat"
 
 
-def test_api_token_is_required() -> None:
-    with pytest.raises(ValueError, match="API_TOKEN"):
-        load("compose.yaml", env={})
+@pytest.mark.parametrize("secret", ["API_TOKEN", "REDIS_PASSWORD"])
+def test_the_api_token_and_the_redis_password_are_required(secret: str) -> None:
+    with pytest.raises(ValueError, match=secret):
+        load("compose.yaml", env={k: v for k, v in ENV.items() if k != secret})
 
 
 def test_cpu_override_builds_cpu_torch_without_gpu_reservations() -> None:

@@ -11,8 +11,10 @@ MIN_TOKEN_LENGTH = 16
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
 
-    api_token: SecretStr | None = Field(
-        default=None, description="Bearer token for every state-changing route."
+    api_token: SecretStr | None = Field(default=None, description="Bearer token for every route but /health.")
+    public_read: bool = Field(
+        default=False,
+        description="Let GET routes through without the token (logs and configs become public).",
     )
     dev_mode: bool = Field(
         default=False, description="Allow starting without API_TOKEN (local development only)."
@@ -22,10 +24,12 @@ class Settings(BaseSettings):
     )
     api_host: str = Field(default="127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
     api_port: int = Field(default=8000, ge=1, le=65535)
-    job_result_ttl: int = Field(
-        default=3600,
-        ge=1,
-        description="Seconds RQ keeps its own job data; our job records are kept regardless.",
+    api_max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Larger request bodies get 413.")
+    api_max_followers_per_job: int = Field(
+        default=8, ge=1, description="Open log/metrics streams per job; more get 429."
+    )
+    api_max_followers: int = Field(
+        default=256, ge=1, description="Open log/metrics streams in all; more get 429."
     )
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""Shared dependencies: settings, the Redis connection, and the bearer-token check."""
+"""Shared dependencies: settings, the Redis connections, and the bearer-token checks."""
 
 import secrets
 from typing import Annotated
@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from api.config import Settings
 
@@ -18,17 +19,20 @@ def get_redis(request: Request) -> Redis:
     return request.app.state.redis
 
 
+def get_async_redis(request: Request) -> AsyncRedis:
+    return request.app.state.async_redis
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
+AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
 
 bearer = HTTPBearer(auto_error=False, description="API_TOKEN")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-def require_token(
-    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> None:
-    """Every state-changing route depends on this. Without API_TOKEN (dev mode only) it lets all through."""
-    if settings.api_token is None:
+def check_token(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> None:
+    if settings.api_token is None:  # dev mode only: Settings refuses to start otherwise
         return
     expected = settings.api_token.get_secret_value().encode()
     given = credentials.credentials.encode() if credentials else b""
@@ -38,3 +42,14 @@ def require_token(
             detail="missing or wrong bearer token",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def require_token(settings: SettingsDep, credentials: Credentials) -> None:
+    """Routes that change something always need the token."""
+    check_token(settings, credentials)
+
+
+def require_read_token(settings: SettingsDep, credentials: Credentials) -> None:
+    """Reads need the token too (logs and configs can hold private data), unless PUBLIC_READ=1."""
+    if not settings.public_read:
+        check_token(settings, credentials)

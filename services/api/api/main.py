@@ -1,4 +1,4 @@
-"""The FastAPI application: settings and Redis on app.state, one router per noun."""
+"""The FastAPI application: settings and Redis on app.state, a body-size limit (413), one router per noun."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -6,26 +6,48 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from api import streams
 from api.config import Settings
 from api.routes import health, jobs
+
+REDIS_TIMEOUT_SECONDS = 5  # a Redis that went away makes requests fail fast (503), not hang
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    timeouts = {"socket_timeout": REDIS_TIMEOUT_SECONDS, "socket_connect_timeout": REDIS_TIMEOUT_SECONDS}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.redis = Redis.from_url(settings.redis_url)
+        app.state.redis = Redis.from_url(settings.redis_url, **timeouts)
+        # Followers block in XREAD for up to streams.BLOCK_MS: the read timeout must outlast that.
+        app.state.async_redis = AsyncRedis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_timeout=streams.BLOCK_MS / 1000 + REDIS_TIMEOUT_SECONDS,
+        )
+        app.state.followers = streams.Followers(
+            settings.api_max_followers_per_job, settings.api_max_followers
+        )
         yield
         app.state.redis.close()
+        await app.state.async_redis.aclose()
 
-    app = FastAPI(title="nanochat-stack API", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="nanochat-stack API",
+        version="0.2.0",
+        lifespan=lifespan,
+        max_body_size=settings.api_max_body_bytes,
+    )
     app.state.settings = settings
 
     @app.exception_handler(RedisConnectionError)
-    async def redis_unavailable(request: Request, error: RedisConnectionError) -> JSONResponse:
+    @app.exception_handler(RedisTimeoutError)
+    async def redis_unavailable(request: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"Redis is unreachable: {error}"}, status_code=503)
 
     app.include_router(health.router)

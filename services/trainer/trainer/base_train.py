@@ -375,6 +375,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         )
         metrics.write(
             {"step": step + 1, "loss": loss, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s, "mfu": mfu}
+            | {"progress": (step + 1) / total}
         )
         wandb_run.log(
             {"train/loss": loss, "train/lrm": lrm, "train/mfu": mfu, "train/tok_per_s": tok_per_s},

@@ -264,7 +264,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
             f"lrm {lrm:.2f} | dt {dt:.1f}s | eta {eta}"
         )
         record = {"step": step + 1, "reward": reward, "loss": loss, "sequence_length": length, "lrm": lrm}
-        metrics.write({**record, "dt": dt})
+        metrics.write({**record, "dt": dt, "progress": (step + 1) / total})
         wandb_run.log(record, step=step + 1)
 
     wandb_run.finish()

@@ -312,7 +312,17 @@ def train(
             f"step {step} ({100 * done:.1f}%) | loss {loss:.4f} | lrm {lrm:.2f} | dt {dt:.2f}s | "
             f"tok/s {tok_per_s:,.0f} | mfu {100 * mfu:.1f}% | eta {eta}"
         )
-        metrics.write({"step": step, "loss": loss, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s, "mfu": mfu})
+        metrics.write(
+            {
+                "step": step,
+                "loss": loss,
+                "lrm": lrm,
+                "dt": dt,
+                "tok_per_s": tok_per_s,
+                "mfu": mfu,
+                "progress": done,
+            }
+        )
         wandb_run.log({"train/loss": loss, "train/lrm": lrm, "train/mfu": mfu}, step=step)
         if bar is not None:
             bar.n = min(100, round(100 * done))

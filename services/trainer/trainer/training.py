@@ -7,6 +7,7 @@ log, where a stage resumes from, and the "recipe" a stage hands to the next one.
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -171,7 +172,9 @@ class LoopState:
 
 
 class MetricsLog:
-    """runs/<run>/<stage>/metrics.jsonl, one JSON object per line; rank 0 writes."""
+    """runs/<run>/<stage>/metrics.jsonl, one JSON object per line; rank 0 writes. When the worker
+    runs the program it sets NANOCHAT_METRICS_PREFIX, and each record is also printed after that
+    prefix, so the worker can stream it live without reading the file."""
 
     def __init__(self, path: Path, runtime: Runtime, resume_step: int | None) -> None:
         self.path, self.enabled = path, runtime.is_master
@@ -188,6 +191,8 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if prefix := os.environ.get("NANOCHAT_METRICS_PREFIX"):
+                print(prefix + json.dumps(record), flush=True)
 
 
 def resume_step(args: argparse.Namespace, out_dir: Path) -> int | None:

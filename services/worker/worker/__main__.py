@@ -1,16 +1,18 @@
-"""`python -m worker`: an RQ worker on the jobs queue (one job at a time; run several for more)."""
+"""`python -m worker`: an RQ worker on the jobs queue (one job at a time; run several for more),
+plus the reaper that re-queues jobs whose worker died."""
 
 import logging
-import os
 import sys
+import uuid
 
+from jobs.queue import QUEUE_NAME, SERIALIZER, rq_queue
 from pydantic import ValidationError
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from rq import Queue, Worker
+from rq import Worker
 
 from worker.health import host_prefix
-from worker.queue import QUEUE_NAME
+from worker.reaper import start_reaper
 from worker.settings import WorkerSettings
 
 
@@ -20,17 +22,17 @@ def main() -> None:
     except ValidationError as error:
         sys.exit(f"worker: invalid settings:\n{error}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, health_check_interval=10, socket_keepalive=True)
     try:
         redis.ping()
     except RedisConnectionError as error:
         sys.exit(f"worker: cannot reach Redis at {settings.redis_url}: {error}")
-    worker = Worker(
-        [Queue(QUEUE_NAME, connection=redis)], connection=redis, name=f"{host_prefix()}{os.getpid()}"
-    )
-    logging.info(
-        "listening on queue %r at %s (runs in %s)", QUEUE_NAME, settings.redis_url, settings.base_dir
-    )
+    # A fresh name each start: a container restarted after a SIGKILL would otherwise find its old
+    # registration (same host, same pid 1) and refuse to start.
+    name = f"{host_prefix()}{uuid.uuid4().hex[:12]}"
+    worker = Worker([rq_queue(redis)], connection=redis, name=name, serializer=SERIALIZER)
+    start_reaper(redis, settings.job_lease_seconds)
+    logging.info("%s listening on queue %r (runs in %s)", name, QUEUE_NAME, settings.base_dir)
     worker.work()
 
 

@@ -11,7 +11,7 @@ from worker.settings import WorkerSettings
 
 
 def host_prefix() -> str:
-    """Worker names are '<prefix><pid>', so a host's workers can be found by name."""
+    """Worker names are "<prefix><random>", so a host's workers can be found by name."""
     return f"nanochat-{socket.gethostname()}-"
 
 

@@ -28,3 +28,11 @@ class WorkerSettings(BaseSettings):
         validation_alias=AliasChoices("JOB_CANCEL_GRACE_SECONDS"),
         description="After SIGTERM (the trainer checkpoints and exits), wait this long before SIGKILL.",
     )
+    job_lease_seconds: float = Field(
+        default=30.0,
+        ge=3,
+        le=3600,
+        validation_alias=AliasChoices("JOB_LEASE_SECONDS"),
+        description="A running job's worker renews its lease this often ×⅓; a job whose lease has expired "
+        "is taken as abandoned (its worker died) and re-queued.",
+    )

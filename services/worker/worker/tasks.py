@@ -1,98 +1,297 @@
 """
-The RQ task: run a job's trainer program as a child process. Running it as a child (not in the work
-horse) means its output can be captured line by line, a crash in it never takes the worker down, and
-a cancel can send it SIGTERM so a trainer gets to save a checkpoint.
+The RQ task: run one attempt of a job's trainer program as a child process. Running it as a child
+(not in the work horse) means its output can be captured line by line, a crash in it never takes the
+worker down, and a stop can send it SIGTERM so a trainer gets to save a checkpoint.
+
+While the child runs, the task renews the job's lease (the reaper re-queues a job whose lease
+expired: its worker is gone) and the run/stage lock, and watches for a stop request and the time limit.
+Redis may go away meanwhile: the child runs on, its output is kept in the log file and buffered for
+Redis, and the outcome is written once Redis is back.
 """
 
+import contextlib
 import ctypes
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
+from jobs import queue, records
+from jobs.records import Attempt, JobRecord, JobStatus
+from jobs.specs import ProgramJob
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 
-from worker import records
-from worker.records import JobRecord, JobStatus
 from worker.settings import WorkerSettings
-from worker.specs import JOB_SPEC, JobSpec
 
-POLL_SECONDS = 1.0  # how often a running job checks for a cancel request
+log = logging.getLogger("worker")
+POLL_SECONDS = 1.0  # how often a running job checks for a stop request, its time limit and its lease
+METRICS_PREFIX = "@@metrics "  # handed to the program: it prints each metrics record after it
+REDIS_BACKLOG_LINES = 1_000_000  # output kept in memory while Redis is unreachable
+REDIS_RETRY_SECONDS = 600  # how long the outcome waits for Redis to come back
 PR_SET_PDEATHSIG = 1
+# What the program may see of the worker's environment: its own settings, the ML stack's, the basics.
+CHILD_ENV_PREFIXES = (
+    "NANOCHAT_",
+    "CUDA_",
+    "NCCL_",
+    "TORCH",
+    "OMP_",
+    "MKL_",
+    "HF_",
+    "WANDB_",
+    "PYTHON",
+    "LC_",
+)
+CHILD_ENV_NAMES = {
+    "PATH", "HOME", "LANG", "TZ", "TMPDIR", "USER", "LOGNAME", "TERM", "LD_LIBRARY_PATH", "VIRTUAL_ENV",
+    "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+    "http_proxy", "https_proxy", "no_proxy", "NVIDIA_VISIBLE_DEVICES", "TRITON_CACHE_DIR",
+}  # fmt: skip
+
+T = TypeVar("T")
 
 
 def run_job(job_id: str) -> str:
     """Entry point RQ calls. The record, not RQ's return value, carries the outcome."""
-    redis = get_current_job().connection
+    rq_job = get_current_job()
+    redis, settings = rq_job.connection, WorkerSettings()
+    record = records.load(redis, job_id)
+    if record is None or record.status != JobStatus.QUEUED:
+        return "skipped: the job was stopped, deleted or taken by another worker before it started"
+    spec = queue.spec_of(record)
+    checkpoints = stage_dir(settings, spec)
+    resume = bool(record.attempts) and spec.resumable
+    attempt = Attempt(
+        worker=rq_job.worker_name or "?",
+        started_at=records.now(),
+        resumed_from_step=latest_step(checkpoints) if resume else None,
+    )
     record = records.transition(
-        redis, job_id, {JobStatus.QUEUED}, status=JobStatus.STARTED, started_at=records.now()
+        redis,
+        job_id,
+        {JobStatus.QUEUED},
+        status=JobStatus.STARTED,
+        started_at=record.started_at or attempt.started_at,
+        attempts=[*record.attempts, attempt],
+        stop_requested=False,
     )
     if record is None:
-        return "skipped: the job was canceled (or is unknown) before it started"
+        return "skipped: the job changed state before it started"
+    lease = Lease(redis, record, spec, settings.job_lease_seconds)
+    outcome: Outcome | None = None
     try:
-        final = execute(redis, record, WorkerSettings())
+        if not lease.acquire():
+            outcome = Outcome(JobStatus.FAILED, f"refused: job {lease.holder} is writing run {spec.run!r}")
+        else:
+            if record.pipeline_id:
+                queue.settle_pipeline(redis, record.pipeline_id)
+            outcome = execute(redis, record, spec, settings, lease, resume)
     except BaseException as error:
-        records.transition(
-            redis,
-            job_id,
-            {JobStatus.STARTED},
-            status=JobStatus.FAILED,
-            ended_at=records.now(),
-            error=f"worker error: {type(error).__name__}: {error}",
-        )
+        outcome = Outcome(JobStatus.FAILED, f"worker error: {type(error).__name__}: {error}")
         raise
-    return final.status
+    finally:
+        if outcome is not None:  # None: another attempt has the job now
+            final = patiently(lambda: finish(redis, job_id, outcome))
+            if final is not None:
+                patiently(lambda: queue.stage_ended(redis, final))
+        patiently(lease.release)
+    return outcome.status if outcome else "abandoned: another attempt took the job over"
 
 
-def execute(redis: Redis, record: JobRecord, settings: WorkerSettings) -> JobRecord:
-    spec: JobSpec = JOB_SPEC.validate_python(
-        {"kind": record.kind, "run": record.run, "config": record.config}
+@dataclass
+class Outcome:
+    status: JobStatus
+    reason: str | None = None
+    result: dict | None = None
+
+
+def finish(redis: Redis, job_id: str, outcome: Outcome) -> JobRecord | None:
+    return records.transition(
+        redis,
+        job_id,
+        {JobStatus.STARTED},
+        status=outcome.status,
+        ended_at=records.now(),
+        error=outcome.reason if outcome.status != JobStatus.FINISHED else None,
+        result=outcome.result,
+        attempts=records.end_attempt(outcome.reason or outcome.status),
     )
-    run_dir = settings.base_dir.expanduser() / "runs" / spec.run
-    log_path = run_dir / "logs" / f"{record.id}.log"
 
-    command = [sys.executable, "-u", *spec.command()]
-    with JobLog(redis, record.id, log_path) as log:
-        log.write(f"$ python {' '.join(command[2:])}")
+
+def patiently(action: Callable[[], T]) -> T | None:
+    """Run a Redis action, retrying while Redis is unreachable (a restart), for up to 10 minutes."""
+    deadline = time.monotonic() + REDIS_RETRY_SECONDS
+    while True:
+        try:
+            return action()
+        except (RedisConnectionError, RedisTimeoutError):
+            if time.monotonic() > deadline:
+                log.exception("Redis stayed unreachable; giving up on this write")
+                return None
+            time.sleep(1)
+
+
+def stage_dir(settings: WorkerSettings, spec: ProgramJob) -> Path | None:
+    return settings.base_dir.expanduser() / "runs" / spec.run / spec.stage if spec.stage else None
+
+
+def latest_step(folder: Path | None) -> int | None:
+    """The newest complete checkpoint (step_NNNNNN with its meta.json) in a stage folder."""
+    if folder is None or not folder.is_dir():
+        return None
+    steps = [
+        int(p.name[5:]) for p in folder.glob("step_*") if p.name[5:].isdigit() and (p / "meta.json").exists()
+    ]
+    return max(steps, default=None)
+
+
+class Lease:
+    """The job's lease (it says: a live worker runs this job) and its run/stage lock, renewed together."""
+
+    def __init__(self, redis: Redis, record: JobRecord, spec: ProgramJob, seconds: float) -> None:
+        self.redis, self.job_id, self.attempts = redis, record.id, len(record.attempts)
+        self.ttl_ms = int(seconds * 1000)
+        self.lock = records.lock_key(spec.run, spec.stage) if spec.stage else None
+        self.holder: str | None = None
+        self.renewed = time.monotonic()
+
+    def acquire(self) -> bool:
+        self.redis.set(records.lease_key(self.job_id), self.attempts, px=self.ttl_ms)
+        if self.lock is None or self.redis.set(self.lock, self.job_id, nx=True, px=self.ttl_ms):
+            return True
+        self.holder = (self.redis.get(self.lock) or b"?").decode()
+        return self.holder == self.job_id  # our own earlier attempt's lock, not expired yet
+
+    def renew(self) -> None:
+        if time.monotonic() - self.renewed < POLL_SECONDS * 3:
+            return
+        with self.redis.pipeline() as pipe:
+            pipe.set(records.lease_key(self.job_id), self.attempts, px=self.ttl_ms)
+            if self.lock:
+                pipe.set(self.lock, self.job_id, px=self.ttl_ms)
+            pipe.execute()
+        self.renewed = time.monotonic()
+
+    def still_ours(self, record: JobRecord | None) -> bool:
+        """False once the reaper gave the job to a new attempt (this worker was thought lost)."""
+        return (
+            record is not None
+            and record.status == JobStatus.STARTED
+            and len(record.attempts) == self.attempts
+        )
+
+    def release(self) -> None:
+        self.redis.delete(records.lease_key(self.job_id))
+        if self.lock and (self.redis.get(self.lock) or b"").decode() == self.job_id:
+            self.redis.delete(self.lock)
+
+
+def execute(
+    redis: Redis, record: JobRecord, spec: ProgramJob, settings: WorkerSettings, lease: Lease, resume: bool
+) -> Outcome | None:
+    run_dir = settings.base_dir.expanduser() / "runs" / spec.run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-u", *spec.command(resume=resume)]
+    with JobLog(redis, record.id, run_dir / "logs" / f"{record.id}.log") as job_log:
+        job_log.write(f"$ python {' '.join(command[2:])}")
+        base_dir = settings.base_dir.expanduser()
         child = subprocess.Popen(
             command,
+            cwd=base_dir,  # paths in a job's config (a mixture file) are relative to the base dir
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=child_environment(settings),
-            start_new_session=True,  # its own process group: a cancel reaches torchrun's children too
+            start_new_session=True,  # its own process group: a stop reaches torchrun's children too
             preexec_fn=die_with_parent,
         )
-        pump = threading.Thread(target=log.copy_from, args=(child.stdout,), daemon=True)
+        pump = threading.Thread(target=job_log.copy_from, args=(child.stdout,), daemon=True)
         pump.start()
-        canceled = wait_or_cancel(redis, record.id, child, settings.cancel_grace_seconds, log)
+        why_stopped = supervise(redis, record, child, settings, lease, job_log)
         pump.join()
+        job_log.flush_backlog(final=True)
 
-    ended = records.now()
-    if canceled:  # a trainer stopped by SIGTERM saves a checkpoint and exits with 143
-        return finish(redis, record.id, status=JobStatus.CANCELED, ended_at=ended)
+    if why_stopped == "taken over":
+        return None
+    if why_stopped:  # a trainer stopped by SIGTERM saves a checkpoint and exits with 143
+        return Outcome(JobStatus.STOPPED, why_stopped)
+    if job_log.lost:
+        return Outcome(
+            JobStatus.FAILED,
+            f"its output could not be kept ({job_log.lost}); the program exited with {child.returncode}",
+        )
     if child.returncode == 0:
-        result = read_result(run_dir / "report" / f"{spec.report_section}.json")
-        return finish(redis, record.id, status=JobStatus.FINISHED, ended_at=ended, result=result)
-    last_line = log.last_line or "(no output)"
-    error = f"{spec.program} exited with code {child.returncode}: {last_line}"
-    return finish(redis, record.id, status=JobStatus.FAILED, ended_at=ended, error=error)
+        return Outcome(
+            JobStatus.FINISHED, result=read_result(run_dir / "report" / f"{spec.report_section}.json")
+        )
+    last_line = job_log.last_line or "(no output)"
+    return Outcome(JobStatus.FAILED, f"{spec.program} exited with code {child.returncode}: {last_line}")
 
 
-def finish(redis: Redis, job_id: str, **changes) -> JobRecord:
-    record = records.transition(redis, job_id, {JobStatus.STARTED}, **changes)
-    assert record is not None, f"job {job_id} left 'started' while its worker was running it"
-    return record
+def supervise(
+    redis: Redis,
+    record: JobRecord,
+    child: subprocess.Popen,
+    settings: WorkerSettings,
+    lease: Lease,
+    job_log: "JobLog",
+) -> str | None:
+    """Wait for the child while renewing the lease; stop it on request, at the time limit, or when
+    another attempt took the job over. Returns why it was stopped, or None when it ended by itself."""
+    time_limit = record.config.get("time_limit")
+    started = time.monotonic()
+    while True:
+        try:
+            child.wait(timeout=POLL_SECONDS)
+            return None
+        except subprocess.TimeoutExpired:
+            pass
+        reason = None
+        if time_limit and time.monotonic() - started > time_limit:
+            reason = f"time limit of {time_limit} s reached"
+        try:
+            lease.renew()
+            current = records.load(redis, record.id)
+            if not lease.still_ours(current):
+                reason = "taken over"
+            elif current.stop_requested:
+                reason = "stopped on request"
+            job_log.flush_backlog()
+        except RedisError as error:  # Redis is down or restarting: the program runs on
+            log.warning("job %s: Redis unreachable (%s); the program runs on", record.id, error)
+        if reason:
+            break
+    job_log.write(f"stopping the program (SIGTERM): {reason}")
+    os.killpg(child.pid, signal.SIGTERM)
+    try:
+        child.wait(timeout=settings.cancel_grace_seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    return reason
 
 
 def child_environment(settings: WorkerSettings) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NANOCHAT_BASE_DIR": str(settings.base_dir.expanduser())}
+    """An allow-listed environment: the worker's secrets (API_TOKEN, REDIS_URL's password) stay out."""
+    env = {k: v for k, v in os.environ.items() if k in CHILD_ENV_NAMES or k.startswith(CHILD_ENV_PREFIXES)}
+    env |= {
+        "PYTHONUNBUFFERED": "1",
+        "NANOCHAT_BASE_DIR": str(settings.base_dir.expanduser()),
+        "NANOCHAT_METRICS_PREFIX": METRICS_PREFIX,
+    }
     if settings.data_dir is not None:
         env["NANOCHAT_DATA_DIR"] = str(settings.data_dir.expanduser())
     return env
@@ -103,35 +302,17 @@ def die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def wait_or_cancel(
-    redis: Redis, job_id: str, child: subprocess.Popen, grace_seconds: float, log: "JobLog"
-) -> bool:
-    """Wait for the child; on a cancel request send SIGTERM, then SIGKILL after the grace period."""
-    while True:
-        try:
-            child.wait(timeout=POLL_SECONDS)
-            return False
-        except subprocess.TimeoutExpired:
-            pass
-        record = records.load(redis, job_id)
-        if record is not None and record.cancel_requested:
-            break
-    log.write("cancel requested: stopping the program (SIGTERM)")
-    os.killpg(child.pid, signal.SIGTERM)
-    try:
-        child.wait(timeout=grace_seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-    return True
-
-
 class JobLog:
-    """A job's output: appended to its log file and its Redis stream, from two threads at once."""
+    """A job's output: appended to its log file and its Redis stream (metrics records to the metrics
+    stream and the record's progress). It never stops reading the pipe: while Redis is unreachable
+    lines wait in memory, and a file that cannot be written (full disk) marks the output as lost."""
 
     def __init__(self, redis: Redis, job_id: str, path: Path) -> None:
         self.redis, self.job_id, self.path = redis, job_id, path
         self.last_line = ""
+        self.lost: str | None = None
+        self.backlog: deque[tuple[str, Any]] = deque()
+        self.progress_start: tuple[float, float] | None = None  # (time, progress) at this attempt's start
         self.lock = threading.Lock()
 
     def __enter__(self) -> "JobLog":
@@ -140,19 +321,85 @@ class JobLog:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as error:
+            self.lost = self.lost or str(error)
 
     def copy_from(self, stream: IO[bytes]) -> None:
         for line in split_lines(stream):
-            self.write(line)
+            if line.startswith(METRICS_PREFIX):
+                self.metrics(line.removeprefix(METRICS_PREFIX))
+            else:
+                self.write(line)
 
     def write(self, line: str) -> None:
         with self.lock:
-            self.file.write(line + "\n")
-            self.file.flush()
-            records.append_log(self.redis, self.job_id, line)
+            try:
+                self.file.write(line + "\n")
+                self.file.flush()
+            except OSError as error:
+                self.lost = self.lost or f"cannot write {self.path}: {error}"
             if line.strip():
                 self.last_line = line
+            self.send("log", line)
+
+    def metrics(self, text: str) -> None:
+        try:
+            values = json.loads(text)
+        except ValueError:
+            return self.write(METRICS_PREFIX + text)
+        with self.lock:
+            self.send("metrics", values)
+
+    def send(self, kind: str, payload: Any) -> None:
+        self.backlog.append((kind, payload))
+        if len(self.backlog) > REDIS_BACKLOG_LINES:
+            self.backlog.popleft()
+            self.lost = self.lost or "Redis was unreachable for longer than the output buffer lasts"
+        if len(self.backlog) == 1:
+            self.try_flush()
+
+    def flush_backlog(self, final: bool = False) -> None:
+        with self.lock:
+            patiently(self.flush) if final else self.try_flush()
+
+    def try_flush(self) -> None:
+        with contextlib.suppress(RedisError):  # what did not go stays in the backlog
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what waits, oldest first (what fails to go stays in the backlog)."""
+        if not self.backlog:
+            return
+        latest = None
+        with self.redis.pipeline(transaction=False) as pipe:
+            for kind, payload in self.backlog:
+                if kind == "log":
+                    records.append_log(pipe, self.job_id, payload)
+                else:
+                    records.append_metrics(pipe, self.job_id, payload)
+                    latest = payload
+            pipe.execute()
+        self.backlog.clear()
+        if latest is not None:
+            self.record_progress(latest)
+
+    def record_progress(self, values: dict[str, Any]) -> None:
+        """The record's progress: the latest metrics, percent done and an ETA from this attempt's pace."""
+        progress = dict(values)
+        fraction = values.get("progress")
+        if isinstance(fraction, (int, float)):
+            now = time.monotonic()
+            if self.progress_start is None:
+                self.progress_start = (now, fraction)
+            start_time, start_fraction = self.progress_start
+            progress["percent"] = round(100 * fraction, 2)
+            if fraction > start_fraction:
+                rate = (fraction - start_fraction) / (now - start_time)
+                progress["eta_seconds"] = round((1 - fraction) / rate, 1)
+        merged = lambda record: {**record.progress, **progress}  # noqa: E731 (val_bpb stays between evals)
+        records.transition(self.redis, self.job_id, {JobStatus.STARTED}, progress=merged)
 
 
 def split_lines(stream: IO[bytes]) -> Iterator[str]:

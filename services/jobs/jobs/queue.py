@@ -1,0 +1,247 @@
+"""
+The job life cycle on top of RQ: submit (a program or a pipeline of dependent stages), stop, retry,
+delete, and what happens when a stage ends. RQ carries only the job id (JSON, never pickle); the
+record in Redis is the truth.
+
+    waiting ─(stage before finished)→ queued ─(a worker picks it)→ started ─→ finished
+    waiting/queued ─(stop, or the stage before did not finish)→ canceled
+    started ─(stop)→ stopped       started ─(program failed, time limit)→ failed / stopped
+    started ─(worker lost, retries left)→ queued (resumes from its latest checkpoint)
+    failed/stopped/canceled ─(retry)→ queued
+"""
+
+import contextlib
+
+from redis import Redis
+from rq import Queue
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from jobs import records
+from jobs.records import RETRYABLE, JobRecord, JobStatus
+from jobs.specs import JOB_SPEC, JobSpec, PipelineJob, ProgramJob
+
+QUEUE_NAME = "nanochat-jobs"
+TASK = "worker.tasks.run_job"
+RESULT_TTL = 3600  # seconds RQ keeps its own data on a finished attempt; our records stay
+SERIALIZER = JSONSerializer
+
+
+class Conflict(Exception):
+    """The request cannot apply to the job in its current state (HTTP 409)."""
+
+
+def rq_queue(redis: Redis) -> Queue:
+    return Queue(QUEUE_NAME, connection=redis, serializer=SERIALIZER)
+
+
+def enqueue(redis: Redis, record: JobRecord) -> None:
+    """Mark the job queued and put its id on RQ's queue in one transaction: both happen, or neither.
+    Each attempt is an RQ job of its own (`<id>-<n>`): a lost worker's RQ job stays RQ's business."""
+    rq_job_id = f"{record.id}-{len(record.attempts) + 1}"
+    with redis.pipeline() as pipe:
+        pipe.multi()  # one MULTI/EXEC for our commands and RQ's
+        records.save(pipe, record.model_copy(update={"status": JobStatus.QUEUED, "rq_job_id": rq_job_id}))
+        # timeout=-1: training runs for hours; the worker enforces the job's own time_limit.
+        rq_queue(redis).enqueue_call(
+            TASK, args=(record.id,), job_id=rq_job_id, timeout=-1, result_ttl=RESULT_TTL, pipeline=pipe
+        )
+        pipe.execute()
+
+
+def active_writer(redis: Redis, run: str, stages: set[str]) -> JobRecord | None:
+    """An active job that writes one of these stages of the run."""
+    for record in records.list_records(redis, limit=10**6, run=run)[0]:
+        if record.is_active and record.kind != "pipeline" and spec_of(record).stage in stages:
+            return record
+    return None
+
+
+def spec_of(record: JobRecord) -> ProgramJob:
+    return JOB_SPEC.validate_python({"kind": record.kind, "run": record.run, "config": record.config})
+
+
+def submit(redis: Redis, spec: JobSpec) -> JobRecord:
+    """Store and queue a job; a pipeline queues its first stage and waits with the others.
+    Refused (Conflict) while another job writes one of the same run's stages."""
+    stage_specs = spec.stages() if isinstance(spec, PipelineJob) else [spec]
+    written = {s.stage for s in stage_specs if s.stage}
+    if busy := active_writer(redis, spec.run, written):
+        raise Conflict(
+            f"job {busy.id} ({busy.kind}, {busy.status}) is writing run {spec.run!r}: wait for it to end, "
+            f"stop it, or use another run name"
+        )
+    config = spec.config.model_dump(mode="json")
+    if not isinstance(spec, PipelineJob):
+        record = JobRecord.new(spec.kind, spec.run, config)
+        with redis.pipeline() as pipe:
+            records.add(pipe, record)
+            pipe.execute()
+        enqueue(redis, record)
+        return records.load(redis, record.id)
+    pipeline = JobRecord.new(spec.kind, spec.run, config)
+    stages = [
+        JobRecord.new(s.kind, s.run, s.config.model_dump(mode="json"), JobStatus.WAITING).model_copy(
+            update={"pipeline_id": pipeline.id}
+        )
+        for s in stage_specs
+    ]
+    pipeline.stages = [s.id for s in stages]
+    with redis.pipeline() as pipe:
+        for record in [pipeline, *stages]:
+            records.add(pipe, record)
+        pipe.execute()
+    enqueue(redis, stages[0])
+    return settle_pipeline(redis, pipeline.id)
+
+
+def stop(redis: Redis, job_id: str) -> JobRecord | None:
+    """Stop a job: one not started yet is canceled at once; a started one is asked to stop, and its
+    worker sends the program SIGTERM (a trainer checkpoints first), then SIGKILL after a grace period.
+    A pipeline stops its current stage (the later ones are canceled). None for an unknown id."""
+    record = records.load(redis, job_id)
+    if record is None:
+        return None
+    if record.kind == "pipeline":
+        if not record.is_active:
+            raise Conflict(f"pipeline {job_id} has already ended ({record.status})")
+        for stage in records.load_many(redis, record.stages):
+            if stage.status in (JobStatus.QUEUED, JobStatus.STARTED):  # the later ones are canceled after it
+                stop(redis, stage.id)
+        return settle_pipeline(redis, job_id)
+    reason = "stopped before it started"
+    if canceled := records.transition(
+        redis,
+        job_id,
+        {JobStatus.QUEUED, JobStatus.WAITING},
+        status=JobStatus.CANCELED,
+        ended_at=records.now(),
+        error=reason,
+    ):
+        if canceled.rq_job_id is not None:
+            with contextlib.suppress(NoSuchJobError, InvalidJobOperation):  # already picked up, or gone
+                Job.fetch(canceled.rq_job_id, connection=redis, serializer=SERIALIZER).cancel()
+        stage_ended(redis, canceled)
+        return records.load(redis, job_id)
+    if requested := records.transition(redis, job_id, {JobStatus.STARTED}, stop_requested=True):
+        return requested
+    raise Conflict(f"job {job_id} has already ended ({record.status})")
+
+
+def retry(redis: Redis, job_id: str) -> JobRecord | None:
+    """Queue a failed, stopped or canceled job again; it resumes from its latest checkpoint. A
+    pipeline retries its first stage that did not finish, and the later stages wait again."""
+    record = records.load(redis, job_id)
+    if record is None:
+        return None
+    if record.status not in RETRYABLE:
+        raise Conflict(
+            f"job {job_id} is {record.status}: only failed, stopped or canceled jobs can be retried"
+        )
+    if record.kind == "pipeline":
+        stages = records.load_many(redis, record.stages)
+        unfinished = [s for s in stages if s.status != JobStatus.FINISHED]
+        retry(redis, unfinished[0].id)
+        return settle_pipeline(redis, job_id)
+    if record.pipeline_id is not None:
+        busy = [
+            s for s in records.load_many(redis, records.load(redis, record.pipeline_id).stages) if s.is_active
+        ]
+        if busy:
+            raise Conflict(f"stage {busy[0].id} of its pipeline is still {busy[0].status}")
+    if busy := active_writer(redis, record.run, {spec_of(record).stage} - {None}):
+        raise Conflict(f"job {busy.id} ({busy.kind}, {busy.status}) is writing run {record.run!r}")
+    reset = records.transition(
+        redis, job_id, set(RETRYABLE), stop_requested=False, error=None, ended_at=None, result=None
+    )
+    if reset is None:
+        raise Conflict(f"job {job_id} changed state meanwhile; look again")
+    enqueue(redis, reset)
+    if record.pipeline_id is not None:
+        pipeline = records.load(redis, record.pipeline_id)
+        later = pipeline.stages[pipeline.stages.index(job_id) + 1 :]
+        for stage_id in later:
+            records.transition(
+                redis, stage_id, set(RETRYABLE), status=JobStatus.WAITING, error=None, ended_at=None
+            )
+        settle_pipeline(redis, record.pipeline_id)
+    return records.load(redis, job_id)
+
+
+def stage_ended(redis: Redis, record: JobRecord) -> None:
+    """After a pipeline stage ends: queue the next one, or cancel the rest when it did not finish."""
+    if record.pipeline_id is None:
+        return
+    pipeline = records.load(redis, record.pipeline_id)
+    if pipeline is None:
+        return
+    later = pipeline.stages[pipeline.stages.index(record.id) + 1 :]
+    if record.status == JobStatus.FINISHED and later:
+        waiting = records.transition(redis, later[0], {JobStatus.WAITING}, status=JobStatus.QUEUED)
+        if waiting is not None:
+            enqueue(redis, waiting)
+    elif record.status != JobStatus.FINISHED:
+        reason = f"stage {record.kind} {record.status}"
+        for stage_id in later:
+            records.transition(
+                redis,
+                stage_id,
+                {JobStatus.WAITING},
+                status=JobStatus.CANCELED,
+                ended_at=records.now(),
+                error=reason,
+            )
+    settle_pipeline(redis, pipeline.id)
+
+
+def settle_pipeline(redis: Redis, pipeline_id: str) -> JobRecord:
+    """A pipeline's status, times and progress follow its stages'."""
+    pipeline = records.load(redis, pipeline_id)
+    stages = records.load_many(redis, pipeline.stages)
+    statuses = [s.status for s in stages]
+    current = next((s for s in stages if s.is_active), None)
+    if JobStatus.STARTED in statuses:
+        status = JobStatus.STARTED
+    elif current is not None:  # between stages, or not begun
+        status = JobStatus.STARTED if any(s.attempts for s in stages) else JobStatus.QUEUED
+    else:
+        status = next(
+            (s for s in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED) if s in statuses),
+            JobStatus.FINISHED,
+        )
+    ended = [s.ended_at for s in stages if s.ended_at]
+    done = sum(s == JobStatus.FINISHED for s in statuses)
+    failed = next((s for s in stages if s.status in RETRYABLE and s.error), None)
+    updated = pipeline.model_copy(
+        update={
+            "status": status,
+            "started_at": min((s.started_at for s in stages if s.started_at), default=None),
+            "ended_at": max(ended) if status not in records.ACTIVE and ended else None,
+            "error": f"{failed.kind}: {failed.error}" if failed and status not in records.ACTIVE else None,
+            "progress": {
+                "stages_finished": done,
+                "stages": len(stages),
+                "current_stage": current.kind if current else None,
+                "current_job": current.id if current else None,
+                "percent": round(100 * done / len(stages), 1),
+            },
+        }
+    )
+    records.save(redis, updated)
+    return updated
+
+
+def delete(redis: Redis, job_id: str) -> bool:
+    """Remove an ended job's record, log and metrics (a pipeline's stages too). False: unknown id."""
+    record = records.load(redis, job_id)
+    if record is None:
+        return False
+    if record.is_active:
+        raise Conflict(f"job {job_id} is {record.status}: stop it first")
+    if record.pipeline_id is not None:
+        raise Conflict(f"job {job_id} is a stage of pipeline {record.pipeline_id}: delete the pipeline")
+    for stage_id in record.stages:
+        records.delete(redis, stage_id)
+    records.delete(redis, job_id)
+    return True

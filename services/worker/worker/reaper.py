@@ -1,0 +1,81 @@
+"""
+Finding abandoned jobs: a started job whose lease has expired lost its worker (SIGKILL, a vanished
+machine). Every worker runs this check in a thread, so an abandoned job is re-queued within about
+one lease of its worker's death even when nobody looks at it. The new attempt resumes from the
+job's latest checkpoint; after max_retries lost workers the job fails.
+"""
+
+import logging
+import threading
+from datetime import timedelta
+
+from jobs import queue, records
+from jobs.records import JobStatus
+from redis import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("worker")
+LOST = "worker lost"
+
+
+def reap(redis: Redis, lease_seconds: float) -> list[str]:
+    """Re-queue (or fail) every started job whose lease has expired; returns their ids."""
+    reaped = []
+    for raw_id in redis.smembers(records.STARTED_SET):
+        job_id = raw_id.decode()
+        if redis.exists(records.lease_key(job_id)):
+            continue
+        record = records.load(redis, job_id)
+        if record is None or record.status != JobStatus.STARTED:
+            redis.srem(records.STARTED_SET, job_id)
+            continue
+        started = record.attempts[-1].started_at if record.attempts else record.started_at
+        if started and records.now() - started < timedelta(seconds=lease_seconds):
+            continue  # its worker is still taking its first lease
+        worker = record.attempts[-1].worker if record.attempts else "?"
+        reason = f"{LOST}: no heartbeat from {worker} for {lease_seconds:.0f} s"
+        lost = 1 + sum((a.end_reason or "").startswith(LOST) for a in record.attempts[:-1])
+        if lost <= record.max_retries:
+            again = records.transition(
+                redis,
+                job_id,
+                {JobStatus.STARTED},
+                status=JobStatus.QUEUED,
+                attempts=records.end_attempt(reason),
+            )
+            if again is not None:
+                queue.enqueue(redis, again)
+                log.warning(
+                    "job %s: %s; re-queued (retry %d of %d)", job_id, reason, lost, record.max_retries
+                )
+        else:
+            failed = records.transition(
+                redis,
+                job_id,
+                {JobStatus.STARTED},
+                status=JobStatus.FAILED,
+                ended_at=records.now(),
+                error=f"{reason} ({lost} workers lost; max_retries is {record.max_retries})",
+                attempts=records.end_attempt(reason),
+            )
+            if failed is not None:
+                queue.stage_ended(redis, failed)
+        reaped.append(job_id)
+    return reaped
+
+
+def start_reaper(redis: Redis, lease_seconds: float) -> threading.Thread:
+    def loop() -> None:
+        while True:
+            try:
+                reap(redis, lease_seconds)
+            except RedisError as error:  # Redis restarting: try again next round
+                log.warning("reaper: Redis unreachable: %s", error)
+            except Exception:
+                log.exception("reaper round failed")
+            stop.wait(lease_seconds / 3)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=loop, name="reaper", daemon=True)
+    thread.start()
+    return thread

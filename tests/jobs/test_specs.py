@@ -1,0 +1,168 @@
+"""Job specs turn into exactly the trainer command lines a user would type, for every job kind."""
+
+import argparse
+import importlib
+
+import pytest
+from jobs.specs import JOB_SPEC, RunnerOptions, json_schemas
+from pydantic import ValidationError
+
+
+def command(spec: dict, resume: bool = False) -> str:
+    return " ".join(JOB_SPEC.validate_python(spec).command(resume=resume))
+
+
+def test_tokenizer_job_passes_every_config_field_as_a_flag() -> None:
+    spec = {"kind": "tokenizer", "run": "t", "config": {"vocab_size": 4096}}
+    assert (
+        command(spec)
+        == "-m trainer.tok_train --run t --vocab-size 4096 --max-chars 2000000000 --doc-cap 10000"
+    )
+
+
+def test_base_train_job_passes_only_what_is_set_and_resume_as_a_bare_flag() -> None:
+    spec = {"kind": "base_train", "run": "b", "config": {"depth": 4, "dtype": "bfloat16", "resume": True}}
+    assert command(spec) == "-m trainer.base_train --run b --dtype bfloat16 --resume --depth 4"
+
+
+def test_a_retry_adds_resume_to_training_programs_only() -> None:
+    train = {"kind": "base_train", "run": "b", "config": {"depth": 4}}
+    assert command(train, resume=True) == "-m trainer.base_train --run b --resume --depth 4"
+    evaluation = {"kind": "base_eval", "run": "b", "config": {"max_per_task": 5}}
+    assert command(evaluation, resume=True) == "-m trainer.base_eval --run b --max-per-task 5"
+
+
+def test_false_is_passed_as_no_flag_where_the_program_defaults_to_on() -> None:
+    spec = {
+        "kind": "chat_sft",
+        "run": "s",
+        "config": {"load_optimizer": False, "compile": False, "resume": False},
+    }
+    assert command(spec) == "-m trainer.chat_sft --run s --no-compile --no-load-optimizer"
+
+
+def test_several_processes_launch_through_torchrun_with_flags_after_a_separator() -> None:
+    spec = {"kind": "base_train", "run": "b", "config": {"depth": 20, "nproc_per_node": 8, "max_retries": 5}}
+    assert command(spec) == (
+        "-m torch.distributed.run --standalone --nproc_per_node=8 -m trainer.base_train -- --run b --depth 20"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "config"),
+    [
+        ("base_train", {"depth": 0}),
+        ("base_train", {"window_pattern": "SXL"}),
+        ("base_train", {"dtype": "float8"}),
+        ("base_train", {"nproc_per_node": 0}),
+        ("base_train", {"lr": 1}),
+        ("chat_sft", {"source": "rl2"}),
+        ("chat_rl", {"max_seq_len": 512}),  # not a chat_rl flag
+        ("chat_eval", {"task_name": "GSM8K; rm -rf /"}),
+        ("chat_sft", {"mixture": "/etc/passwd.yaml"}),
+        ("chat_sft", {"mixture": "../../outside.yaml"}),
+        ("mid_train", {"mixture": "mixtures/../../x.yaml"}),
+        ("base_eval", {"eval": "core,everything"}),
+        ("tokenizer", {"max_retries": 100}),
+        ("tokenizer", {"time_limit": 1}),
+        (
+            "pipeline",
+            {
+                "skip": [
+                    "tokenizer",
+                    "base_train",
+                    "mid_train",
+                    "chat_sft",
+                    "chat_rl",
+                    "base_eval",
+                    "chat_eval",
+                ]
+            },
+        ),
+        ("pipeline", {"skip": ["warmup"]}),
+    ],
+)
+def test_configs_are_bounded(kind: str, config: dict) -> None:
+    with pytest.raises(ValidationError):
+        JOB_SPEC.validate_python({"kind": kind, "run": "b", "config": config})
+
+
+# Every flag of every kind set to a value other than its default, as a user might.
+EVERY_FLAG = {
+    "tokenizer": {"vocab_size": 4096, "max_chars": 20_000, "doc_cap": 500},
+    "base_train": {
+        "depth": 4, "head_dim": 64, "window_pattern": "SSL", "target_param_data_ratio": 8.0,
+        "eval_tokens": 4096,
+        "core_metric_every": -1, "core_metric_max_per_task": 10, "sample_every": 0, "num_iterations": 3,
+        "device_batch_size": 2, "eval_every": 5, "save_every": 7, "keep_checkpoints": 2, "resume": True,
+        "seed": 3, "total_batch_size": 1024, "max_seq_len": 128, "compile": False, "dtype": "float32",
+    },
+    "mid_train": {
+        "source": "base", "source_run": "other", "source_step": 5, "matrix_lr": 0.01, "embedding_lr": 0.2,
+        "unembedding_lr": 0.004, "scalar_lr": 0.5, "init_lr_frac": 0.5, "warmup_ratio": 0.1,
+        "warmdown_ratio": 0.3, "final_lr_frac": 0.1, "load_optimizer": False, "eval_tokens": 4096,
+        "chatcore_every": 10, "chatcore_max_cat": 5, "chatcore_max_sample": 3, "num_iterations": 3,
+        "mixture": "mixtures/mine.yaml",
+        "device_batch_size": 2, "eval_every": 5, "save_every": 7, "keep_checkpoints": 2, "resume": True,
+        "seed": 3, "total_batch_size": 1024, "max_seq_len": 128, "compile": True, "dtype": "bfloat16",
+    },
+    "chat_rl": {
+        "source": "mid", "source_step": 4, "init_lr_frac": 0.1, "num_epochs": 2, "examples_per_step": 4,
+        "num_samples": 2, "max_new_tokens": 16, "temperature": 0.7, "top_k": 5, "eval_examples": 8,
+        "num_iterations": 3, "device_batch_size": 2, "eval_every": 5, "save_every": 7, "keep_checkpoints": 2,
+        "resume": True, "seed": 3, "dtype": "float32", "source_run": "other", "matrix_lr": 0.01,
+        "embedding_lr": 0.2, "unembedding_lr": 0.004, "scalar_lr": 0.5,
+    },
+    "base_eval": {
+        "step": 5, "eval": "core,bpb", "max_per_task": 5, "split_tokens": 4096, "device_batch_size": 4,
+        "dtype": "bfloat16",
+    },
+    "chat_eval": {
+        "source": "rl", "step": 5, "task_name": "ARC-Easy|GSM8K", "max_problems": 5, "batch_size": 4,
+        "num_samples": 2, "max_new_tokens": 16, "temperature": 0.5, "top_k": 7, "dtype": "float32",
+    },
+}  # fmt: skip
+EVERY_FLAG["chat_sft"] = {**EVERY_FLAG["mid_train"], "source": "mid"}
+
+
+def program_parser(kind: str) -> argparse.ArgumentParser:
+    if kind in ("mid_train", "chat_sft"):
+        supervised = importlib.import_module("trainer.supervised")
+        return supervised.build_parser(supervised.STAGES["mid" if kind == "mid_train" else "sft"])
+    program = JOB_SPEC.validate_python({"kind": kind}).program
+    return importlib.import_module(program).parser
+
+
+@pytest.mark.parametrize("kind", sorted(EVERY_FLAG))
+def test_every_config_field_is_the_programs_flag_of_that_name(kind: str) -> None:
+    spec = JOB_SPEC.validate_python({"kind": kind, "run": "r", "config": EVERY_FLAG[kind]})
+    runner_fields = RunnerOptions.RUNNER_FIELDS
+    assert set(EVERY_FLAG[kind]) == set(type(spec.config).model_fields) - runner_fields, "a field is untested"
+    parsed = vars(program_parser(kind).parse_args(spec.arguments()))
+    assert parsed["run"] == "r"
+    for name, value in EVERY_FLAG[kind].items():
+        assert parsed[name] == value, name
+
+
+def test_a_pipeline_chains_the_stages_each_from_the_last_one_that_runs() -> None:
+    spec = JOB_SPEC.validate_python(
+        {
+            "kind": "pipeline",
+            "run": "p",
+            "config": {"skip": ["mid_train", "chat_rl"], "base_train": {"depth": 2}},
+        }
+    )
+    stages = spec.stages()
+    assert [s.kind for s in stages] == ["tokenizer", "base_train", "chat_sft", "base_eval", "chat_eval"]
+    assert {s.run for s in stages} == {"p"}
+    assert stages[1].config.depth == 2
+    assert stages[2].config.source == "base"  # mid is skipped
+    assert stages[4].config.source == "sft"
+
+
+def test_the_schema_names_every_kind_with_defaults_and_bounds() -> None:
+    schemas = json_schemas()
+    assert set(schemas) == {*EVERY_FLAG, "pipeline"}
+    base = schemas["base_train"]["$defs"]["BaseTrainConfig"]["properties"]
+    assert base["depth"]["default"] == 12 and base["depth"]["minimum"] == 1 and base["depth"]["maximum"] == 64
+    assert base["max_retries"]["default"] == 2
