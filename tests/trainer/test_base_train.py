@@ -183,6 +183,30 @@ def run_until_sigterm(command: list[str], env: dict, log: Path, after: str) -> s
     return log.read_text()
 
 
+def test_sigterm_saves_a_checkpoint_even_after_the_output_pipe_broke(env: Path, data_kit: Path) -> None:
+    """The worker reading the program's output died (its pipe is closed), then SIGTERM arrives."""
+    copy_tokenizer(env, "orphan")
+    flags = f"--run orphan {TINY} --num-iterations 400 --eval-every 0 --save-every 0"
+    process = subprocess.Popen(
+        [PYTHON, "-m", "trainer.base_train", *flags.split()],
+        env=service_env(NANOCHAT_BASE_DIR=str(env), NANOCHAT_DATA_DIR=str(data_kit)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for line in process.stdout:
+            if b"step 3/400" in line:
+                break
+        process.stdout.close()  # the reader goes away
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 143
+    finally:
+        if process.poll() is None:
+            process.kill()
+    (step,) = checkpoint.list_steps(run_dir(env, "orphan") / "base")
+    assert 3 <= step < 400
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues_from_it(
     env: Path, data_kit: Path, tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ the flags every training program shares, the peak FLOPs behind MFU, stop signals
 import argparse
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -205,18 +206,50 @@ def peak_flops(runtime: Runtime) -> tuple[float, str]:
 
 
 class StopRequest:
-    """SIGTERM or Ctrl-C: checkpoint at the end of the current step, then stop; a second signal stops now."""
+    """SIGTERM or Ctrl-C: checkpoint at the end of the current step, then stop; a second signal stops now.
+    Output that can no longer be delivered (the worker reading it died) does not stop the checkpoint."""
 
     def __init__(self) -> None:
         self.requested = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle)
+        sys.stdout, sys.stderr = SurvivesBrokenPipe(sys.stdout), SurvivesBrokenPipe(sys.stderr)
 
     def handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         print0(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping")
+
+
+class SurvivesBrokenPipe:
+    """A text stream whose reader may go away: the first write that finds the pipe broken points the
+    file descriptor at /dev/null, so later writes (and the flush at exit) succeed and go nowhere."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.discard()
+            return self.stream.write(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.discard()
+            self.stream.flush()
+
+    def discard(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 class NullWandb:

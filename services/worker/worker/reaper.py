@@ -1,13 +1,14 @@
 """
 Finding abandoned jobs: a started job whose lease has expired lost its worker (SIGKILL, a vanished
 machine). Every worker runs this check in a thread, so an abandoned job is re-queued within about
-one lease of its worker's death even when nobody looks at it. The new attempt resumes from the
+two leases of its worker's death (its lease expires, then stays missing for a lease) even when
+nobody looks at it. The new attempt resumes from the
 job's latest checkpoint; after max_retries lost workers the job fails.
 """
 
 import logging
 import threading
-from datetime import timedelta
+import time
 
 from jobs import queue, records
 from jobs.records import JobStatus
@@ -18,22 +19,27 @@ log = logging.getLogger("worker")
 LOST = "worker lost"
 
 
-def reap(redis: Redis, lease_seconds: float) -> list[str]:
-    """Re-queue (or fail) every started job whose lease has expired; returns their ids."""
-    reaped = []
-    for raw_id in redis.smembers(records.STARTED_SET):
-        job_id = raw_id.decode()
+def reap(redis: Redis, lease_seconds: float, missing_since: dict[str, float]) -> list[str]:
+    """Re-queue (or fail) every started job whose lease this reaper has seen missing for a whole lease
+    period (a lease that expired while Redis was down is renewed as soon as its worker reaches Redis
+    again); returns their ids. `missing_since` carries what was seen from one round to the next."""
+    reaped, now = [], time.monotonic()
+    started = {raw_id.decode() for raw_id in redis.smembers(records.STARTED_SET)}
+    for job_id in set(missing_since) - started:
+        del missing_since[job_id]
+    for job_id in started:
         if redis.exists(records.lease_key(job_id)):
+            missing_since.pop(job_id, None)
             continue
+        if now - missing_since.setdefault(job_id, now) < lease_seconds:
+            continue
+        del missing_since[job_id]
         record = records.load(redis, job_id)
         if record is None or record.status != JobStatus.STARTED:
             redis.srem(records.STARTED_SET, job_id)
             continue
-        started = record.attempts[-1].started_at if record.attempts else record.started_at
-        if started and records.now() - started < timedelta(seconds=lease_seconds):
-            continue  # its worker is still taking its first lease
         worker = record.attempts[-1].worker if record.attempts else "?"
-        reason = f"{LOST}: no heartbeat from {worker} for {lease_seconds:.0f} s"
+        reason = f"{LOST}: no heartbeat from {worker} for over {lease_seconds:.0f} s"
         lost = 1 + sum((a.end_reason or "").startswith(LOST) for a in record.attempts[:-1])
         if lost <= record.max_retries:
             again = records.transition(
@@ -66,9 +72,10 @@ def reap(redis: Redis, lease_seconds: float) -> list[str]:
 
 def start_reaper(redis: Redis, lease_seconds: float) -> threading.Thread:
     def loop() -> None:
+        missing_since: dict[str, float] = {}
         while True:
             try:
-                reap(redis, lease_seconds)
+                reap(redis, lease_seconds, missing_since)
             except RedisError as error:  # Redis restarting: try again next round
                 log.warning("reaper: Redis unreachable: %s", error)
             except Exception:

@@ -176,7 +176,7 @@ class Lease:
         return self.holder == self.job_id  # our own earlier attempt's lock, not expired yet
 
     def renew(self) -> None:
-        if time.monotonic() - self.renewed < POLL_SECONDS * 3:
+        if time.monotonic() - self.renewed < self.ttl_ms / 3000:
             return
         with self.redis.pipeline() as pipe:
             pipe.set(records.lease_key(self.job_id), self.attempts, px=self.ttl_ms)
