@@ -1,9 +1,11 @@
 """Bad input and missing credentials are refused before anything reaches the queue (no worker runs here)."""
 
 import json
+import math
 import pickle
 import subprocess
 import zlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -219,3 +221,48 @@ def test_dev_mode_starts_without_a_token_and_lets_requests_through(redis_url: st
             assert client.get("/jobs").status_code == 200
     finally:
         api.stop()
+
+
+def fake_checkpoint(base_dir: Path, run: str, stage: str, step: int, shapes: dict[str, list[int]]) -> None:
+    """A checkpoint folder as the trainer writes it: safetensors weights (zeros) and meta.json last."""
+    (base_dir / "runs" / run / "tokenizer").mkdir(parents=True, exist_ok=True)
+    folder = base_dir / "runs" / run / stage / f"step_{step:06d}"
+    folder.mkdir(parents=True)
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(len(encoded).to_bytes(8, "little") + encoded + bytes(offset))
+    (folder / "meta.json").write_text(json.dumps({"step": step}))
+
+
+def test_models_are_listed_with_their_numbers_and_deleted_only_when_no_job_uses_them(api_only: Stack) -> None:
+    fake_checkpoint(api_only.base_dir, "m", "sft", 7, {"wte.weight": [64, 16], "lm_head.weight": [64, 16]})
+    report = api_only.base_dir / "runs" / "m" / "report"
+    report.mkdir()
+    (report / "chat_sft.json").write_text(json.dumps({"val_bpb": 1.25, "steps": 7, "source": "m/mid"}))
+    (report / "chat_eval_sft.json").write_text(json.dumps({"ARC-Easy": 0.31}))
+    (report / "report.md").write_text("# Report card: m\n")
+    (report / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with api_only.client() as client:
+        listed = {m["id"]: m for m in client.get("/models").json()}
+        model = listed["m-sft-000007"]
+        assert (model["run"], model["stage"], model["step"], model["params"]) == ("m", "sft", 7, 2 * 64 * 16)
+        assert model["metrics"] == {"val_bpb": 1.25, "steps": 7, "ARC-Easy": 0.31}
+        assert client.get("/models/m-sft-000007/report").json() == {
+            "markdown": "# Report card: m\n",
+            "charts": ["loss.png"],
+        }
+        chart = client.get("/models/m-sft-000007/report/charts/loss.png")
+        assert chart.headers["content-type"] == "image/png"
+        assert client.get("/models/m-sft-000007/report/charts/..%2Freport.md").status_code in (404, 422)
+        assert client.get("/models/m-sft-000008").status_code == 404
+        job = client.post("/jobs", json={**VALID, "run": "m"}).json()
+        refused = client.delete("/models/m-sft-000007")
+        assert refused.status_code == 409 and job["id"] in refused.json()["detail"]
+        client.post(f"/jobs/{job['id']}/stop")
+        assert client.delete("/models/m-sft-000007").status_code == 204
+        assert client.get("/models/m-sft-000007").status_code == 404
+    assert not (api_only.base_dir / "runs" / "m" / "sft" / "step_000007").exists()

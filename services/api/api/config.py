@@ -1,6 +1,8 @@
 """API settings, from the environment (or a .env file in the working directory)."""
 
-from pydantic import Field, SecretStr, model_validator
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values people paste from examples: never accepted as a real token.
@@ -22,6 +24,11 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0", description="Redis holding the queue and records."
     )
+    base_dir: Path = Field(
+        default=Path("~/.cache/nanochat"),
+        validation_alias=AliasChoices("NANOCHAT_BASE_DIR"),
+        description="Runs live here: the model registry lists their checkpoints.",
+    )
     api_host: str = Field(default="127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
     api_port: int = Field(default=8000, ge=1, le=65535)
     api_max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Larger request bodies get 413.")
@@ -31,6 +38,10 @@ class Settings(BaseSettings):
     api_max_followers: int = Field(
         default=256, ge=1, description="Open log/metrics streams in all; more get 429."
     )
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.base_dir.expanduser() / "runs"
 
     @model_validator(mode="after")
     def refuse_missing_or_placeholder_token(self) -> "Settings":

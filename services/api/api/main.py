@@ -12,7 +12,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api import streams
 from api.config import Settings
-from api.routes import health, jobs
+from api.routes import health, jobs, models
 
 REDIS_TIMEOUT_SECONDS = 5  # a Redis that went away makes requests fail fast (503), not hang
 
@@ -52,4 +52,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(models.router)
     return app

@@ -8,13 +8,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from jobs.models import UnknownModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from inference.metrics import Metrics
 from inference.pool import ModelPool
 from inference.protocol import OpenAIError
-from inference.registry import UnknownModel
 from inference.routes import public, router
 from inference.scheduler import Output, SamplingParams, Submission
 from inference.settings import InferenceSettings

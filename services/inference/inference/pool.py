@@ -11,9 +11,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from jobs.models import Checkpoint, resolve
 
 from inference.metrics import Metrics
-from inference.registry import Checkpoint, resolve
 from inference.scheduler import Scheduler
 from inference.settings import InferenceSettings
 from trainer.checkpoint import load_model

@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from jobs.models import UnknownModel, model_ids
 from prometheus_client import generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -18,7 +19,6 @@ from inference.protocol import (
     OpenAIError,
     TokenizeRequest,
 )
-from inference.registry import UnknownModel, model_ids
 
 public = APIRouter()
 router = APIRouter(dependencies=[Depends(require_token)])

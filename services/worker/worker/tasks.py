@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from jobs import queue, records
+from jobs import models, queue, records
 from jobs.records import Attempt, JobRecord, JobStatus
 from jobs.specs import ProgramJob
 from redis import Redis
@@ -149,13 +149,9 @@ def stage_dir(settings: WorkerSettings, spec: ProgramJob) -> Path | None:
 
 
 def latest_step(folder: Path | None) -> int | None:
-    """The newest complete checkpoint (step_NNNNNN with its meta.json) in a stage folder."""
-    if folder is None or not folder.is_dir():
-        return None
-    steps = [
-        int(p.name[5:]) for p in folder.glob("step_*") if p.name[5:].isdigit() and (p / "meta.json").exists()
-    ]
-    return max(steps, default=None)
+    """The newest complete checkpoint in a stage folder."""
+    steps = models.list_steps(folder) if folder is not None else []
+    return steps[-1] if steps else None
 
 
 class Lease:

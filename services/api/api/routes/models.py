@@ -1,0 +1,109 @@
+"""The model registry: every checkpoint with its numbers, the run's report card, deletion."""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Response, status
+from fastapi.responses import FileResponse
+from jobs import models, records
+from jobs.models import Checkpoint, UnknownModel
+from pydantic import BaseModel
+
+from api.deps import RedisDep, SettingsDep, require_read_token, require_token
+from api.routes.jobs import ERRORS
+
+router = APIRouter(prefix="/models", tags=["models"])
+ModelId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}-(base|mid|sft|rl)-\d{6}$")]
+ChartName = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}\.png$")]
+NOT_FOUND = {404: {"description": "no such model"}}
+
+
+class Model(BaseModel):
+    id: str  # <run>-<stage>-<step>: the inference service serves the same id
+    run: str
+    stage: str
+    step: int
+    params: int
+    created: int  # unix seconds
+    metrics: dict[str, Any]  # the stage's numbers from the run's report (val bpb, CORE, accuracies…)
+
+
+class Report(BaseModel):
+    markdown: str
+    charts: list[str]  # GET /models/{id}/report/charts/{name}
+
+
+def describe(settings: SettingsDep, checkpoint: Checkpoint) -> Model:
+    return Model(
+        id=checkpoint.id,
+        run=checkpoint.run,
+        stage=checkpoint.stage,
+        step=checkpoint.step,
+        params=models.parameter_count(checkpoint),
+        created=checkpoint.created,
+        metrics=models.report_numbers(settings.runs_dir, checkpoint),
+    )
+
+
+def found(settings: SettingsDep, model_id: str) -> Checkpoint:
+    try:
+        return models.find(settings.runs_dir, model_id)
+    except UnknownModel as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(error)) from error
+
+
+@router.get("", dependencies=[Depends(require_read_token)], responses=ERRORS)
+def list_models(settings: SettingsDep) -> list[Model]:
+    """Every complete checkpoint, newest first."""
+    checkpoints = sorted(models.scan(settings.runs_dir), key=lambda c: (c.created, c.step), reverse=True)
+    return [describe(settings, c) for c in checkpoints]
+
+
+@router.get("/{model_id}", dependencies=[Depends(require_read_token)], responses={**ERRORS, **NOT_FOUND})
+def get_model(model_id: ModelId, settings: SettingsDep) -> Model:
+    return describe(settings, found(settings, model_id))
+
+
+@router.get(
+    "/{model_id}/report", dependencies=[Depends(require_read_token)], responses={**ERRORS, **NOT_FOUND}
+)
+def get_report(model_id: ModelId, settings: SettingsDep) -> Report:
+    """The run's report card (markdown) and the names of its charts."""
+    folder = settings.runs_dir / found(settings, model_id).run / "report"
+    markdown = folder / "report.md"
+    if not markdown.exists():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="this model's run has no report yet")
+    return Report(
+        markdown=markdown.read_text(encoding="utf-8"), charts=sorted(p.name for p in folder.glob("*.png"))
+    )
+
+
+@router.get(
+    "/{model_id}/report/charts/{name}",
+    response_class=FileResponse,
+    dependencies=[Depends(require_read_token)],
+    responses={**ERRORS, **NOT_FOUND, 200: {"content": {"image/png": {}}}},
+)
+def get_chart(model_id: ModelId, name: ChartName, settings: SettingsDep) -> FileResponse:
+    path = settings.runs_dir / found(settings, model_id).run / "report" / name
+    if not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no chart {name}")
+    return FileResponse(path, media_type="image/png")
+
+
+@router.delete(
+    "/{model_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Depends(require_token)],
+    responses={**ERRORS, **NOT_FOUND, 409: {"description": "a job is using this model's run"}},
+)
+def delete_model(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> Response:
+    """Delete one checkpoint; refused while an active job works on its run."""
+    checkpoint = found(settings, model_id)
+    busy = [r for r in records.list_records(redis, limit=10**6, run=checkpoint.run)[0] if r.is_active]
+    if busy:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"job {busy[0].id} ({busy[0].kind}) is {busy[0].status} on run {checkpoint.run!r}",
+        )
+    models.delete(checkpoint)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
