@@ -105,15 +105,17 @@ def wait_healthy(stack: Stack, urls: dict[str, str]) -> None:
 def run_demo(api_url: str, token: str) -> None:
     """Submit a tokenizer job and print its log as it streams, until it ends."""
     spec = {"kind": "tokenizer", "run": "demo", "config": {"vocab_size": 32768, "max_chars": 250_000_000}}
+    auth = {"Authorization": f"Bearer {token}"}
     request = urllib.request.Request(
         f"{api_url}/jobs",
         data=json.dumps(spec).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        headers={**auth, "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         job = json.load(response)
     print(f"\nsubmitted job {job['id']} ({job['kind']}, run {job['run']}); its log:\n", flush=True)
-    with urllib.request.urlopen(f"{api_url}/jobs/{job['id']}/logs?follow=true", timeout=None) as stream:
+    follow = urllib.request.Request(f"{api_url}/jobs/{job['id']}/logs?follow=true", headers=auth)
+    with urllib.request.urlopen(follow, timeout=None) as stream:
         event = "message"
         for raw in stream:
             line = raw.decode("utf-8").rstrip("\n")
@@ -126,7 +128,9 @@ def run_demo(api_url: str, token: str) -> None:
                 )
             elif not line:
                 event = "message"
-    with urllib.request.urlopen(f"{api_url}/jobs/{job['id']}", timeout=10) as response:
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{api_url}/jobs/{job['id']}", headers=auth), timeout=10
+    ) as response:
         print(json.dumps(json.load(response), indent=2), flush=True)
 
 

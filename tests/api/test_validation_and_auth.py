@@ -1,5 +1,6 @@
 """Bad input and missing credentials are refused before anything reaches the queue (no worker runs here)."""
 
+import contextlib
 import json
 import math
 import pickle
@@ -266,3 +267,15 @@ def test_models_are_listed_with_their_numbers_and_deleted_only_when_no_job_uses_
         assert client.delete("/models/m-sft-000007").status_code == 204
         assert client.get("/models/m-sft-000007").status_code == 404
     assert not (api_only.base_dir / "runs" / "m" / "sft" / "step_000007").exists()
+
+
+def test_open_streams_are_bounded_per_job(api_only: Stack) -> None:
+    with api_only.client() as client, contextlib.ExitStack() as streams:
+        job = client.post("/jobs", json={**VALID, "run": "watched"}).json()  # stays queued: no worker
+        url = f"/jobs/{job['id']}/logs?follow=true"
+        for _ in range(8):  # API_MAX_FOLLOWERS_PER_JOB's default
+            assert streams.enter_context(client.stream("GET", url)).status_code == 200
+        refused = client.get(url)
+        assert refused.status_code == 429 and refused.headers["retry-after"]
+        assert client.get(f"/jobs/{job['id']}/metrics?follow=true").status_code == 429  # same job, same bound
+        client.post(f"/jobs/{job['id']}/stop")

@@ -31,7 +31,7 @@ def main() -> None:
     # registration (same host, same pid 1) and refuse to start.
     name = f"{host_prefix()}{uuid.uuid4().hex[:12]}"
     worker = Worker([rq_queue(redis)], connection=redis, name=name, serializer=SERIALIZER)
-    start_reaper(redis, settings.job_lease_seconds)
+    start_reaper(redis, settings.job_lease_seconds, settings.job_retention_days)
     logging.info("%s listening on queue %r (runs in %s)", name, QUEUE_NAME, settings.base_dir)
     worker.work()
 

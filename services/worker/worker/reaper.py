@@ -2,13 +2,15 @@
 Finding abandoned jobs: a started job whose lease has expired lost its worker (SIGKILL, a vanished
 machine). Every worker runs this check in a thread, so an abandoned job is re-queued within about
 two leases of its worker's death (its lease expires, then stays missing for a lease) even when
-nobody looks at it. The new attempt resumes from the
-job's latest checkpoint; after max_retries lost workers the job fails.
+nobody looks at it. The new attempt resumes from the job's latest checkpoint; after max_retries lost
+workers the job fails. The same thread deletes the records of jobs that ended longer ago than the
+retention period.
 """
 
 import logging
 import threading
 import time
+from datetime import timedelta
 
 from jobs import queue, records
 from jobs.records import JobStatus
@@ -17,6 +19,7 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger("worker")
 LOST = "worker lost"
+CLEANUP_SECONDS = 3600  # how often old job records are looked for
 
 
 def reap(redis: Redis, lease_seconds: float, missing_since: dict[str, float]) -> list[str]:
@@ -70,12 +73,29 @@ def reap(redis: Redis, lease_seconds: float, missing_since: dict[str, float]) ->
     return reaped
 
 
-def start_reaper(redis: Redis, lease_seconds: float) -> threading.Thread:
+def forget_old(redis: Redis, retention_days: float) -> list[str]:
+    """Delete the records, logs and metrics of jobs that ended over `retention_days` ago (a pipeline
+    with its stages; checkpoints are files of the run and stay)."""
+    cutoff = records.now() - timedelta(days=retention_days)
+    ended = [
+        r for r in records.list_records(redis, limit=10**9)[0] if not r.is_active and r.pipeline_id is None
+    ]
+    old = [r.id for r in ended if r.ended_at is not None and r.ended_at < cutoff]
+    for job_id in old:
+        queue.delete(redis, job_id)
+    return old
+
+
+def start_reaper(redis: Redis, lease_seconds: float, retention_days: float) -> threading.Thread:
     def loop() -> None:
         missing_since: dict[str, float] = {}
+        last_cleanup = 0.0
         while True:
             try:
                 reap(redis, lease_seconds, missing_since)
+                if time.monotonic() - last_cleanup > CLEANUP_SECONDS:
+                    forget_old(redis, retention_days)
+                    last_cleanup = time.monotonic()
             except RedisError as error:  # Redis restarting: try again next round
                 log.warning("reaper: Redis unreachable: %s", error)
             except Exception:

@@ -36,3 +36,9 @@ class WorkerSettings(BaseSettings):
         description="A running job's worker renews its lease this often ×⅓; a job whose lease has expired "
         "is taken as abandoned (its worker died) and re-queued.",
     )
+    job_retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        validation_alias=AliasChoices("JOB_RETENTION_DAYS"),
+        description="Records, logs and metrics of jobs that ended longer ago are deleted (checkpoints stay).",
+    )

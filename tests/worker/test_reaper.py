@@ -1,0 +1,81 @@
+"""The reaper and the retention clean-up, on a real Redis; and what a job's program may see."""
+
+import time
+from datetime import timedelta
+
+import pytest
+from jobs import queue, records
+from jobs.records import Attempt, JobRecord, JobStatus
+from redis import Redis
+
+from worker.reaper import forget_old, reap
+from worker.settings import WorkerSettings
+from worker.tasks import child_environment
+
+
+@pytest.fixture
+def redis(redis_url: str) -> Redis:
+    client = Redis.from_url(redis_url)
+    client.flushall()
+    return client
+
+
+def started_job(redis: Redis, max_retries: int, lost_before: int = 0) -> JobRecord:
+    """A started job whose worker is gone (no lease), after `lost_before` earlier lost workers."""
+    lost = [
+        Attempt(worker=f"w{i}", started_at=records.now(), ended_at=records.now(), end_reason="worker lost: …")
+        for i in range(lost_before)
+    ]
+    record = JobRecord.new("tokenizer", "r", {"max_retries": max_retries})
+    with redis.pipeline() as pipe:
+        records.add(pipe, record)
+        pipe.execute()
+    return records.transition(
+        redis, record.id, {JobStatus.QUEUED}, status=JobStatus.STARTED, started_at=records.now(),
+        attempts=[*lost, Attempt(worker="gone", started_at=records.now())],
+    )  # fmt: skip
+
+
+def test_a_job_whose_lease_stays_missing_for_a_lease_is_requeued_then_failed_past_max_retries(
+    redis: Redis,
+) -> None:
+    requeued, exhausted = started_job(redis, max_retries=1), started_job(redis, max_retries=1, lost_before=1)
+    alive = started_job(redis, max_retries=1)
+    redis.set(records.lease_key(alive.id), 1, px=60_000)
+    missing_since: dict[str, float] = {}
+    assert reap(redis, 0.3, missing_since) == []  # seen missing once: maybe Redis was just down
+    time.sleep(0.4)
+    assert sorted(reap(redis, 0.3, missing_since)) == sorted([requeued.id, exhausted.id])
+
+    again = records.load(redis, requeued.id)
+    assert again.status == JobStatus.QUEUED and again.attempts[-1].end_reason.startswith(
+        "worker lost: no heartbeat"
+    )
+    assert again.rq_job_id == f"{again.id}-2" and again.rq_job_id in queue.rq_queue(redis).job_ids
+    failed = records.load(redis, exhausted.id)
+    assert failed.status == JobStatus.FAILED and "2 workers lost; max_retries is 1" in failed.error
+    assert records.load(redis, alive.id).status == JobStatus.STARTED
+    assert redis.smembers(records.STARTED_SET) == {alive.id.encode()}
+
+
+def test_ended_jobs_past_the_retention_are_forgotten(redis: Redis) -> None:
+    old, recent, running = (started_job(redis, max_retries=0) for _ in range(3))
+    records.transition(redis, old.id, {JobStatus.STARTED}, status=JobStatus.FINISHED,
+                       ended_at=records.now() - timedelta(days=31))  # fmt: skip
+    records.transition(redis, recent.id, {JobStatus.STARTED}, status=JobStatus.FAILED, ended_at=records.now())
+    records.append_log(redis, old.id, "a line")
+    assert forget_old(redis, retention_days=30) == [old.id]
+    assert records.load(redis, old.id) is None and records.read_log(redis, old.id) == []
+    assert records.load(redis, recent.id) is not None and records.load(redis, running.id) is not None
+
+
+def test_the_program_sees_an_allow_listed_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("API_TOKEN", "a-secret-token-of-the-api")
+    monkeypatch.setenv("REDIS_URL", "redis://:password@localhost:6379/0")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    env = child_environment(WorkerSettings())
+    assert not {"API_TOKEN", "REDIS_URL", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["PATH"] and env["NANOCHAT_BASE_DIR"] == str(tmp_path)
+    assert env["NANOCHAT_METRICS_PREFIX"] == "@@metrics "
