@@ -11,8 +11,10 @@ record in Redis is the truth.
 """
 
 import contextlib
+from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
@@ -36,18 +38,39 @@ def rq_queue(redis: Redis) -> Queue:
     return Queue(QUEUE_NAME, connection=redis, serializer=SERIALIZER)
 
 
-def enqueue(redis: Redis, record: JobRecord) -> None:
-    """Mark the job queued and put its id on RQ's queue in one transaction: both happen, or neither.
-    Each attempt is an RQ job of its own (`<id>-<n>`): a lost worker's RQ job stays RQ's business."""
-    rq_job_id = f"{record.id}-{len(record.attempts) + 1}"
+def put_on_queue(redis: Redis, pipe: Pipeline, record: JobRecord) -> None:
+    """Add RQ's commands for this attempt to a transaction. Each attempt is an RQ job of its own
+    (`<id>-<n>`): a lost worker's RQ job stays RQ's business. timeout=-1: training runs for hours;
+    the worker enforces the job's own time_limit."""
+    rq_queue(redis).enqueue_call(
+        TASK, args=(record.id,), job_id=record.rq_job_id, timeout=-1, result_ttl=RESULT_TTL, pipeline=pipe
+    )
+
+
+def enqueue(redis: Redis, job_id: str, allowed: set[JobStatus], **changes: Any) -> JobRecord | None:
+    """Mark the job queued (if its status is one of `allowed`, with `changes`) and put it on RQ's
+    queue, in one transaction: both happen, or neither. None when its status did not allow it."""
+    return records.transition(
+        redis,
+        job_id,
+        allowed,
+        then=lambda pipe, record: put_on_queue(redis, pipe, record),
+        status=JobStatus.QUEUED,
+        rq_job_id=lambda record: f"{record.id}-{len(record.attempts) + 1}",
+        **changes,
+    )
+
+
+def enqueue_new(redis: Redis, first: JobRecord, *others: JobRecord) -> JobRecord:
+    """Store new records and queue the first, in one transaction."""
+    queued = first.model_copy(update={"status": JobStatus.QUEUED, "rq_job_id": f"{first.id}-1"})
     with redis.pipeline() as pipe:
         pipe.multi()  # one MULTI/EXEC for our commands and RQ's
-        records.save(pipe, record.model_copy(update={"status": JobStatus.QUEUED, "rq_job_id": rq_job_id}))
-        # timeout=-1: training runs for hours; the worker enforces the job's own time_limit.
-        rq_queue(redis).enqueue_call(
-            TASK, args=(record.id,), job_id=rq_job_id, timeout=-1, result_ttl=RESULT_TTL, pipeline=pipe
-        )
+        for record in (queued, *others):
+            records.add(pipe, record)
+        put_on_queue(redis, pipe, queued)
         pipe.execute()
+    return queued
 
 
 def active_writer(redis: Redis, run: str, stages: set[str]) -> JobRecord | None:
@@ -74,12 +97,7 @@ def submit(redis: Redis, spec: JobSpec) -> JobRecord:
         )
     config = spec.config.model_dump(mode="json")
     if not isinstance(spec, PipelineJob):
-        record = JobRecord.new(spec.kind, spec.run, config)
-        with redis.pipeline() as pipe:
-            records.add(pipe, record)
-            pipe.execute()
-        enqueue(redis, record)
-        return records.load(redis, record.id)
+        return enqueue_new(redis, JobRecord.new(spec.kind, spec.run, config))
     pipeline = JobRecord.new(spec.kind, spec.run, config)
     stages = [
         JobRecord.new(s.kind, s.run, s.config.model_dump(mode="json"), JobStatus.WAITING).model_copy(
@@ -88,11 +106,7 @@ def submit(redis: Redis, spec: JobSpec) -> JobRecord:
         for s in stage_specs
     ]
     pipeline.stages = [s.id for s in stages]
-    with redis.pipeline() as pipe:
-        for record in [pipeline, *stages]:
-            records.add(pipe, record)
-        pipe.execute()
-    enqueue(redis, stages[0])
+    enqueue_new(redis, stages[0], pipeline, *stages[1:])
     return settle_pipeline(redis, pipeline.id)
 
 
@@ -152,12 +166,11 @@ def retry(redis: Redis, job_id: str) -> JobRecord | None:
             raise Conflict(f"stage {busy[0].id} of its pipeline is still {busy[0].status}")
     if busy := active_writer(redis, record.run, {spec_of(record).stage} - {None}):
         raise Conflict(f"job {busy.id} ({busy.kind}, {busy.status}) is writing run {record.run!r}")
-    reset = records.transition(
+    again = enqueue(
         redis, job_id, set(RETRYABLE), stop_requested=False, error=None, ended_at=None, result=None
     )
-    if reset is None:
+    if again is None:
         raise Conflict(f"job {job_id} changed state meanwhile; look again")
-    enqueue(redis, reset)
     if record.pipeline_id is not None:
         pipeline = records.load(redis, record.pipeline_id)
         later = pipeline.stages[pipeline.stages.index(job_id) + 1 :]
@@ -178,9 +191,7 @@ def stage_ended(redis: Redis, record: JobRecord) -> None:
         return
     later = pipeline.stages[pipeline.stages.index(record.id) + 1 :]
     if record.status == JobStatus.FINISHED and later:
-        waiting = records.transition(redis, later[0], {JobStatus.WAITING}, status=JobStatus.QUEUED)
-        if waiting is not None:
-            enqueue(redis, waiting)
+        enqueue(redis, later[0], {JobStatus.WAITING})
     elif record.status != JobStatus.FINISHED:
         reason = f"stage {record.kind} {record.status}"
         for stage_id in later:

@@ -16,6 +16,7 @@ worker acting on the same job cannot both win.
 
 import json
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -161,9 +162,16 @@ def list_records(
         start += SCAN_BATCH
 
 
-def transition(redis: Redis, job_id: str, allowed: set[JobStatus], **changes: Any) -> JobRecord | None:
+def transition(
+    redis: Redis,
+    job_id: str,
+    allowed: set[JobStatus],
+    then: Callable[[Pipeline, JobRecord], None] | None = None,
+    **changes: Any,
+) -> JobRecord | None:
     """Apply `changes` only if the job's status is in `allowed`; returns the new record or None.
-    A callable change is applied to the current record (e.g. to edit its last attempt)."""
+    A callable change is applied to the current record (e.g. to edit its last attempt); `then` adds
+    commands to the same transaction (e.g. putting the job on RQ's queue)."""
     key = record_key(job_id)
     with redis.pipeline() as pipe:
         while True:
@@ -185,6 +193,8 @@ def transition(redis: Redis, job_id: str, allowed: set[JobStatus], **changes: An
                     pipe.sadd(STARTED_SET, job_id)
                 else:
                     pipe.srem(STARTED_SET, job_id)
+                if then is not None:
+                    then(pipe, updated)
                 pipe.execute()
                 return updated
             except WatchError:

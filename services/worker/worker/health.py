@@ -1,5 +1,6 @@
-"""`python -m worker.health`: exit 0 when a worker of this host is registered with RQ (a healthcheck)."""
+"""`python -m worker.health`: exit 0 when a live worker of this host is registered with RQ (a healthcheck)."""
 
+import os
 import socket
 import sys
 
@@ -18,11 +19,22 @@ def host_prefix() -> str:
 def main() -> None:
     redis = Redis.from_url(WorkerSettings().redis_url, socket_timeout=3)
     try:
-        names = [worker.name for worker in Worker.all(connection=redis)]
+        workers = Worker.all(connection=redis)
     except RedisError as error:
         sys.exit(f"unhealthy: Redis unreachable: {error}")
-    if not any(name.startswith(host_prefix()) for name in names):
-        sys.exit(f"unhealthy: no worker of host {socket.gethostname()} is registered")
+    if not any(w.name.startswith(host_prefix()) and w.pid and is_running(w.pid) for w in workers):
+        sys.exit(f"unhealthy: no live worker of host {socket.gethostname()} is registered")
+
+
+def is_running(pid: int) -> bool:
+    """A registration a SIGKILLed worker left behind names a process that is gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 if __name__ == "__main__":

@@ -45,15 +45,7 @@ def reap(redis: Redis, lease_seconds: float, missing_since: dict[str, float]) ->
         reason = f"{LOST}: no heartbeat from {worker} for over {lease_seconds:.0f} s"
         lost = 1 + sum((a.end_reason or "").startswith(LOST) for a in record.attempts[:-1])
         if lost <= record.max_retries:
-            again = records.transition(
-                redis,
-                job_id,
-                {JobStatus.STARTED},
-                status=JobStatus.QUEUED,
-                attempts=records.end_attempt(reason),
-            )
-            if again is not None:
-                queue.enqueue(redis, again)
+            if queue.enqueue(redis, job_id, {JobStatus.STARTED}, attempts=records.end_attempt(reason)):
                 log.warning(
                     "job %s: %s; re-queued (retry %d of %d)", job_id, reason, lost, record.max_retries
                 )
