@@ -13,6 +13,17 @@ from conftest import Stack
 from sse import read_events
 from support import wait_until
 
+TRAINING_CONFIG = {
+    "depth": 2,
+    "head_dim": 64,
+    "max_seq_len": 128,
+    "device_batch_size": 4,
+    "total_batch_size": 512,
+    "num_iterations": 5000,
+    "eval_every": 0,
+    "sample_every": 0,
+    "save_every": 0,
+}
 TINY_TOKENIZER = {"kind": "tokenizer", "run": "e2e", "config": {"vocab_size": 1024, "max_chars": 2_000_000}}
 
 
@@ -179,17 +190,7 @@ def test_stopping_a_training_job_checkpoints_and_retry_resumes_it(stack: Stack, 
     spec = {
         "kind": "base_train",
         "run": "e2e",
-        "config": {
-            "depth": 2,
-            "head_dim": 64,
-            "max_seq_len": 128,
-            "device_batch_size": 4,
-            "total_batch_size": 512,
-            "num_iterations": 5000,
-            "eval_every": 0,
-            "sample_every": 0,
-            "save_every": 0,
-        },
+        "config": TRAINING_CONFIG,
     }
     job = submit(stack, spec)
     with stack.client() as client:
@@ -236,3 +237,15 @@ def test_stopping_a_training_job_checkpoints_and_retry_resumes_it(stack: Stack, 
         assert client.post(f"/jobs/{job['id']}/stop").status_code == 200
     events = follow_to_end(stack, job["id"])
     assert json.loads(events[-1].data) == {"status": "stopped"}
+
+
+def test_a_job_past_its_time_limit_is_stopped_with_a_checkpoint(stack: Stack, finished_job: dict) -> None:
+    config = {**TRAINING_CONFIG, "num_iterations": 100_000, "time_limit": 10}
+    job = submit(stack, {"kind": "base_train", "run": "e2e", "config": config})
+    events = follow_to_end(stack, job["id"])
+    assert json.loads(events[-1].data) == {"status": "stopped"}
+    with stack.client() as client:
+        record = client.get(f"/jobs/{job['id']}").json()
+    assert record["error"] == "time limit of 10 s reached"
+    assert "stopping the program (SIGTERM): time limit of 10 s reached" in [e.data for e in events]
+    assert any("checkpoint" in e.data and "step_" in e.data for e in events)

@@ -205,6 +205,24 @@ def test_api_refuses_to_start_without_a_real_token(tmp_path, env: dict, reason: 
     assert "refusing to start" in result.stderr and reason in result.stderr
 
 
+def test_public_read_lets_reads_through_without_the_token_but_not_changes(redis_url: str, tmp_path) -> None:
+    port = free_port()
+    env = service_env(
+        API_TOKEN="a-token-for-public-read-tests", PUBLIC_READ="1", API_PORT=str(port), REDIS_URL=redis_url
+    )
+    api = Process("api", [PYTHON, "-m", "api"], env, tmp_path)
+    try:
+        api.wait_healthy(f"http://127.0.0.1:{port}/health")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            assert client.get("/jobs").status_code == 200
+            assert client.get("/jobs/schema").status_code == 200
+            assert client.get("/models").status_code == 200
+            assert client.post("/jobs", json=VALID).status_code == 401
+            assert client.delete(f"/jobs/{UNKNOWN_ID}").status_code == 401
+    finally:
+        api.stop()
+
+
 def test_dev_mode_starts_without_a_token_and_lets_requests_through(redis_url: str, tmp_path) -> None:
     port = free_port()
     api = Process(

@@ -1,5 +1,6 @@
-"""The reaper and the retention clean-up, on a real Redis; and what a job's program may see."""
+"""The reaper, the retention clean-up and the log pump, on a real Redis; and what a job's program may see."""
 
+import io
 import time
 from datetime import timedelta
 
@@ -10,7 +11,7 @@ from redis import Redis
 
 from worker.reaper import forget_old, reap
 from worker.settings import WorkerSettings
-from worker.tasks import child_environment
+from worker.tasks import JobLog, child_environment
 
 
 @pytest.fixture
@@ -79,3 +80,15 @@ def test_the_program_sees_an_allow_listed_environment(monkeypatch: pytest.Monkey
     assert not {"API_TOKEN", "REDIS_URL", "AWS_SECRET_ACCESS_KEY"} & set(env)
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["PATH"] and env["NANOCHAT_BASE_DIR"] == str(tmp_path)
     assert env["NANOCHAT_METRICS_PREFIX"] == "@@metrics "
+
+
+def test_a_log_that_cannot_be_written_marks_the_output_lost_and_keeps_draining(
+    redis: Redis, tmp_path
+) -> None:
+    (tmp_path / "full.log").symlink_to("/dev/full")  # every write: "No space left on device"
+    with JobLog(redis, "job", tmp_path / "full.log") as job_log:
+        job_log.copy_from(io.BytesIO(b'one\ntwo\n@@metrics {"step": 1}\nthree\n'))
+        job_log.flush_backlog(final=True)
+    assert "No space left on device" in job_log.lost
+    assert [line for _, line in records.read_log(redis, "job")] == ["one", "two", "three"]  # Redis got them
+    assert [values for _, values in records.read_metrics(redis, "job")] == [{"step": 1}]
