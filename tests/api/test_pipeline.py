@@ -95,8 +95,10 @@ def test_a_pipeline_stopped_in_base_training_and_retried_runs_to_the_end(pipe_st
         assert base["status"] == "stopped"
         for kind in STAGES[2:]:
             stage = client.get(f"/jobs/{stages[kind]['id']}").json()
-            assert stage["status"] == "canceled" and stage["error"] == "stage base_train stopped"
+            assert stage["status"] == "canceled" and stage["error"] == "the pipeline was stopped"
             assert stage["attempts"] == []  # never ran
+        refused = client.post(f"/jobs/{stages['chat_sft']['id']}/retry")  # a later stage alone: no
+        assert refused.status_code == 409 and "base_train" in refused.json()["detail"]
         stopped_at = max(
             int(p.name[5:]) for p in (pipe_stack.base_dir / "runs" / "pipe" / "base").glob("step_*")
         )

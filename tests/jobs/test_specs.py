@@ -80,6 +80,7 @@ def test_several_processes_launch_through_torchrun_with_flags_after_a_separator(
             },
         ),
         ("pipeline", {"skip": ["warmup"]}),
+        ("pipeline", {"skip": ["tokenizer", "base_train", "mid_train", "chat_sft", "chat_rl", "base_eval"]}),
     ],
 )
 def test_configs_are_bounded(kind: str, config: dict) -> None:

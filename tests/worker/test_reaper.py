@@ -41,21 +41,23 @@ def test_a_job_whose_lease_stays_missing_for_a_lease_is_requeued_then_failed_pas
     redis: Redis,
 ) -> None:
     requeued, exhausted = started_job(redis, max_retries=1), started_job(redis, max_retries=1, lost_before=1)
-    alive = started_job(redis, max_retries=1)
+    alive, stopping = started_job(redis, max_retries=1), started_job(redis, max_retries=1)
+    records.transition(redis, stopping.id, {JobStatus.STARTED}, stop_requested=True)
     redis.set(records.lease_key(alive.id), 1, px=60_000)
     missing_since: dict[str, float] = {}
     assert reap(redis, 0.3, missing_since) == []  # seen missing once: maybe Redis was just down
     time.sleep(0.4)
-    assert sorted(reap(redis, 0.3, missing_since)) == sorted([requeued.id, exhausted.id])
+    assert sorted(reap(redis, 0.3, missing_since)) == sorted([requeued.id, exhausted.id, stopping.id])
 
     again = records.load(redis, requeued.id)
     assert again.status == JobStatus.QUEUED and again.attempts[-1].end_reason.startswith(
         "worker lost: no heartbeat"
     )
-    assert again.rq_job_id == f"{again.id}-2" and again.rq_job_id in queue.rq_queue(redis).job_ids
+    assert again.rq_job_id.startswith(f"{again.id}-2-") and again.rq_job_id in queue.rq_queue(redis).job_ids
     failed = records.load(redis, exhausted.id)
     assert failed.status == JobStatus.FAILED and "2 workers lost; max_retries is 1" in failed.error
     assert records.load(redis, alive.id).status == JobStatus.STARTED
+    assert records.load(redis, stopping.id).status == JobStatus.STOPPED  # a stop is never lost to a re-queue
     assert redis.smembers(records.STARTED_SET) == {alive.id.encode()}
 
 
@@ -66,7 +68,7 @@ def test_ended_jobs_past_the_retention_are_forgotten(redis: Redis) -> None:
     records.transition(redis, recent.id, {JobStatus.STARTED}, status=JobStatus.FAILED, ended_at=records.now())
     records.append_log(redis, old.id, "a line")
     assert forget_old(redis, retention_days=30) == [old.id]
-    assert records.load(redis, old.id) is None and records.read_log(redis, old.id) == []
+    assert records.load(redis, old.id) is None and records.read_log_page(redis, old.id, 0, 10) == []
     assert records.load(redis, recent.id) is not None and records.load(redis, running.id) is not None
 
 
@@ -87,8 +89,13 @@ def test_a_log_that_cannot_be_written_marks_the_output_lost_and_keeps_draining(
 ) -> None:
     (tmp_path / "full.log").symlink_to("/dev/full")  # every write: "No space left on device"
     with JobLog(redis, "job", tmp_path / "full.log") as job_log:
-        job_log.copy_from(io.BytesIO(b'one\ntwo\n@@metrics {"step": 1}\nthree\n'))
+        job_log.copy_from(io.BytesIO(b'one\ntwo\n@@metrics {"step": 1}\n@@metrics 5\nthree\n'))
         job_log.flush_backlog(final=True)
     assert "No space left on device" in job_log.lost
-    assert [line for _, line in records.read_log(redis, "job")] == ["one", "two", "three"]  # Redis got them
+    assert [line for _, line in records.read_log_page(redis, "job", 0, 10)] == [
+        "one",
+        "two",
+        "@@metrics 5",
+        "three",
+    ]  # Redis got them
     assert [values for _, values in records.read_metrics(redis, "job")] == [{"step": 1}]

@@ -6,6 +6,8 @@ open streams gets 429 instead of exhausting the server.
 """
 
 import json
+import threading
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
@@ -21,25 +23,31 @@ ENTRY_ID_PATTERN = r"^\d{1,20}-\d{1,20}$"
 
 
 class Followers:
-    """Open streams, per job and in all (one API process)."""
+    """Open streams, per job and in all (one API process). A stream counts from its admission until
+    its generator is gone: finished, closed, or dropped unstarted when the client left first."""
 
     def __init__(self, per_job: int, total: int) -> None:
         self.per_job, self.total = per_job, total
         self.open: Counter[str] = Counter()
+        self.lock = threading.Lock()  # routes admit from the threadpool; streams end on the event loop
 
-    def admit(self, job_id: str) -> None:
-        if self.open[job_id] >= self.per_job or sum(self.open.values()) >= self.total:
-            raise HTTPException(
-                status.HTTP_429_TOO_MANY_REQUESTS,
-                detail="too many open streams; close one or poll instead",
-                headers={"Retry-After": "5"},
-            )
-        self.open[job_id] += 1
+    def admit(self, job_id: str, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        with self.lock:
+            if self.open[job_id] >= self.per_job or self.open.total() >= self.total:
+                raise HTTPException(
+                    status.HTTP_429_TOO_MANY_REQUESTS,
+                    detail="too many open streams; close one or poll instead",
+                    headers={"Retry-After": "5"},
+                )
+            self.open[job_id] += 1
+        weakref.finalize(stream, self.leave, job_id)
+        return stream
 
     def leave(self, job_id: str) -> None:
-        self.open[job_id] -= 1
-        if self.open[job_id] <= 0:
-            del self.open[job_id]
+        with self.lock:
+            self.open[job_id] -= 1
+            if self.open[job_id] <= 0:
+                del self.open[job_id]
 
 
 async def follow(
@@ -48,31 +56,27 @@ async def follow(
     key: str,
     render: Callable[[dict[bytes, bytes]], str],
     after: str | None,
-    followers: Followers,
 ) -> AsyncIterator[bytes]:
     """SSE for entries of stream `key` after entry id `after` (a reconnecting client's Last-Event-ID)
     until the job has ended and every entry is sent."""
     last = after or "0-0"
-    try:
-        while True:
-            # The status is read before the entries: the worker writes all of a job's output before
-            # it ends the job, so "ended, then nothing new" means the stream is complete.
-            raw = await redis.get(records.record_key(job_id))
-            record = JobRecord.model_validate_json(raw) if raw else None
-            ended = record is None or not record.is_active
-            reply = await redis.xread({key: last}, count=BATCH, block=None if ended else BLOCK_MS)
-            entries = reply[0][1] if reply else []
-            for entry_id, fields in entries:
-                last = entry_id.decode()
-                yield format_sse_event(data_str=render(fields), id=last)
-            if ended and not entries:
-                final = record.status if record else "deleted"
-                yield format_sse_event(event="end", data_str=json.dumps({"status": final}))
-                return
-            if not entries:
-                yield KEEPALIVE_COMMENT
-    finally:
-        followers.leave(job_id)
+    while True:
+        # The status is read before the entries: the worker writes all of a job's output before
+        # it ends the job, so "ended, then nothing new" means the stream is complete.
+        raw = await redis.get(records.record_key(job_id))
+        record = JobRecord.model_validate_json(raw) if raw else None
+        ended = record is None or not record.is_active
+        reply = await redis.xread({key: last}, count=BATCH, block=None if ended else BLOCK_MS)
+        entries = reply[0][1] if reply else []
+        for entry_id, fields in entries:
+            last = entry_id.decode()
+            yield format_sse_event(data_str=render(fields), id=last)
+        if ended and not entries:
+            final = record.status if record else "deleted"
+            yield format_sse_event(event="end", data_str=json.dumps({"status": final}))
+            return
+        if not entries:
+            yield KEEPALIVE_COMMENT
 
 
 def log_line(fields: dict[bytes, bytes]) -> str:

@@ -42,9 +42,6 @@ class Checkpoint:
     def created(self) -> int:
         return int((self.path / "meta.json").stat().st_mtime)
 
-    def meta(self) -> dict[str, Any]:
-        return json.loads((self.path / "meta.json").read_text())
-
 
 def list_steps(folder: Path) -> list[int]:
     """Steps with a complete checkpoint (its meta.json is written last), oldest first."""

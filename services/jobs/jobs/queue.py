@@ -11,9 +11,10 @@ record in Redis is the truth.
 """
 
 import contextlib
+import uuid
 from typing import Any
 
-from redis import Redis
+from redis import Redis, WatchError
 from redis.client import Pipeline
 from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
@@ -38,9 +39,14 @@ def rq_queue(redis: Redis) -> Queue:
     return Queue(QUEUE_NAME, connection=redis, serializer=SERIALIZER)
 
 
+def rq_job_id(job_id: str, attempt: int) -> str:
+    """Unique per enqueue: a retry never meets an RQ job of an earlier enqueue under its id."""
+    return f"{job_id}-{attempt}-{uuid.uuid4().hex[:8]}"
+
+
 def put_on_queue(redis: Redis, pipe: Pipeline, record: JobRecord) -> None:
     """Add RQ's commands for this attempt to a transaction. Each attempt is an RQ job of its own
-    (`<id>-<n>`): a lost worker's RQ job stays RQ's business. timeout=-1: training runs for hours;
+    (`<id>-<n>-<random>`): a lost worker's RQ job stays RQ's business. timeout=-1: training runs for hours;
     the worker enforces the job's own time_limit."""
     rq_queue(redis).enqueue_call(
         TASK, args=(record.id,), job_id=record.rq_job_id, timeout=-1, result_ttl=RESULT_TTL, pipeline=pipe
@@ -56,14 +62,14 @@ def enqueue(redis: Redis, job_id: str, allowed: set[JobStatus], **changes: Any) 
         allowed,
         then=lambda pipe, record: put_on_queue(redis, pipe, record),
         status=JobStatus.QUEUED,
-        rq_job_id=lambda record: f"{record.id}-{len(record.attempts) + 1}",
+        rq_job_id=lambda record: rq_job_id(record.id, len(record.attempts) + 1),
         **changes,
     )
 
 
 def enqueue_new(redis: Redis, first: JobRecord, *others: JobRecord) -> JobRecord:
     """Store new records and queue the first, in one transaction."""
-    queued = first.model_copy(update={"status": JobStatus.QUEUED, "rq_job_id": f"{first.id}-1"})
+    queued = first.model_copy(update={"status": JobStatus.QUEUED, "rq_job_id": rq_job_id(first.id, 1)})
     with redis.pipeline() as pipe:
         pipe.multi()  # one MULTI/EXEC for our commands and RQ's
         for record in (queued, *others):
@@ -121,8 +127,13 @@ def stop(redis: Redis, job_id: str) -> JobRecord | None:
         if not record.is_active:
             raise Conflict(f"pipeline {job_id} has already ended ({record.status})")
         for stage in records.load_many(redis, record.stages):
-            if stage.status in (JobStatus.QUEUED, JobStatus.STARTED):  # the later ones are canceled after it
+            if stage.status in (JobStatus.QUEUED, JobStatus.STARTED):
                 stop(redis, stage.id)
+            elif stage.status == JobStatus.WAITING:
+                records.transition(
+                    redis, stage.id, {JobStatus.WAITING}, status=JobStatus.CANCELED, ended_at=records.now(),
+                    error="the pipeline was stopped",
+                )  # fmt: skip
         return settle_pipeline(redis, job_id)
     reason = "stopped before it started"
     if canceled := records.transition(
@@ -140,7 +151,7 @@ def stop(redis: Redis, job_id: str) -> JobRecord | None:
         return records.load(redis, job_id)
     if requested := records.transition(redis, job_id, {JobStatus.STARTED}, stop_requested=True):
         return requested
-    raise Conflict(f"job {job_id} has already ended ({record.status})")
+    raise Conflict(f"job {job_id} has already ended ({records.load(redis, job_id).status})")
 
 
 def retry(redis: Redis, job_id: str) -> JobRecord | None:
@@ -159,11 +170,12 @@ def retry(redis: Redis, job_id: str) -> JobRecord | None:
         retry(redis, unfinished[0].id)
         return settle_pipeline(redis, job_id)
     if record.pipeline_id is not None:
-        busy = [
-            s for s in records.load_many(redis, records.load(redis, record.pipeline_id).stages) if s.is_active
-        ]
-        if busy:
+        stages = records.load_many(redis, records.load(redis, record.pipeline_id).stages)
+        if busy := [s for s in stages if s.is_active]:
             raise Conflict(f"stage {busy[0].id} of its pipeline is still {busy[0].status}")
+        earlier = stages[: [s.id for s in stages].index(job_id)]
+        if unfinished := [s for s in earlier if s.status != JobStatus.FINISHED]:
+            raise Conflict(f"stage {unfinished[0].kind} before it has not finished: retry the pipeline")
     if busy := active_writer(redis, record.run, {spec_of(record).stage} - {None}):
         raise Conflict(f"job {busy.id} ({busy.kind}, {busy.status}) is writing run {record.run!r}")
     again = enqueue(
@@ -207,9 +219,24 @@ def stage_ended(redis: Redis, record: JobRecord) -> None:
 
 
 def settle_pipeline(redis: Redis, pipeline_id: str) -> JobRecord:
-    """A pipeline's status, times and progress follow its stages'."""
-    pipeline = records.load(redis, pipeline_id)
-    stages = records.load_many(redis, pipeline.stages)
+    """A pipeline's status, times and progress follow its stages' (a compare-and-set over all of them:
+    the API and a worker settling at once cannot leave a stale view)."""
+    with redis.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(records.record_key(pipeline_id))
+                pipeline = records.load(pipe, pipeline_id)
+                pipe.watch(*(records.record_key(i) for i in pipeline.stages))
+                updated = pipeline.model_copy(update=pipeline_view(records.load_many(pipe, pipeline.stages)))
+                pipe.multi()
+                records.save(pipe, updated)
+                pipe.execute()
+                return updated
+            except WatchError:
+                continue
+
+
+def pipeline_view(stages: list[JobRecord]) -> dict[str, Any]:
     statuses = [s.status for s in stages]
     current = next((s for s in stages if s.is_active), None)
     if JobStatus.STARTED in statuses:
@@ -224,23 +251,19 @@ def settle_pipeline(redis: Redis, pipeline_id: str) -> JobRecord:
     ended = [s.ended_at for s in stages if s.ended_at]
     done = sum(s == JobStatus.FINISHED for s in statuses)
     failed = next((s for s in stages if s.status in RETRYABLE and s.error), None)
-    updated = pipeline.model_copy(
-        update={
-            "status": status,
-            "started_at": min((s.started_at for s in stages if s.started_at), default=None),
-            "ended_at": max(ended) if status not in records.ACTIVE and ended else None,
-            "error": f"{failed.kind}: {failed.error}" if failed and status not in records.ACTIVE else None,
-            "progress": {
-                "stages_finished": done,
-                "stages": len(stages),
-                "current_stage": current.kind if current else None,
-                "current_job": current.id if current else None,
-                "percent": round(100 * done / len(stages), 1),
-            },
-        }
-    )
-    records.save(redis, updated)
-    return updated
+    return {
+        "status": status,
+        "started_at": min((s.started_at for s in stages if s.started_at), default=None),
+        "ended_at": max(ended) if status not in records.ACTIVE and ended else None,
+        "error": f"{failed.kind}: {failed.error}" if failed and status not in records.ACTIVE else None,
+        "progress": {
+            "stages_finished": done,
+            "stages": len(stages),
+            "current_stage": current.kind if current else None,
+            "current_job": current.id if current else None,
+            "percent": round(100 * done / len(stages), 1),
+        },
+    }
 
 
 def delete(redis: Redis, job_id: str) -> bool:

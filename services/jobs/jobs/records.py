@@ -121,12 +121,12 @@ def save(redis: Redis | Pipeline, record: JobRecord) -> None:
     redis.set(record_key(record.id), record.model_dump_json())
 
 
-def load(redis: Redis, job_id: str) -> JobRecord | None:
+def load(redis: Redis | Pipeline, job_id: str) -> JobRecord | None:
     raw = redis.get(record_key(job_id))
     return None if raw is None else JobRecord.model_validate_json(raw)
 
 
-def load_many(redis: Redis, job_ids: list[str]) -> list[JobRecord]:
+def load_many(redis: Redis | Pipeline, job_ids: list[str]) -> list[JobRecord]:
     raws = redis.mget([record_key(i) for i in job_ids]) if job_ids else []
     return [JobRecord.model_validate_json(raw) for raw in raws if raw is not None]
 
@@ -215,17 +215,6 @@ def end_attempt(reason: str):
 
 def append_log(redis: Redis | Pipeline, job_id: str, line: str) -> None:
     redis.xadd(log_key(job_id), {"line": line}, maxlen=LOG_MAX_LINES, approximate=True)
-
-
-def read_log(
-    redis: Redis, job_id: str, after: str | None = None, count: int | None = None
-) -> list[tuple[str, str]]:
-    """(entry id, line) pairs: from the start or after the entry id `after`, at most `count`."""
-    start = "-" if after is None else f"({after}"
-    return [
-        (entry_id.decode(), fields[b"line"].decode())
-        for entry_id, fields in redis.xrange(log_key(job_id), start, count=count)
-    ]
 
 
 def log_length(redis: Redis, job_id: str) -> int:

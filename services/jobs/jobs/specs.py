@@ -5,7 +5,7 @@ also knows the trainer program that runs it; each config field is that program's
 except the runner's own options (retries, time limit, processes), which never reach the program.
 """
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
@@ -267,8 +267,8 @@ class ChatEvalJob(JobSpec):
 
 
 ProgramJob = TokenizerJob | BaseTrainJob | MidTrainJob | ChatSFTJob | ChatRLJob | BaseEvalJob | ChatEvalJob
-STAGE_KINDS = ("tokenizer", "base_train", "mid_train", "chat_sft", "chat_rl", "base_eval", "chat_eval")
 StageKind = Literal["tokenizer", "base_train", "mid_train", "chat_sft", "chat_rl", "base_eval", "chat_eval"]
+STAGE_KINDS: tuple[str, ...] = get_args(StageKind)  # a pipeline's order
 
 
 class PipelineConfig(StrictModel):
@@ -298,6 +298,12 @@ class PipelineJob(JobSpec):
     program: ClassVar[str] = ""
     kind: Literal["pipeline"]
     config: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="after")
+    def something_to_run(self) -> "PipelineJob":
+        if not self.stages():
+            raise ValueError("no stage would run (a chat_eval needs a chat stage before it)")
+        return self
 
     def stages(self) -> list[ProgramJob]:
         """The jobs to run, in order."""

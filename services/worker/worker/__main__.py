@@ -13,7 +13,7 @@ from rq import Worker
 
 from worker.health import host_prefix
 from worker.reaper import start_reaper
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, connect
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     except ValidationError as error:
         sys.exit(f"worker: invalid settings:\n{error}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
-    redis = Redis.from_url(settings.redis_url, health_check_interval=10, socket_keepalive=True)
+    redis = connect(settings)
     try:
         redis.ping()
     except RedisConnectionError as error:
@@ -30,7 +30,9 @@ def main() -> None:
     # A fresh name each start: a container restarted after a SIGKILL would otherwise find its old
     # registration (same host, same pid 1) and refuse to start.
     name = f"{host_prefix()}{uuid.uuid4().hex[:12]}"
-    worker = Worker([rq_queue(redis)], connection=redis, name=name, serializer=SERIALIZER)
+    # RQ's own client, unused until RQ sets its socket timeout: its dequeue blocks for minutes.
+    rq_redis = Redis.from_url(settings.redis_url)
+    worker = Worker([rq_queue(rq_redis)], connection=rq_redis, name=name, serializer=SERIALIZER)
     start_reaper(redis, settings.job_lease_seconds, settings.job_retention_days)
     logging.info("%s listening on queue %r (runs in %s)", name, QUEUE_NAME, settings.base_dir)
     worker.work()

@@ -39,10 +39,19 @@ def reap(redis: Redis, lease_seconds: float, missing_since: dict[str, float]) ->
         del missing_since[job_id]
         record = records.load(redis, job_id)
         if record is None or record.status != JobStatus.STARTED:
-            redis.srem(records.STARTED_SET, job_id)
-            continue
+            continue  # it moved on meanwhile (transition keeps the started set itself)
         worker = record.attempts[-1].worker if record.attempts else "?"
         reason = f"{LOST}: no heartbeat from {worker} for over {lease_seconds:.0f} s"
+        if record.stop_requested:  # it was being stopped: stopped it is (its program got SIGTERM)
+            stopped = records.transition(
+                redis, job_id, {JobStatus.STARTED}, status=JobStatus.STOPPED, ended_at=records.now(),
+                error="stopped on request (its worker was lost meanwhile)",
+                attempts=records.end_attempt(reason),
+            )  # fmt: skip
+            if stopped is not None:
+                queue.stage_ended(redis, stopped)
+            reaped.append(job_id)
+            continue
         lost = 1 + sum((a.end_reason or "").startswith(LOST) for a in record.attempts[:-1])
         if lost <= record.max_retries:
             if queue.enqueue(redis, job_id, {JobStatus.STARTED}, attempts=records.end_attempt(reason)):
@@ -92,9 +101,8 @@ def start_reaper(redis: Redis, lease_seconds: float, retention_days: float) -> t
                 log.warning("reaper: Redis unreachable: %s", error)
             except Exception:
                 log.exception("reaper round failed")
-            stop.wait(lease_seconds / 3)
+            time.sleep(lease_seconds / 3)
 
-    stop = threading.Event()
     thread = threading.Thread(target=loop, name="reaper", daemon=True)
     thread.start()
     return thread

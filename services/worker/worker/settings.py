@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis import Redis
 
 
 class WorkerSettings(BaseSettings):
@@ -41,4 +42,14 @@ class WorkerSettings(BaseSettings):
         gt=0,
         validation_alias=AliasChoices("JOB_RETENTION_DAYS"),
         description="Records, logs and metrics of jobs that ended longer ago are deleted (checkpoints stay).",
+    )
+
+
+REDIS_TIMEOUT_SECONDS = 5  # a Redis that went away makes a call fail fast: the job's pipe keeps draining
+
+
+def connect(settings: WorkerSettings) -> Redis:
+    """The worker's own Redis client (the reaper's, and each job's), with short timeouts."""
+    return Redis.from_url(
+        settings.redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS
     )

@@ -34,13 +34,15 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, connect
 
 log = logging.getLogger("worker")
 POLL_SECONDS = 1.0  # how often a running job checks for a stop request, its time limit and its lease
 METRICS_PREFIX = "@@metrics "  # handed to the program: it prints each metrics record after it
 REDIS_BACKLOG_LINES = 1_000_000  # output kept in memory while Redis is unreachable
 REDIS_RETRY_SECONDS = 600  # how long the outcome waits for Redis to come back
+REDIS_RETRY_PAUSE_SECONDS = 2.0  # output waits this long after a failed send before the next try
+PUMP_DRAIN_SECONDS = 30  # after the program exits, how long its output may take to arrive
 PR_SET_PDEATHSIG = 1
 # What the program may see of the worker's environment: its own settings, the ML stack's, the basics.
 CHILD_ENV_PREFIXES = (
@@ -66,8 +68,8 @@ T = TypeVar("T")
 
 def run_job(job_id: str) -> str:
     """Entry point RQ calls. The record, not RQ's return value, carries the outcome."""
-    rq_job = get_current_job()
-    redis, settings = rq_job.connection, WorkerSettings()
+    rq_job, settings = get_current_job(), WorkerSettings()
+    redis = connect(settings)  # not RQ's connection: its socket timeout is minutes long
     record = records.load(redis, job_id)
     if record is None or record.status != JobStatus.QUEUED:
         return "skipped: the job was stopped, deleted or taken by another worker before it started"
@@ -104,7 +106,7 @@ def run_job(job_id: str) -> str:
         raise
     finally:
         if outcome is not None:  # None: another attempt has the job now
-            final = patiently(lambda: finish(redis, job_id, outcome))
+            final = patiently(lambda: finish(redis, job_id, outcome, lease))
             if final is not None:
                 patiently(lambda: queue.stage_ended(redis, final))
         patiently(lease.release)
@@ -118,7 +120,10 @@ class Outcome:
     result: dict | None = None
 
 
-def finish(redis: Redis, job_id: str, outcome: Outcome) -> JobRecord | None:
+def finish(redis: Redis, job_id: str, outcome: Outcome, lease: "Lease") -> JobRecord | None:
+    """Write the outcome, unless another attempt has the job by now."""
+    if not lease.still_ours(records.load(redis, job_id)):
+        return None
     return records.transition(
         redis,
         job_id,
@@ -190,7 +195,9 @@ class Lease:
         )
 
     def release(self) -> None:
-        self.redis.delete(records.lease_key(self.job_id))
+        """Give up the lease and the lock, unless a newer attempt holds them."""
+        if (self.redis.get(records.lease_key(self.job_id)) or b"").decode() == str(self.attempts):
+            self.redis.delete(records.lease_key(self.job_id))
         if self.lock and (self.redis.get(self.lock) or b"").decode() == self.job_id:
             self.redis.delete(self.lock)
 
@@ -217,7 +224,9 @@ def execute(
         pump = threading.Thread(target=job_log.copy_from, args=(child.stdout,), daemon=True)
         pump.start()
         why_stopped = supervise(redis, record, child, settings, lease, job_log)
-        pump.join()
+        with contextlib.suppress(ProcessLookupError):  # what the program left running (it holds the pipe)
+            os.killpg(child.pid, signal.SIGKILL)
+        pump.join(PUMP_DRAIN_SECONDS)
         job_log.flush_backlog(final=True)
 
     if why_stopped == "taken over":
@@ -309,6 +318,7 @@ class JobLog:
         self.lost: str | None = None
         self.backlog: deque[tuple[str, Any]] = deque()
         self.progress_start: tuple[float, float] | None = None  # (time, progress) at this attempt's start
+        self.next_try = 0.0  # after a failed send, the backlog waits this long (monotonic) for Redis
         self.lock = threading.Lock()
 
     def __enter__(self) -> "JobLog":
@@ -324,10 +334,14 @@ class JobLog:
 
     def copy_from(self, stream: IO[bytes]) -> None:
         for line in split_lines(stream):
-            if line.startswith(METRICS_PREFIX):
-                self.metrics(line.removeprefix(METRICS_PREFIX))
-            else:
-                self.write(line)
+            try:
+                if line.startswith(METRICS_PREFIX):
+                    self.metrics(line.removeprefix(METRICS_PREFIX))
+                else:
+                    self.write(line)
+            except Exception as error:  # whatever went wrong, the pipe is still read to its end
+                log.exception("job %s: output line not kept", self.job_id)
+                self.lost = self.lost or f"an output line could not be kept: {error}"
 
     def write(self, line: str) -> None:
         with self.lock:
@@ -344,6 +358,8 @@ class JobLog:
         try:
             values = json.loads(text)
         except ValueError:
+            values = None
+        if not isinstance(values, dict):  # not a metrics record after all: an ordinary line
             return self.write(METRICS_PREFIX + text)
         with self.lock:
             self.send("metrics", values)
@@ -353,7 +369,7 @@ class JobLog:
         if len(self.backlog) > REDIS_BACKLOG_LINES:
             self.backlog.popleft()
             self.lost = self.lost or "Redis was unreachable for longer than the output buffer lasts"
-        if len(self.backlog) == 1:
+        if time.monotonic() >= self.next_try:
             self.try_flush()
 
     def flush_backlog(self, final: bool = False) -> None:
@@ -361,8 +377,10 @@ class JobLog:
             patiently(self.flush) if final else self.try_flush()
 
     def try_flush(self) -> None:
-        with contextlib.suppress(RedisError):  # what did not go stays in the backlog
+        try:
             self.flush()
+        except RedisError:  # what did not go stays in the backlog; Redis gets a moment
+            self.next_try = time.monotonic() + REDIS_RETRY_PAUSE_SECONDS
 
     def flush(self) -> None:
         """Send what waits, oldest first (what fails to go stays in the backlog)."""

@@ -156,8 +156,7 @@ def follow(
     request: Request, redis: AsyncRedis, job_id: str, key: str, render, after: str | None
 ) -> EventSourceResponse:
     followers: streams.Followers = request.app.state.followers
-    followers.admit(job_id)
-    return EventSourceResponse(streams.follow(redis, job_id, key, render, after, followers))
+    return EventSourceResponse(followers.admit(job_id, streams.follow(redis, job_id, key, render, after)))
 
 
 @router.get(

@@ -54,8 +54,13 @@ def found(settings: SettingsDep, model_id: str) -> Checkpoint:
 @router.get("", dependencies=[Depends(require_read_token)], responses=ERRORS)
 def list_models(settings: SettingsDep) -> list[Model]:
     """Every complete checkpoint, newest first."""
-    checkpoints = sorted(models.scan(settings.runs_dir), key=lambda c: (c.created, c.step), reverse=True)
-    return [describe(settings, c) for c in checkpoints]
+    described = []
+    for checkpoint in models.scan(settings.runs_dir):
+        try:
+            described.append(describe(settings, checkpoint))
+        except FileNotFoundError:  # pruned by its training run (keep_checkpoints) meanwhile
+            continue
+    return sorted(described, key=lambda m: (m.created, m.step), reverse=True)
 
 
 @router.get("/{model_id}", dependencies=[Depends(require_read_token)], responses={**ERRORS, **NOT_FOUND})
