@@ -84,7 +84,7 @@ def test_openapi_documents_the_statuses_each_route_returns(api_only: Stack) -> N
         for method, operation in operations.items():
             documented = set(operation["responses"])
             if path != "/health":
-                assert {"401", "422"} <= documented, (method, path)
+                assert {"401", "422", "503"} <= documented, (method, path)
             if "{job_id}" in path:
                 assert "404" in documented, (method, path)
     assert "409" in paths["/jobs"]["post"]["responses"]

@@ -23,6 +23,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or wrong bearer token"},
     413: {"description": "request body too large"},
     422: {"description": "invalid parameters or body"},
+    503: {"description": "Redis is unreachable"},
 }
 NOT_FOUND = {404: {"description": "no such job"}}
 CONFLICT = {409: {"description": "not possible in the job's current state"}}
