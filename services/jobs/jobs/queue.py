@@ -79,12 +79,15 @@ def enqueue_new(redis: Redis, first: JobRecord, *others: JobRecord) -> JobRecord
     return queued
 
 
+def active_jobs(redis: Redis, run: str) -> list[JobRecord]:
+    """Jobs of the run that are waiting, queued or started."""
+    return [record for record in records.iter_records(redis, run=run) if record.is_active]
+
+
 def active_writer(redis: Redis, run: str, stages: set[str]) -> JobRecord | None:
     """An active job that writes one of these stages of the run."""
-    for record in records.list_records(redis, limit=10**6, run=run)[0]:
-        if record.is_active and record.kind != "pipeline" and spec_of(record).stage in stages:
-            return record
-    return None
+    writers = (r for r in active_jobs(redis, run) if r.kind != "pipeline" and spec_of(r).stage in stages)
+    return next(writers, None)
 
 
 def spec_of(record: JobRecord) -> ProgramJob:

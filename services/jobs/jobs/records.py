@@ -16,7 +16,7 @@ worker acting on the same job cannot both win.
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -131,7 +131,23 @@ def load_many(redis: Redis | Pipeline, job_ids: list[str]) -> list[JobRecord]:
     return [JobRecord.model_validate_json(raw) for raw in raws if raw is not None]
 
 
-SCAN_BATCH = 200
+SCAN_BATCH = 200  # records read per round trip
+
+
+def iter_records(
+    redis: Redis, status: str | None = None, kind: str | None = None, run: str | None = None
+) -> Iterator[JobRecord]:
+    """Every record, newest first, filtered (read in batches)."""
+    start = 0
+    while ids := [i.decode() for i in redis.zrevrange(JOBS_INDEX, start, start + SCAN_BATCH - 1)]:
+        for record in load_many(redis, ids):
+            if not (
+                (status and record.status != status)
+                or (kind and record.kind != kind)
+                or (run and record.run != run)
+            ):
+                yield record
+        start += SCAN_BATCH
 
 
 def list_records(
@@ -142,24 +158,14 @@ def list_records(
     kind: str | None = None,
     run: str | None = None,
 ) -> tuple[list[JobRecord], int]:
-    """Newest first, filtered; returns a page and the number of matching records."""
-    matching: list[JobRecord] = []
-    total, start = 0, 0
-    while True:
-        ids = [i.decode() for i in redis.zrevrange(JOBS_INDEX, start, start + SCAN_BATCH - 1)]
-        if not ids:
-            return matching, total
-        for record in load_many(redis, ids):
-            if (
-                (status and record.status != status)
-                or (kind and record.kind != kind)
-                or (run and record.run != run)
-            ):
-                continue
-            if offset <= total < offset + limit:
-                matching.append(record)
-            total += 1
-        start += SCAN_BATCH
+    """A page of the filtered records, newest first, and the number of all that match."""
+    page: list[JobRecord] = []
+    total = 0
+    for record in iter_records(redis, status, kind, run):
+        if offset <= total < offset + limit:
+            page.append(record)
+        total += 1
+    return page, total
 
 
 def transition(

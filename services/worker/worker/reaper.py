@@ -78,10 +78,11 @@ def forget_old(redis: Redis, retention_days: float) -> list[str]:
     """Delete the records, logs and metrics of jobs that ended over `retention_days` ago (a pipeline
     with its stages; checkpoints are files of the run and stay)."""
     cutoff = records.now() - timedelta(days=retention_days)
-    ended = [
-        r for r in records.list_records(redis, limit=10**9)[0] if not r.is_active and r.pipeline_id is None
+    old = [
+        r.id
+        for r in records.iter_records(redis)
+        if not r.is_active and r.pipeline_id is None and r.ended_at is not None and r.ended_at < cutoff
     ]
-    old = [r.id for r in ended if r.ended_at is not None and r.ended_at < cutoff]
     for job_id in old:
         queue.delete(redis, job_id)
     return old

@@ -4,7 +4,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Response, status
 from fastapi.responses import FileResponse
-from jobs import models, records
+from jobs import models, queue
 from jobs.models import Checkpoint, UnknownModel
 from pydantic import BaseModel
 
@@ -104,8 +104,7 @@ def get_chart(model_id: ModelId, name: ChartName, settings: SettingsDep) -> File
 def delete_model(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> Response:
     """Delete one checkpoint; refused while an active job works on its run."""
     checkpoint = found(settings, model_id)
-    busy = [r for r in records.list_records(redis, limit=10**6, run=checkpoint.run)[0] if r.is_active]
-    if busy:
+    if busy := queue.active_jobs(redis, checkpoint.run):
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             detail=f"job {busy[0].id} ({busy[0].kind}) is {busy[0].status} on run {checkpoint.run!r}",
