@@ -1,5 +1,6 @@
 """The model server as OpenAI's own client sees it: a real `python -m inference` over tiny checkpoints."""
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -233,6 +234,18 @@ def test_errors_have_openais_shape(
     assert (error["param"], error["code"]) == (param, code) and error["message"]
     if code == "context_length_exceeded":
         assert "256" in error["message"]
+
+
+def test_a_body_over_the_size_limit_is_refused_whether_announced_or_chunked(server: str) -> None:
+    body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "ka " * 400_000}]})
+    url = f"{server}/v1/chat/completions"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    announced = httpx.post(url, content=body, headers=headers, timeout=30)  # with Content-Length
+    pieces = (body[i : i + 65536].encode() for i in range(0, len(body), 65536))
+    chunked = httpx.post(url, content=pieces, headers=headers, timeout=30)  # no length up front
+    for response in (announced, chunked):
+        assert response.status_code == 413
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_sixteen_concurrent_greedy_streams_equal_sixteen_serial_requests(client: openai.OpenAI) -> None:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from jobs.models import UnknownModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference.metrics import Metrics
 from inference.pool import ModelPool
@@ -39,6 +40,43 @@ async def warm_up(pool: ModelPool) -> None:
     log.info("ready: %s generated its first token", served.checkpoint.id)
 
 
+class LimitAndCount:
+    """Refuses a body over the limit in OpenAI's error shape: at once when its Content-Length says so,
+    else as soon as the bytes read pass it (a chunked body). Counts requests by route and status as
+    their responses start. Plain ASGI, so streamed responses pass through untouched (an
+    `@app.middleware` would relay every chunk through a task)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                path = route.path if route is not None else "unmatched"
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        size = dict(scope["headers"]).get(b"content-length", b"0")
+        if not size.isdigit() or int(size) > self.max_bytes:
+            too_large = error_response(OpenAIError(413, f"request body over {self.max_bytes} bytes"))
+            return await too_large(scope, receive, counted)
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # raised inside the body read: the 413 handler shapes it
+                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, counted)
+
+
 def error_response(error: OpenAIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -55,7 +93,11 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
         task.cancel()
         app.state.pool.close()
 
-    app = FastAPI(title="nanochat-stack inference", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="nanochat-stack inference",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
     app.state.settings, app.state.metrics = settings, metrics
     app.include_router(public)
     app.include_router(router)
@@ -66,19 +108,7 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type"],
     )
 
-    @app.middleware("http")
-    async def limit_and_count(request: Request, call_next):
-        size = request.headers.get("content-length", "0")
-        if not size.isdigit() or int(size) > settings.inference_max_request_bytes:
-            response = error_response(
-                OpenAIError(413, f"request body over {settings.inference_max_request_bytes} bytes")
-            )
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        path = route.path if route is not None else "unmatched"
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(LimitAndCount, max_bytes=settings.inference_max_request_bytes, metrics=metrics)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:

@@ -141,23 +141,48 @@ def submit(served: ServedModel, prompts: list[tuple[list[int], SamplingParams]],
     return job
 
 
+def merged(batch: list[Output | PromptScores]) -> list[Output | PromptScores]:
+    """The events as they queued up, with each sequence's outputs joined into one (text and tokens in
+    order, the last one's finish reason): a client that reads slower than the model gets fewer,
+    larger chunks instead of falling further behind."""
+    result: list[Output | PromptScores] = []
+    at: dict[int, int] = {}  # sequence index → its output's place in result
+    for event in batch:
+        if isinstance(event, Output) and event.index in at:
+            earlier = result[at[event.index]]
+            result[at[event.index]] = Output(
+                event.index, earlier.text + event.text, earlier.tokens + event.tokens, event.finish_reason
+            )
+            continue
+        if isinstance(event, Output):
+            at[event.index] = len(result)
+        result.append(event)
+    return result
+
+
 async def events(job: Job, request: Request) -> AsyncIterator[Output | PromptScores]:
-    """The job's events until every sequence has finished; the job is cancelled if the client leaves
-    (this generator is closed) or is found gone while nothing arrives."""
+    """The job's events until every sequence has finished, merged where several have queued up; the
+    job is cancelled if the client leaves (this generator is closed) or is found gone while nothing
+    arrives."""
     remaining = job.sequences
     try:
         while remaining:
             try:
-                event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_SECONDS)
+                async with asyncio.timeout(DISCONNECT_POLL_SECONDS):
+                    batch = [await job.events.get()]
             except TimeoutError:
                 if await request.is_disconnected():
                     return
                 continue
-            if isinstance(event, Failure):
-                raise OpenAIError(500, event.message, type="server_error")
-            if isinstance(event, Output) and event.finish_reason is not None:
-                remaining -= 1
-            yield event
+            while not job.events.empty():
+                batch.append(job.events.get_nowait())
+            failure = next((e for e in batch if isinstance(e, Failure)), None)
+            if failure is not None:
+                raise OpenAIError(500, failure.message, type="server_error")
+            for event in merged(batch):
+                if isinstance(event, Output) and event.finish_reason is not None:
+                    remaining -= 1
+                yield event
     finally:
         job.cancel()  # a no-op for finished sequences
 

@@ -9,7 +9,9 @@ of every request shares each step.
 
 Each row has its own position and mask (engine.KVCache), and each sequence its own seeded generator,
 so what a request gets does not depend on what else is in the batch. Results go back to the event
-loop through an asyncio.Queue per request (call_soon_threadsafe), so the loop never waits on the model.
+loop through an asyncio.Queue per request: a step's events are handed over together in one
+call_soon_threadsafe, before the decode forward, so the loop sends them while the model computes and
+never waits on it.
 """
 
 import asyncio
@@ -18,7 +20,7 @@ import math
 import random
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -101,8 +103,13 @@ class Submission:
         self.created = time.perf_counter()
         self.sequences: list[Sequence] = []  # made by the scheduler once the prompt is prefilled
 
-    def put(self, event: Output | PromptScores | Failure) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+Event = Output | PromptScores | Failure
+
+
+def deliver(items: list[tuple[asyncio.Queue, Event]]) -> None:
+    for events, event in items:
+        events.put_nowait(event)
 
 
 @dataclass
@@ -158,6 +165,7 @@ class Scheduler:
         self.wake = threading.Condition()
         self.closed = False
         self.has_generated = False  # readiness: a token has come out of this model
+        self.outbox: list[tuple[Submission, Event]] = []  # this step's events, not yet handed over
         self.thread = threading.Thread(target=self.run, name=f"scheduler-{name}", daemon=True)
         self.thread.start()
 
@@ -214,6 +222,7 @@ class Scheduler:
         if self.running:
             self.choose_tokens()
             self.retire([i for i, s in enumerate(self.running) if s.finish_reason is not None])
+        self.flush()
         if self.running:
             self.decode()
         self.metrics.running.labels(self.name).set(len(self.running))
@@ -239,7 +248,7 @@ class Scheduler:
             except Exception as error:  # these requests fail; the running ones go on
                 log.exception("prefill failed")
                 for submission in group:
-                    submission.put(Failure(f"generation failed: {error}"))
+                    self.send(submission, Failure(f"generation failed: {error}"))
 
     def prefill(self, group: list[Submission]) -> None:
         """Run the prompts together on a cache of their own (padded at the end to the longest), then
@@ -272,10 +281,10 @@ class Scheduler:
         if params.prompt_logprobs is not None:
             logprobs = torch.log_softmax(logits[:-1], dim=-1)
             scores = token_scores(logprobs, prompt[1:], params.prompt_logprobs) if len(prompt) > 1 else []
-            submission.put(PromptScores(submission.first_index, [None, *scores]))
+            self.send(submission, PromptScores(submission.first_index, [None, *scores]))
         if params.max_tokens == 0:
             for index in range(submission.n):
-                submission.put(Output(submission.first_index + index, "", [], "length"))
+                self.send(submission, Output(submission.first_index + index, "", [], "length"))
             return False
         now = time.perf_counter()
         for index in range(submission.n):
@@ -344,7 +353,7 @@ class Scheduler:
         sequence.held = text[len(text) - keep :]
         sent = text[: len(text) - keep]
         if sent or sequence.finish_reason or (sequence.pending and not keep):
-            submission.put(Output(sequence.index, sent, sequence.pending, sequence.finish_reason))
+            self.send(submission, Output(sequence.index, sent, sequence.pending, sequence.finish_reason))
             sequence.pending = []
 
     def retire(self, rows: list[int]) -> None:
@@ -374,4 +383,17 @@ class Scheduler:
                 self.waiting.clear()
         self.running, self.logits = [], None
         for submission in failed.values():
-            submission.put(Failure(message))
+            self.send(submission, Failure(message))
+        self.flush()
+
+    def send(self, submission: Submission, event: Event) -> None:
+        self.outbox.append((submission, event))
+
+    def flush(self) -> None:
+        """Hand the queued events to their event loops, one call per loop (one wake-up per step)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = defaultdict(list)
+        for submission, event in self.outbox:
+            by_loop[submission.loop].append((submission.events, event))
+        self.outbox = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(deliver, items)
