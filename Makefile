@@ -17,7 +17,7 @@ test: setup ## run the whole test suite (what CI runs)
 up: setup ## run the stack as local processes (redis, api, worker, inference, web); Ctrl-C stops it
 	$(VENV_PYTHON) scripts/local_stack.py
 
-demo: setup ## `make up`, then submit a tokenizer job and follow its log
+demo: setup ## the product tour: `make up`, then the tiny demo pipeline, then the chat page with its model
 	$(VENV_PYTHON) scripts/local_stack.py --demo
 
 lint: setup ## ruff lint and format check

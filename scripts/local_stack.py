@@ -1,7 +1,8 @@
 """
 `make up`: the whole stack as plain local processes — redis-server, api, worker, inference, web —
-with each one's output prefixed by its name. Ctrl-C stops all of them. `make demo` (--demo) also
-submits a tokenizer job and follows its log here.
+with each one's output prefixed by its name. Ctrl-C stops all of them. `make demo` (--demo) is the
+product tour: it also runs the tiny CPU demo pipeline through the API, shows its progress here and, once
+the chat model is ready, the chat page's address with that model chosen.
 
 Settings come from the environment or .env, as for each service. Without API_TOKEN a token is made
 for this session and printed. Redis keeps its data (append-only) under $NANOCHAT_BASE_DIR/runs/_redis/.
@@ -23,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HEALTH_TIMEOUT_S = 60
+DEMO_POLL_S = 2
+PRESETS = ROOT / "services" / "web" / "web" / "static" / "presets.json"  # the web UI's job presets
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -71,6 +74,7 @@ class Stack:
         return next((name for name, p in self.processes if p.poll() is not None), None)
 
     def stop(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave orphans behind
         for _, process in reversed(self.processes):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -102,43 +106,62 @@ def wait_healthy(stack: Stack, urls: dict[str, str]) -> None:
         time.sleep(0.3)
 
 
-def run_demo(api_url: str, token: str) -> None:
-    """Submit a tokenizer job and print its log as it streams, until it ends."""
-    spec = {"kind": "tokenizer", "run": "demo", "config": {"vocab_size": 32768, "max_chars": 250_000_000}}
-    auth = {"Authorization": f"Bearer {token}"}
+def api_call(api_url: str, token: str, path: str, spec: dict | None = None) -> dict:
     request = urllib.request.Request(
-        f"{api_url}/jobs",
-        data=json.dumps(spec).encode(),
-        headers={**auth, "Content-Type": "application/json"},
+        f"{api_url}{path}",
+        data=None if spec is None else json.dumps(spec).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
-        job = json.load(response)
-    print(f"\nsubmitted job {job['id']} ({job['kind']}, run {job['run']}); its log:\n", flush=True)
-    follow = urllib.request.Request(f"{api_url}/jobs/{job['id']}/logs?follow=true", headers=auth)
-    with urllib.request.urlopen(follow, timeout=None) as stream:
-        event = "message"
-        for raw in stream:
-            line = raw.decode("utf-8").rstrip("\n")
-            if line.startswith("event: "):
-                event = line[len("event: ") :]
-            elif line.startswith("data: "):
-                data = line[len("data: ") :]
-                print(
-                    f"job status: {json.loads(data)['status']}" if event == "end" else f"      job | {data}"
-                )
-            elif not line:
-                event = "message"
-    with urllib.request.urlopen(
-        urllib.request.Request(f"{api_url}/jobs/{job['id']}", headers=auth), timeout=10
-    ) as response:
-        print(json.dumps(json.load(response), indent=2), flush=True)
+        return json.load(response)
+
+
+def stage_line(stage: dict) -> str:
+    progress = stage.get("progress") or {}
+    parts = [f"{stage['kind']:<11}", f"{stage['status']:<9}"]
+    if stage["status"] == "started" and "percent" in progress:
+        parts.append(f"{progress['percent']:5.1f}%")
+        if "eta_seconds" in progress:
+            parts.append(f"ETA {progress['eta_seconds'] / 60:.1f} min")
+    if stage.get("error"):
+        parts.append(stage["error"])
+    return "  ".join(parts)
+
+
+def run_demo(api_url: str, token: str, web_url: str) -> None:
+    """The product tour: submit the tiny CPU demo pipeline (the web UI's first preset) through the API,
+    show each stage's progress here, and when the chat model is ready, where to talk to it."""
+    preset = json.loads(PRESETS.read_text())["tiny CPU demo pipeline"]
+    pipeline = api_call(api_url, token, "/jobs", preset["spec"])
+    run = pipeline["run"]
+    print(f"\nmake demo: {preset['about']}", flush=True)
+    print(f"  pipeline {pipeline['id']}: follow it at {web_url}/#/jobs/{pipeline['id']}\n", flush=True)
+    shown: dict[str, tuple] = {}
+    while True:
+        pipeline = api_call(api_url, token, f"/jobs/{pipeline['id']}")
+        for stage_id in pipeline["stages"]:
+            stage = api_call(api_url, token, f"/jobs/{stage_id}")
+            step = (stage["status"], int((stage.get("progress") or {}).get("percent", 0) // 10))
+            if shown.get(stage_id) != step:  # a line when a stage changes status or passes a tenth
+                print(f"     demo | {stage_line(stage)}", flush=True)
+                shown[stage_id] = step
+        if pipeline["status"] not in ("waiting", "queued", "started"):
+            break
+        time.sleep(DEMO_POLL_S)
+    if pipeline["status"] != "finished":
+        print(f"\nthe demo pipeline ended {pipeline['status']}: see its log at {web_url}/#/jobs", flush=True)
+        return
+    print(f"\nThe chat model {run}-sft is ready. Talk to it: {web_url}/#/chat?model={run}-sft", flush=True)
+    print("(the page asks once for the API token printed above)\n", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--demo", action="store_true", help="submit a tokenizer job and follow its log")
+    parser.add_argument(
+        "--demo", action="store_true", help="run the tiny demo pipeline and point to the chat page"
+    )
     args = parser.parse_args()
 
     env = {**read_dotenv(ROOT / ".env"), **os.environ}
@@ -154,8 +177,8 @@ def main() -> int:
         for name, default in [("api", 8000), ("inference", 8001), ("web", 8080)]
     }
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    env.setdefault("PUBLIC_API_URL", urls["api"])
-    env.setdefault("PUBLIC_INFERENCE_URL", urls["inference"])
+    env.setdefault("WEB_API_URL", urls["api"])
+    env.setdefault("WEB_INFERENCE_URL", urls["inference"])
 
     python = sys.executable
     stack = Stack()
@@ -195,7 +218,7 @@ def main() -> int:
         print(f"  API token   {env['API_TOKEN']}")
         print("Ctrl-C stops everything.\n", flush=True)
         if args.demo:
-            run_demo(urls["api"], env["API_TOKEN"])
+            run_demo(urls["api"], env["API_TOKEN"], urls["web"])
         while (name := stack.exited()) is None:
             time.sleep(0.5)
         print(f"{name} exited unexpectedly: stopping the stack", flush=True)

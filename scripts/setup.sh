@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make setup`: idempotent set-up on a fresh Debian/Ubuntu machine with Python 3.11+.
 # Creates .venv when missing, installs torch (CPU build unless a GPU is present), the job protocol package and the five services
-# in editable mode and the test tools, and redis-server through apt when it is missing. Nothing else.
+# in editable mode and the test tools, the web UI's browser libraries (npm ci, pinned by its lockfile), and
+# redis-server and chromium (the browser tests drive it) through apt when they are missing. Nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,12 +24,28 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$fingerprint" ]; then
   echo "$fingerprint" > "$stamp"
 fi
 
-if ! command -v redis-server >/dev/null 2>&1; then
+# The web UI's libraries: again only when the lockfile changed.
+web_stamp=services/web/node_modules/.setup-stamp
+web_fingerprint=$(sha256sum services/web/package-lock.json | cut -d' ' -f1)
+if [ "$(cat "$web_stamp" 2>/dev/null)" != "$web_fingerprint" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "npm is missing: install Node.js 20 or newer (it fetches the web UI's libraries) and run 'make setup' again." >&2
+    exit 1
+  fi
+  (cd services/web && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$web_fingerprint" > "$web_stamp"
+fi
+
+# System packages: redis-server (the queue) and chromium (the browser tests), through apt when missing.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "Installing redis-server with apt"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    echo "Installing ${missing[*]} with apt"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "redis-server is missing: install it (e.g. 'sudo apt-get install redis-server') and run 'make setup' again." >&2
+    echo "${missing[*]} missing: install with 'sudo apt-get install ${missing[*]}' and run 'make setup' again." >&2
     exit 1
   fi
 fi

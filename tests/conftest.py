@@ -1,15 +1,13 @@
 """Fixtures shared by the whole suite: the data kit, and a private redis-server."""
 
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from redis import Redis
 
-from support import ROOT, SETTINGS_PREFIXES, free_port, wait_until
+from support import ROOT, SETTINGS_PREFIXES, private_redis
 
 DATA_KIT = Path(os.environ.get("NANOCHAT_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
 
@@ -37,40 +35,8 @@ def data_kit() -> Path:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A redis-server of our own on a free port: tests never touch a shared Redis."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed: run `make setup`")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [
-            server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = Redis.from_url(url)
-
-    def answers() -> bool:
-        try:
-            return client.ping()
-        except Exception:
-            return False
-
-    wait_until(answers, 10, "redis-server")
-    yield url
-    process.terminate()
-    process.wait(10)
+    with private_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,14 +1,18 @@
 """Helpers for tests that run the services as real processes."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
+from redis import Redis
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -88,3 +92,30 @@ def service_env(**overrides: str) -> dict[str, str]:
     """The test process's environment without any service settings, plus `overrides`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_PREFIXES)}
     return {**env, "PYTHONUNBUFFERED": "1", **overrides}
+
+
+@contextmanager
+def private_redis(workdir: Path) -> Iterator[str]:
+    """A redis-server on a free port, without persistence, for as long as the block runs: its URL."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed: run `make setup`")
+    port = free_port()
+    options = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen([server, *options, "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = Redis.from_url(url)
+
+    def answers() -> bool:
+        try:
+            return client.ping()
+        except Exception:
+            return False
+
+    try:
+        wait_until(answers, 10, "redis-server")
+        yield url
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(10)

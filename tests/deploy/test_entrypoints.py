@@ -43,18 +43,30 @@ def test_http_services_start_and_answer_health(
     assert process.popen.returncode in (0, -15) and "Application shutdown complete" in process.output()
 
 
-def test_web_serves_the_page_and_tells_it_where_the_services_are(tmp_path) -> None:
-    port = free_port()
-    env = service_env(WEB_PORT=str(port), PUBLIC_API_URL="http://api.example:9000")
+def test_web_serves_the_page_and_proxies_to_the_services_it_is_told(tmp_path) -> None:
+    port, api_port = free_port(), free_port()  # nothing listens on api_port
+    env = service_env(WEB_PORT=str(port), WEB_API_URL=f"http://127.0.0.1:{api_port}")
     process = Process("web", container_command("web"), env, tmp_path)
     try:
         process.wait_healthy(f"http://127.0.0.1:{port}/health")
         page = httpx.get(f"http://127.0.0.1:{port}/")
         assert page.status_code == 200 and "<title>nanochat-stack</title>" in page.text
-        config = httpx.get(f"http://127.0.0.1:{port}/config.json").json()
-        assert config["api_url"] == "http://api.example:9000"
+        assert "script-src 'self' 'sha256-" in page.headers["content-security-policy"]
+        library = httpx.get(f"http://127.0.0.1:{port}/vendor/marked/lib/marked.esm.js")
+        assert library.status_code == 200 and "export" in library.text  # from node_modules, not a CDN
+        unreachable = httpx.get(f"http://127.0.0.1:{port}/api/jobs")
+        assert unreachable.status_code == 502
+        assert f"127.0.0.1:{api_port} is unreachable" in unreachable.json()["error"]["message"]
     finally:
         process.stop()
+
+
+def test_web_refuses_to_start_without_its_browser_libraries(tmp_path) -> None:
+    env = service_env(WEB_PORT=str(free_port()), WEB_NODE_MODULES=str(tmp_path / "empty"))
+    result = subprocess.run(
+        container_command("web"), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0 and "run `make setup`" in result.stderr
 
 
 def test_worker_registers_with_rq_and_passes_its_healthcheck(redis_url: str, tmp_path) -> None:

@@ -1,7 +1,9 @@
-"""`make up`'s launcher starts every service as a local process, and Ctrl-C stops all of them."""
+"""`make up`'s launcher starts every service as a local process, and Ctrl-C stops all of them;
+`make demo` takes a new user from nothing to a chat model."""
 
 import signal
 import subprocess
+from pathlib import Path
 
 import httpx
 
@@ -49,3 +51,45 @@ def test_local_stack_starts_everything_and_stops_cleanly_on_ctrl_c(tmp_path) -> 
         except httpx.ConnectError:
             pass
     assert "stopping" in log.read_text()
+
+
+def test_demo_trains_a_chat_model_and_points_to_its_chat_page(data_kit: Path, tmp_path: Path) -> None:
+    """`make demo`, the product tour: the tiny pipeline through the API, its progress, then the chat
+    page's address with the new model chosen, served through the web UI's proxy."""
+    ports = {name: free_port() for name in ("api", "inference", "web")}
+    env = service_env(
+        NANOCHAT_BASE_DIR=str(tmp_path / "base"),
+        NANOCHAT_DATA_DIR=str(data_kit),
+        **{f"{name.upper()}_PORT": str(p) for name, p in ports.items()},
+    )
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        launcher = subprocess.Popen(
+            [PYTHON, "scripts/local_stack.py", "--demo"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(
+                lambda: "Talk to it:" in log.read_text() or launcher.poll() is not None, 600, "the demo"
+            )
+            output = log.read_text()
+            assert launcher.poll() is None, output
+            demo_lines = [line for line in output.splitlines() if line.lstrip().startswith("demo |")]
+            for stage in ("tokenizer", "base_train", "mid_train", "chat_sft"):
+                assert any(stage in line and "finished" in line for line in demo_lines), stage
+            assert any("%" in line and "ETA" in line for line in demo_lines)  # progress while it trains
+            chat_url = f"http://127.0.0.1:{ports['web']}/#/chat?model=demo-sft"
+            assert chat_url in output
+            token = next(line.split()[-1] for line in output.splitlines() if "API token" in line)
+            models = httpx.get(
+                f"http://127.0.0.1:{ports['web']}/v1/models", headers={"Authorization": f"Bearer {token}"}
+            ).json()
+            assert "demo-sft" in [m["id"] for m in models["data"]]
+            launcher.send_signal(signal.SIGINT)
+            assert launcher.wait(timeout=30) == 0
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
