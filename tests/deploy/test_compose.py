@@ -141,3 +141,17 @@ def test_every_build_uses_its_service_folder_dockerfile(compose: dict) -> None:
         if "build" in service:
             assert service["build"]["context"] == "."
             assert Path(ROOT / service["build"]["dockerfile"]) == ROOT / "services" / name / "Dockerfile"
+
+
+def test_published_ports_bind_to_the_loopback_unless_told_otherwise() -> None:
+    for env, address in [(ENV, "127.0.0.1"), ({**ENV, "BIND_ADDRESS": "0.0.0.0"}, "0.0.0.0")]:
+        services = load("compose.yaml", env=env)["services"]
+        published = [port for service in services.values() for port in service.get("ports", [])]
+        assert len(published) == 3 and all(port.startswith(f"{address}:") for port in published)
+
+
+def test_every_service_runs_an_init_and_the_worker_has_time_to_checkpoint(compose: dict) -> None:
+    assert all(service.get("init") is True for service in compose["services"].values())
+    grace = compose["services"]["worker"]["stop_grace_period"]
+    job_grace = int(compose["services"]["worker"]["environment"]["JOB_CANCEL_GRACE_SECONDS"])
+    assert grace.endswith("m") and int(grace[:-1]) * 60 > job_grace  # SIGTERM → checkpoint, then SIGKILL

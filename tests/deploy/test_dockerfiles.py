@@ -71,3 +71,14 @@ def test_ml_images_install_torch_for_the_chosen_variant(service: str) -> None:
 @pytest.mark.parametrize("service", SERVICES)
 def test_images_run_as_an_unprivileged_user(service: str) -> None:
     assert re.search(r"^USER 1000$", dockerfile(service), re.MULTILINE)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_base_image_is_a_build_argument_defaulting_to_a_public_image(service: str) -> None:
+    """So the images also build from a local base (a mirror, or a stand-in made offline)."""
+    text = dockerfile(service)
+    bases = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    defaults = dict(re.findall(r"^ARG (\w+_IMAGE)=(\S+)", text, re.MULTILINE))
+    assert bases and all(base.startswith("${") for base in bases)
+    for base in bases:
+        assert ":" in defaults[base[2:-1]]  # a tagged public image
