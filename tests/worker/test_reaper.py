@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from jobs import queue, records
 from jobs.records import Attempt, JobRecord, JobStatus
+from pydantic import ValidationError
 from redis import Redis
 
 from worker.reaper import forget_old, reap
@@ -99,3 +100,14 @@ def test_a_log_that_cannot_be_written_marks_the_output_lost_and_keeps_draining(
         "three",
     ]  # Redis got them
     assert [values for _, values in records.read_metrics(redis, "job")] == [{"step": 1}]
+
+
+def test_a_worker_given_gpus_hands_only_those_to_its_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # the container's view: every GPU
+    monkeypatch.setenv("WORKER_GPUS", "1,2,3")  # this worker's share; the model server has 0
+    assert child_environment(WorkerSettings())["CUDA_VISIBLE_DEVICES"] == "1,2,3"
+    monkeypatch.setenv("WORKER_GPUS", "")  # unset: the jobs see what the worker sees
+    assert child_environment(WorkerSettings())["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    monkeypatch.setenv("WORKER_GPUS", "all of them")
+    with pytest.raises(ValidationError, match="WORKER_GPUS"):
+        WorkerSettings()

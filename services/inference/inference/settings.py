@@ -26,6 +26,11 @@ class InferenceSettings(BaseSettings):
         description="Comma-separated browser origins allowed to call the server (the web UI's).",
     )
     inference_device: str = Field(default="auto", description="cuda, cpu or auto.")
+    inference_gpus: str | None = Field(
+        default=None,
+        pattern=r"^\d+(,\d+)*$",
+        description="GPU ids the model server may use (CUDA_VISIBLE_DEVICES; it uses the first); unset: all",
+    )
     inference_dtype: str = Field(
         default="auto", description="Compute dtype: auto (bf16 on a GPU that has it, else fp32)."
     )

@@ -37,6 +37,12 @@ class WorkerSettings(BaseSettings):
         description="A running job's worker renews its lease this often ×⅓; a job whose lease has expired "
         "is taken as abandoned (its worker died) and re-queued.",
     )
+    gpus: str | None = Field(
+        default=None,
+        pattern=r"^\d+(,\d+)*$",
+        validation_alias=AliasChoices("WORKER_GPUS"),
+        description="GPU ids this worker's jobs may use (CUDA_VISIBLE_DEVICES), e.g. 1,2,3; unset: all.",
+    )
     job_retention_days: float = Field(
         default=30.0,
         gt=0,

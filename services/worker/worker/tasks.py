@@ -299,6 +299,8 @@ def child_environment(settings: WorkerSettings) -> dict[str, str]:
     }
     if settings.data_dir is not None:
         env["NANOCHAT_DATA_DIR"] = str(settings.data_dir.expanduser())
+    if settings.gpus is not None:  # this worker's share of the machine's GPUs
+        env["CUDA_VISIBLE_DEVICES"] = settings.gpus
     return env
 
 
