@@ -4,6 +4,7 @@
 #   TORCH_VARIANT=cpu | cuda: force one (Docker builds have no GPU to look at).
 #   FLASH_ATTN_WHEEL=<url or path>: also install this prebuilt flash-attn wheel (CUDA only; it must
 #   match the torch, CUDA and Python versions). Without it attention runs on PyTorch's SDPA.
+#   TORCH_WHEELHOUSE=<folder>: look for the CPU wheel there first (offline image builds mount one).
 # Plain `pip install torch` on Linux pulls the multi-GB CUDA build, which a CPU machine must never get.
 set -euo pipefail
 
@@ -36,8 +37,10 @@ fi
 echo "Installing torch $TORCH_VERSION ($variant build)"
 if [ "$variant" = cuda ]; then
   "$python" -m pip install "torch==$TORCH_VERSION"
-elif "$python" -m pip install --no-index --no-deps "torch==$TORCH_VERSION" >/dev/null 2>&1; then
-  # A CPU wheel in a local wheelhouse (PIP_FIND_LINKS) was found: fetch only its small dependencies.
+elif "$python" -m pip install --no-index --no-deps ${TORCH_WHEELHOUSE:+--find-links "$TORCH_WHEELHOUSE"} \
+  "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+  # A CPU wheel in a local wheelhouse (TORCH_WHEELHOUSE or pip's find-links) was found: fetch only its
+  # small dependencies.
   "$python" -m pip install "torch==$TORCH_VERSION"
 else
   "$python" -m pip install "torch==$TORCH_VERSION" \
