@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV_PYTHON := .venv/bin/python
 
-.PHONY: help setup test up demo lint format bench
+.PHONY: help setup test up demo lint format bench compose-test
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ lint: setup ## ruff lint and format check
 
 format: setup ## apply ruff's fixes and formatting
 	$(VENV_PYTHON) -m ruff check --fix . && $(VENV_PYTHON) -m ruff format .
+
+compose-test: setup ## build the CPU images and run the stack in real containers (podman; ~10 min, root)
+	$(VENV_PYTHON) scripts/compose_test.py
 
 bench: setup ## run the benchmarks (over an hour on 2 cores; see bench/RESULTS.md)
 	$(VENV_PYTHON) bench/tokenizer.py

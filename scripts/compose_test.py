@@ -1,0 +1,223 @@
+"""
+`make compose-test`: the CPU stack built and run in real containers, with podman and podman-compose
+(no Docker engine needed), from compose.yaml + compose.cpu.yaml as users run them.
+
+    build the images (api, worker, inference, web) on stand-in bases → `podman-compose up` → wait for
+    health → the tiny demo pipeline through the API inside the containers, with the worker container
+    restarted in the middle of base training (the job must resume from its checkpoint) → chat with
+    the result through the web container's /v1 proxy → everything taken down, even on failure
+
+No image registry is reachable offline, so the bases are stand-ins built here once (debootstrap, then
+Debian's python / nodejs / redis) and handed to the Dockerfiles through their base-image build
+arguments; the CPU torch wheel comes from the local wheelhouse (TORCH_WHEELHOUSE). Needs root (for
+debootstrap), podman, runc and debootstrap (apt), and the data kit (NANOCHAT_DATA_DIR).
+"""
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDIN = "localhost/nanochat-standin"
+IMAGES = "localhost/nanochat-test"
+SERVICES = ("api", "worker", "inference", "web")
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")  # carries the registries' TLS proxy CA
+# podman here: runc (crun fails on hybrid cgroups) and no ulimit raising (not permitted).
+CONTAINERS_CONF = '[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\n'
+STANDINS = {  # image name → Dockerfile body on the debootstrap base
+    "python": """RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends python3 \\
+    python3-pip ca-certificates && rm -rf /var/lib/apt/lists/* \\
+    && ln -sf /usr/bin/python3 /usr/local/bin/python && rm -f /usr/lib/python3*/EXTERNALLY-MANAGED
+COPY ca.crt /etc/ssl/certs/ca-certificates.crt""",
+    "node": """RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm \\
+    ca-certificates && rm -rf /var/lib/apt/lists/*
+COPY ca.crt /etc/ssl/certs/ca-certificates.crt
+ENV NPM_CONFIG_CAFILE=/etc/ssl/certs/ca-certificates.crt""",
+    "redis": """RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server \\
+    redis-tools && rm -rf /var/lib/apt/lists/*""",
+}
+
+
+def run(*command: str, quiet: bool = False, **options) -> subprocess.CompletedProcess:
+    print("+", " ".join(command), flush=True)
+    output = subprocess.DEVNULL if quiet else None
+    return subprocess.run(command, check=True, stdout=output, **options)
+
+
+def image_exists(name: str) -> bool:
+    return subprocess.run(["podman", "image", "exists", name]).returncode == 0
+
+
+def build_standins(work: Path) -> None:
+    """The base images, once: kept between runs under localhost/nanochat-standin/."""
+    if all(image_exists(f"{STANDIN}/{name}:bookworm") for name in STANDINS):
+        return
+    if not image_exists(f"{STANDIN}/debian:bookworm"):
+        rootfs = work / "rootfs"
+        run(
+            "debootstrap",
+            "--variant=minbase",
+            "bookworm",
+            str(rootfs),
+            "http://deb.debian.org/debian",
+            quiet=True,
+        )
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        run("podman", "import", "-", f"{STANDIN}/debian:bookworm", stdin=tar.stdout, quiet=True)
+        tar.wait()
+        shutil.rmtree(rootfs)
+    shutil.copy(HOST_CA_BUNDLE, work / "ca.crt")
+    for name, body in STANDINS.items():
+        (work / f"{name}.Dockerfile").write_text(f"FROM {STANDIN}/debian:bookworm\n{body}\n")
+        run("podman", "build", "--network=host", "--pull=never", "-q", "-f", str(work / f"{name}.Dockerfile"),
+            "-t", f"{STANDIN}/{name}:bookworm", str(work), quiet=True)  # fmt: skip
+
+
+def build_images(wheelhouse: Path) -> None:
+    for service in SERVICES:
+        run(
+            "podman", "build", "--network=host", "--pull=never", "-q",
+            "--build-arg", f"PYTHON_IMAGE={STANDIN}/python:bookworm",
+            "--build-arg", f"NODE_IMAGE={STANDIN}/node:bookworm",
+            "--build-arg", "TORCH_VARIANT=cpu",
+            "--build-arg", "TORCH_WHEELHOUSE=/wheels", "-v", f"{wheelhouse}:/wheels:ro",
+            "-f", f"services/{service}/Dockerfile", "-t", f"{IMAGES}/{service}:latest", ".",
+            cwd=ROOT, quiet=True,
+        )  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, token: str | None = None, body: dict | None = None, timeout: float = 30) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(
+        urllib.request.Request(url, data=data, headers=headers), timeout=timeout
+    ) as r:
+        return json.load(r)
+
+
+def wait_for(what: str, check, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (urllib.error.URLError, OSError, KeyError):
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def scenario(compose: list[str], ports: dict[str, int], token: str) -> None:
+    api, web = f"http://127.0.0.1:{ports['api']}", f"http://127.0.0.1:{ports['web']}"
+    wait_for(
+        "the API and the web UI",
+        lambda: http(f"{api}/health")["redis"] == "ok" and http(f"{web}/health"),
+        300,
+    )
+    preset = json.loads((ROOT / "services/web/web/static/presets.json").read_text())["tiny CPU demo pipeline"]
+    spec = preset["spec"]  # base training long enough, with checkpoints often enough, to be cut
+    spec["config"]["base_train"] |= {"num_iterations": 600, "save_every": 50}
+    pipeline = http(f"{api}/jobs", token, spec)
+    print(f"pipeline {pipeline['id']} submitted", flush=True)
+    base_id = pipeline["stages"][1]
+
+    def base_train_under_way() -> bool:
+        percent = (http(f"{api}/jobs/{base_id}", token).get("progress") or {}).get("percent", 0)
+        print(f"  base training {percent}% done", flush=True)
+        return percent >= 30
+
+    wait_for("base training to get 30% done", base_train_under_way, 900)
+    run(*compose, "restart", "worker", quiet=True)  # the job's worker goes away mid-run
+    wait_for(
+        "the pipeline to finish",
+        lambda: http(f"{api}/jobs/{pipeline['id']}", token)["status"] in ("finished", "failed", "canceled"),
+        1500,
+    )
+    status = http(f"{api}/jobs/{pipeline['id']}", token)["status"]
+    base = http(f"{api}/jobs/{base_id}", token)
+    assert status == "finished", f"the pipeline ended {status}"
+    resumed = [a["resumed_from_step"] for a in base["attempts"][1:]]
+    assert resumed and resumed[0], f"base training did not resume from a checkpoint: {base['attempts']}"
+    print(f"base training resumed from step {resumed[0]} after the worker restart", flush=True)
+    reply = http(
+        f"{web}/v1/chat/completions",
+        token,
+        {"model": "demo-sft", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 16},
+        timeout=120,
+    )
+    assert reply["choices"][0]["message"]["content"] is not None
+    print(f"chat through the web container: {reply['choices'][0]['message']['content']!r}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--wheelhouse", type=Path, default=Path("/opt/wheels"), help="holds the CPU torch wheel"
+    )
+    args = parser.parse_args()
+    missing = [tool for tool in ("podman", "runc", "debootstrap") if shutil.which(tool) is None]
+    if missing:
+        sys.exit(f"compose-test needs {', '.join(missing)}: apt-get install podman runc debootstrap")
+    data_kit = Path(os.environ.get("NANOCHAT_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
+    if not (data_kit / "pretrain").is_dir():
+        sys.exit(f"compose-test needs the data kit: set NANOCHAT_DATA_DIR (no kit at {data_kit})")
+    work = Path(tempfile.mkdtemp(prefix="nanochat-compose-test-"))
+    (work / "containers.conf").write_text(CONTAINERS_CONF)
+    os.environ["CONTAINERS_CONF"] = str(work / "containers.conf")
+    build_standins(work)
+    build_images(args.wheelhouse)
+    project, token = f"nanochat-ct-{secrets.token_hex(3)}", secrets.token_urlsafe(24)
+    ports = {name: free_port() for name in ("api", "inference", "web")}
+    override = {"services": {name: {"image": f"{IMAGES}/{name}:latest"} for name in SERVICES}}
+    override["services"]["worker"] |= {
+        "volumes": [f"{data_kit}:/kit:ro"],
+        "environment": {"NANOCHAT_DATA_DIR": "/kit", "JOB_LEASE_SECONDS": "10"},
+    }
+    (work / "compose.test.yaml").write_text(json.dumps(override))
+    env = {
+        **os.environ,
+        "API_TOKEN": token,
+        "REDIS_PASSWORD": secrets.token_urlsafe(16),
+        "REDIS_IMAGE": f"{STANDIN}/redis:bookworm",
+        **{f"{name.upper()}_PORT": str(port) for name, port in ports.items()},
+    }
+    compose = [sys.executable, "-m", "podman_compose", "-p", project, "-f", "compose.yaml",
+               "-f", "compose.cpu.yaml", "-f", str(work / "compose.test.yaml")]  # fmt: skip
+    os.environ.update(env)
+    os.chdir(ROOT)
+    try:
+        run(*compose, "up", "-d", "--no-build", quiet=True)
+        scenario(compose, ports, token)
+        print("compose-test passed", flush=True)
+        return 0
+    except (AssertionError, RuntimeError, subprocess.CalledProcessError) as error:
+        print(f"compose-test FAILED: {error}", flush=True)
+        subprocess.run([*compose, "logs", "--tail", "40"])
+        return 1
+    finally:
+        subprocess.run([*compose, "down", "-v", "-t", "5"], stdout=subprocess.DEVNULL)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
