@@ -18,14 +18,14 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
+
+from local_stack import api_call, demo_preset, free_port  # beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = "localhost/nanochat-standin"
@@ -96,23 +96,6 @@ def build_images(wheelhouse: Path) -> None:
         )  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url: str, token: str | None = None, body: dict | None = None, timeout: float = 30) -> dict:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = None if body is None else json.dumps(body).encode()
-    with urllib.request.urlopen(
-        urllib.request.Request(url, data=data, headers=headers), timeout=timeout
-    ) as r:
-        return json.load(r)
-
-
 def wait_for(what: str, check, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -129,37 +112,34 @@ def scenario(compose: list[str], ports: dict[str, int], token: str) -> None:
     api, web = f"http://127.0.0.1:{ports['api']}", f"http://127.0.0.1:{ports['web']}"
     wait_for(
         "the API and the web UI",
-        lambda: http(f"{api}/health")["redis"] == "ok" and http(f"{web}/health"),
+        lambda: api_call(api, token, "/health")["redis"] == "ok" and api_call(web, token, "/health"),
         300,
     )
-    preset = json.loads((ROOT / "services/web/web/static/presets.json").read_text())["tiny CPU demo pipeline"]
-    spec = preset["spec"]  # base training long enough, with checkpoints often enough, to be cut
+    spec = demo_preset()["spec"]  # base training long enough, with checkpoints often enough, to be cut
     spec["config"]["base_train"] |= {"num_iterations": 600, "save_every": 50}
-    pipeline = http(f"{api}/jobs", token, spec)
+    pipeline = api_call(api, token, "/jobs", spec)
     print(f"pipeline {pipeline['id']} submitted", flush=True)
     base_id = pipeline["stages"][1]
 
     def base_train_under_way() -> bool:
-        percent = (http(f"{api}/jobs/{base_id}", token).get("progress") or {}).get("percent", 0)
+        percent = (api_call(api, token, f"/jobs/{base_id}").get("progress") or {}).get("percent", 0)
         print(f"  base training {percent}% done", flush=True)
         return percent >= 30
 
     wait_for("base training to get 30% done", base_train_under_way, 900)
     run(*compose, "restart", "worker", quiet=True)  # the job's worker goes away mid-run
-    wait_for(
-        "the pipeline to finish",
-        lambda: http(f"{api}/jobs/{pipeline['id']}", token)["status"] in ("finished", "failed", "canceled"),
-        1500,
-    )
-    status = http(f"{api}/jobs/{pipeline['id']}", token)["status"]
-    base = http(f"{api}/jobs/{base_id}", token)
+    pipeline_status = lambda: api_call(api, token, f"/jobs/{pipeline['id']}")["status"]  # noqa: E731
+    wait_for("the pipeline to finish", lambda: pipeline_status() in ("finished", "failed", "canceled"), 1500)
+    status = pipeline_status()
+    base = api_call(api, token, f"/jobs/{base_id}")
     assert status == "finished", f"the pipeline ended {status}"
     resumed = [a["resumed_from_step"] for a in base["attempts"][1:]]
     assert resumed and resumed[0], f"base training did not resume from a checkpoint: {base['attempts']}"
     print(f"base training resumed from step {resumed[0]} after the worker restart", flush=True)
-    reply = http(
-        f"{web}/v1/chat/completions",
+    reply = api_call(
+        web,
         token,
+        "/v1/chat/completions",
         {"model": "demo-sft", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 16},
         timeout=120,
     )

@@ -106,14 +106,20 @@ def wait_healthy(stack: Stack, urls: dict[str, str]) -> None:
         time.sleep(0.3)
 
 
-def api_call(api_url: str, token: str, path: str, spec: dict | None = None) -> dict:
+def api_call(base_url: str, token: str, path: str, body: dict | None = None, timeout: float = 10) -> dict:
+    """GET (or POST `body` to) a service of the stack with the token; its JSON answer."""
     request = urllib.request.Request(
-        f"{api_url}{path}",
-        data=None if spec is None else json.dumps(spec).encode(),
+        f"{base_url}{path}",
+        data=None if body is None else json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.load(response)
+
+
+def demo_preset() -> dict:
+    """The web UI's tiny CPU demo pipeline preset: its `about` text and its job `spec`."""
+    return json.loads(PRESETS.read_text())["tiny CPU demo pipeline"]
 
 
 def stage_line(stage: dict) -> str:
@@ -131,7 +137,7 @@ def stage_line(stage: dict) -> str:
 def run_demo(api_url: str, token: str, web_url: str) -> None:
     """The product tour: submit the tiny CPU demo pipeline (the web UI's first preset) through the API,
     show each stage's progress here, and when the chat model is ready, where to talk to it."""
-    preset = json.loads(PRESETS.read_text())["tiny CPU demo pipeline"]
+    preset = demo_preset()
     pipeline = api_call(api_url, token, "/jobs", preset["spec"])
     run = pipeline["run"]
     print(f"\nmake demo: {preset['about']}", flush=True)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.api.conftest import Stack, start_stack
 from tests.inference.conftest import tiny_tokenizer
-from tests.trainer.conftest import make_documents, write_shards
+from tests.trainer.conftest import write_pretraining_kit
 from tests.web.test_training_pages import TINY_TRAINING
 
 from support import ROOT
@@ -62,8 +62,7 @@ def test_speedrun_without_eight_gpus_says_so(tmp_path: Path) -> None:
 def training_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """An API and a worker over tiny shards, with a tokenizer for run 'scripted'."""
     workdir = tmp_path_factory.mktemp("scripts")
-    documents = make_documents(60, seed=4)
-    write_shards(workdir / "data" / "pretrain", [documents[:20], documents[20:40], documents[40:]])
+    write_pretraining_kit(workdir / "data", seed=4)
     tiny_tokenizer().save(workdir / "base" / "runs" / "scripted" / "tokenizer")
     yield from start_stack(redis_url, workdir, workdir / "data", with_worker=True)
 

@@ -58,6 +58,13 @@ def write_shards(folder: Path, docs_per_shard: list[list[str]], row_group_size: 
     return paths
 
 
+def write_pretraining_kit(data_dir: Path, seed: int) -> None:
+    """A data kit with just enough pretraining text for a few steps of a tiny model: 3 shards, the last
+    one the validation shard."""
+    documents = make_documents(60, seed=seed)
+    write_shards(data_dir / "pretrain", [documents[:20], documents[20:40], documents[40:]])
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.train(make_documents(200, seed=1), vocab_size=600)

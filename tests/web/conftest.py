@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.inference.conftest import SLOW_CONFIG, tiny_tokenizer, write_checkpoint
-from tests.trainer.conftest import make_documents, write_shards
+from tests.trainer.conftest import write_pretraining_kit
 
 from support import PYTHON, ROOT, Process, free_port, private_redis, service_env, wait_until
 
@@ -71,8 +71,7 @@ def start_web_stack(workdir: Path, redis_url: str) -> Iterator[WebStack]:
     write_checkpoint(runs, "tiny", "sft", 10, seed=10)
     write_checkpoint(runs, "slow", "sft", 1, seed=1, config=SLOW_CONFIG, never_stop=True)
     write_report(runs / "tiny" / "report")
-    documents = make_documents(60, seed=3)
-    write_shards(data / "pretrain", [documents[:20], documents[20:40], documents[40:]])
+    write_pretraining_kit(data, seed=3)
     token = secrets.token_urlsafe(24)
     ports = {name: free_port() for name in ("api", "inference", "web")}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}

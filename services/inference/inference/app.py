@@ -48,6 +48,7 @@ class LimitAndCount:
 
     def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
         self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+        self.too_large = f"request body over {max_bytes} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,8 +63,7 @@ class LimitAndCount:
 
         size = dict(scope["headers"]).get(b"content-length", b"0")
         if not size.isdigit() or int(size) > self.max_bytes:
-            too_large = error_response(OpenAIError(413, f"request body over {self.max_bytes} bytes"))
-            return await too_large(scope, receive, counted)
+            return await error_response(OpenAIError(413, self.too_large))(scope, receive, counted)
         received = 0
 
         async def limited() -> Message:
@@ -71,7 +71,7 @@ class LimitAndCount:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:  # raised inside the body read: the 413 handler shapes it
-                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+                raise HTTPException(413, self.too_large)
             return message
 
         await self.app(scope, limited, counted)
@@ -93,11 +93,7 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
         task.cancel()
         app.state.pool.close()
 
-    app = FastAPI(
-        title="nanochat-stack inference",
-        version="0.1.0",
-        lifespan=lifespan,
-    )
+    app = FastAPI(title="nanochat-stack inference", version="0.1.0", lifespan=lifespan)
     app.state.settings, app.state.metrics = settings, metrics
     app.include_router(public)
     app.include_router(router)

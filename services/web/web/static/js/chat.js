@@ -21,7 +21,6 @@ const state = {
   currentId: null,
   search: "",
   controller: null, // the streaming reply's AbortController, while one streams
-  root: null,
 };
 
 function save() {
@@ -41,7 +40,6 @@ function newConversation() {
 }
 
 export async function chatPage(root, params) {
-  state.root = root;
   if (params.get("model")) state.settings.model = params.get("model");
   state.currentId = current()?.id ?? state.conversations[0]?.id ?? newConversation().id;
   root.replaceChildren(layout());

@@ -256,19 +256,18 @@ export async function jobPage(root, params, jobId) {
   });
 
   let stages = [];
-  const loadStages = async () => {
+  async function show() { // the record as it is now: its stages, the summary, and once it ended its models
     stages = await Promise.all((record.stages || []).map((id) => json(`/api/jobs/${id}`)));
-  };
+    renderSummary();
+    if (!ACTIVE.includes(record.status)) await renderProduced();
+  }
   async function refresh() {
     try {
       record = await json(`/api/jobs/${jobId}`);
-      await loadStages();
+      await show();
     } catch (error) {
       showError(error);
-      return;
     }
-    renderSummary();
-    if (!ACTIVE.includes(record.status)) await renderProduced();
   }
 
   function renderSummary() {
@@ -307,9 +306,7 @@ export async function jobPage(root, params, jobId) {
       h("li", {}, h("a", { href: `#/models/${m.id}` }, m.id), " · ", h("a", { href: `#/chat?model=${m.id}` }, "chat with it"))))] : []));
   }
 
-  await loadStages();
-  renderSummary();
-  if (!ACTIVE.includes(record.status)) await renderProduced();
+  await show();
   const timer = setInterval(() => (ACTIVE.includes(record.status) ? refresh() : null), POLL_MS);
   return () => {
     clearInterval(timer);
