@@ -15,7 +15,8 @@ Usage: ./train.sh base|mid|sft|rl|all [--run=NAME] [--FLAG=VALUE ...]
   all    the whole pipeline: tokenizer, base, mid, sft, rl, evals (the flags go to base_train)
 
 Flags are the program's own, in nanochat's spelling or ours: --depth=20 --num_iterations=100
---device-batch-size=16. --run names the run folder (default: default).
+--device-batch-size=16, plus the runner's: --nproc_per_node=8 (GPUs per worker), --nnodes=2 (workers
+that run it together), --max_retries, --time_limit. --run names the run folder (default: default).
 The API is API_URL (default http://localhost:$API_PORT, 8000) and the token API_TOKEN, from the
 environment or .env.
 USAGE

@@ -5,7 +5,9 @@
     build the images (api, worker, inference, web) on stand-in bases → `podman-compose up` → wait for
     health → the tiny demo pipeline through the API inside the containers, with the worker container
     restarted in the middle of base training (the job must resume from its checkpoint) → chat with
-    the result through the web container's /v1 proxy → everything taken down, even on failure
+    the result through the web container's /v1 proxy → a job with nnodes: 2 on the two worker
+    containers (`--scale worker=2`), which meet in torchrun's rendezvous over the container network →
+    everything taken down, even on failure
 
 No image registry is reachable offline, so the bases are stand-ins built here once (debootstrap, then
 Debian's python / nodejs / redis) and handed to the Dockerfiles through their base-image build
@@ -52,6 +54,19 @@ def run(*command: str, quiet: bool = False, **options) -> subprocess.CompletedPr
     print("+", " ".join(command), flush=True)
     output = subprocess.DEVNULL if quiet else None
     return subprocess.run(command, check=True, stdout=output, **options)
+
+
+def containers(project: str, service: str | None = None) -> list[str]:
+    """The ids of a compose project's containers (of one service), scaled replicas included: podman-compose
+    1.6 starts `--scale` replicas, but its `restart` and `down` only know the first one."""
+    labels = [f"label=io.podman.compose.project={project}"]
+    if service:
+        labels.append(f"label=com.docker.compose.service={service}")
+    found = subprocess.run(
+        ["podman", "ps", "-a", "-q", *(f"--filter={label}" for label in labels)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return found.stdout.split()
 
 
 def image_exists(name: str) -> bool:
@@ -108,7 +123,7 @@ def wait_for(what: str, check, timeout: float) -> None:
     raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def scenario(compose: list[str], ports: dict[str, int], token: str) -> None:
+def scenario(compose: list[str], project: str, ports: dict[str, int], token: str) -> None:
     api, web = f"http://127.0.0.1:{ports['api']}", f"http://127.0.0.1:{ports['web']}"
     wait_for(
         "the API and the web UI",
@@ -127,13 +142,18 @@ def scenario(compose: list[str], ports: dict[str, int], token: str) -> None:
         return percent >= 30
 
     wait_for("base training to get 30% done", base_train_under_way, 900)
-    run(*compose, "restart", "worker", quiet=True)  # the job's worker goes away mid-run
+    # The job's worker is told to stop mid-run: its program checkpoints and the job is re-queued.
+    workers = containers(project, "worker")
+    assert len(workers) == 2, f"--scale worker=2 started {len(workers)} worker containers"
+    run("podman", "restart", "--time", "120", *workers, quiet=True)
     pipeline_status = lambda: api_call(api, token, f"/jobs/{pipeline['id']}")["status"]  # noqa: E731
     wait_for("the pipeline to finish", lambda: pipeline_status() in ("finished", "failed", "canceled"), 1500)
     status = pipeline_status()
     base = api_call(api, token, f"/jobs/{base_id}")
     assert status == "finished", f"the pipeline ended {status}"
-    resumed = [a["resumed_from_step"] for a in base["attempts"][1:]]
+    first, *later = base["attempts"]
+    assert first["end_reason"] == "worker shut down", f"the restart did not re-queue the job: {first}"
+    resumed = [a["resumed_from_step"] for a in later]
     assert resumed and resumed[0], f"base training did not resume from a checkpoint: {base['attempts']}"
     print(f"base training resumed from step {resumed[0]} after the worker restart", flush=True)
     reply = api_call(
@@ -145,6 +165,28 @@ def scenario(compose: list[str], ports: dict[str, int], token: str) -> None:
     )
     assert reply["choices"][0]["message"]["content"] is not None
     print(f"chat through the web container: {reply['choices'][0]['message']['content']!r}", flush=True)
+    two_node_job(api, token)
+
+
+def two_node_job(api: str, token: str) -> None:
+    """base_train on both worker containers at once: one hosts the rendezvous, the other joins it."""
+    stages = demo_preset()["spec"]["config"]
+    for kind, config in (
+        ("tokenizer", stages["tokenizer"]),
+        # Half the rows per process: the batch stays a multiple of rows × length × 2 processes.
+        ("base_train", stages["base_train"] | {"nnodes": 2, "num_iterations": 20, "device_batch_size": 4}),
+    ):
+        job = api_call(api, token, "/jobs", {"kind": kind, "run": "nodes", "config": config})
+        path = f"/jobs/{job['id']}"
+        ended = lambda path=path: api_call(api, token, path)["status"] not in ("queued", "started")  # noqa: E731
+        wait_for(f"the {kind} job of run nodes to end", ended, 600)
+        record = api_call(api, token, path)
+        if record["status"] != "finished":
+            log = api_call(api, token, f"{path}/logs?tail=60", text=True)
+            raise AssertionError(f"the {kind} job of run nodes ended {record['status']}; its log:\n{log}")
+    log = api_call(api, token, f"{path}/logs", text=True)
+    assert "[node 1] " in log and "2 process(es)" in log, f"not both nodes in the log:\n{log[-3000:]}"
+    print("a 2-node job ran on the two worker containers", flush=True)
 
 
 def main() -> int:
@@ -186,8 +228,8 @@ def main() -> int:
     os.environ.update(env)
     os.chdir(ROOT)
     try:
-        run(*compose, "up", "-d", "--no-build", quiet=True)
-        scenario(compose, ports, token)
+        run(*compose, "up", "-d", "--no-build", "--scale", "worker=2", quiet=True)
+        scenario(compose, project, ports, token)
         print("compose-test passed", flush=True)
         return 0
     except (AssertionError, RuntimeError, subprocess.CalledProcessError) as error:
@@ -196,6 +238,9 @@ def main() -> int:
         return 1
     finally:
         subprocess.run([*compose, "down", "-v", "-t", "5"], stdout=subprocess.DEVNULL)
+        if leftovers := containers(project):  # the replicas `down` does not know; then their volumes
+            subprocess.run(["podman", "rm", "-f", "-t", "5", *leftovers], stdout=subprocess.DEVNULL)
+            subprocess.run([*compose, "down", "-v"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 HEALTH_TIMEOUT_S = 60
@@ -106,15 +107,17 @@ def wait_healthy(stack: Stack, urls: dict[str, str]) -> None:
         time.sleep(0.3)
 
 
-def api_call(base_url: str, token: str, path: str, body: dict | None = None, timeout: float = 10) -> dict:
-    """GET (or POST `body` to) a service of the stack with the token; its JSON answer."""
+def api_call(
+    base_url: str, token: str, path: str, body: dict | None = None, timeout: float = 10, text: bool = False
+) -> Any:
+    """GET (or POST `body` to) a service of the stack with the token; its JSON answer (or its text)."""
     request = urllib.request.Request(
         f"{base_url}{path}",
         data=None if body is None else json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.load(response)
+        return response.read().decode() if text else json.load(response)
 
 
 def demo_preset() -> dict:

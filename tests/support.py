@@ -33,6 +33,24 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def process_with(*words: str) -> list[int]:
+    """Pids of processes whose command line contains every word."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if all(word.encode() in command for word in words):
+                pids.append(int(entry.name))
+    return pids
+
+
+def parent_of(pid: int) -> int:
+    return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def http_ok(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200

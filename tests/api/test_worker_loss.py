@@ -1,5 +1,6 @@
 """A worker that dies mid-job (SIGKILL of its work horse, or of the whole worker) costs the job one
-attempt, not its progress: the reaper re-queues it and the next attempt resumes from its checkpoint."""
+attempt, not its progress: the reaper re-queues it and the next attempt resumes from its checkpoint.
+A worker told to shut down (SIGTERM) has the program checkpoint at once and re-queues the job itself."""
 
 import os
 import signal
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LEASE_SECONDS, Stack, start_stack
-from support import Process, wait_until
+from support import Process, parent_of, process_with, wait_until
 
 TRAINING = {
     "depth": 2,
@@ -35,38 +36,22 @@ def own_stack(redis_url: str, data_kit: Path, tmp_path_factory: pytest.TempPathF
     with stack.client() as client:
         tokenizers = [
             client.post("/jobs", json={"kind": "tokenizer", "run": run, "config": {"vocab_size": 512}}).json()
-            for run in ("a", "b", "reference")
+            for run in ("a", "b", "c", "reference")
         ]
     for job in tokenizers:
         assert finished(stack, job["id"], timeout=60)["status"] == "finished"
     yield stack
     next(stack_iter, None)
-    for run in ("a", "b", "reference"):  # a trainer a failed test left behind
+    for run in ("a", "b", "c", "reference"):  # a trainer a failed test left behind
         for pid in process_with("trainer.base_train", "--run", run):
             os.kill(pid, signal.SIGKILL)
 
 
-def process_with(*words: str) -> list[int]:
-    """Pids of processes whose command line contains every word."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if all(word.encode() in command for word in words):
-                pids.append(int(entry.name))
-    return pids
-
-
-def parent_of(pid: int) -> int:
-    return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def train_until_step(stack: Stack, run: str, step: int) -> dict:
+def train_until_step(stack: Stack, run: str, step: int, **config: int) -> dict:
     with stack.client() as client:
-        job = client.post("/jobs", json={"kind": "base_train", "run": run, "config": TRAINING}).json()
+        job = client.post(
+            "/jobs", json={"kind": "base_train", "run": run, "config": TRAINING | config}
+        ).json()
         wait_until(
             lambda: client.get(f"/jobs/{job['id']}").json()["progress"].get("step", 0) >= step, 120, "steps"
         )
@@ -128,4 +113,29 @@ def test_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint(
     first, second = record["attempts"]
     assert first["end_reason"].startswith("worker lost") and first["worker"] != second["worker"]
     assert f"step_{second['resumed_from_step']:06d}" == checkpoints[-1]  # no completed checkpoint redone
+    assert record["progress"]["loss"] == reference["progress"]["loss"]
+
+
+def test_worker_told_to_stop_checkpoints_at_once_and_requeues_the_job(
+    own_stack: Stack, reference: dict
+) -> None:
+    workers = [*own_stack.processes, own_stack.start_worker("to-shut-down")]  # the first may be gone
+    job = train_until_step(own_stack, "c", 25, save_every=1000)  # no periodic checkpoint to fall back on
+    (trainer,) = process_with("trainer.base_train", "c")
+    (worker,) = [w for w in workers if w.popen.pid == parent_of(parent_of(trainer))]
+    os.kill(worker.popen.pid, signal.SIGTERM)  # what `docker compose stop` sends
+    worker.popen.wait(timeout=40)  # as soon as the program has saved, not after the whole job
+    (saved,) = [p.name for p in (own_stack.base_dir / "runs" / "c" / "base").glob("step_*")]
+    with own_stack.client() as client:
+        first = client.get(f"/jobs/{job['id']}").json()["attempts"][0]
+    assert first["end_reason"] == "worker shut down"  # back on the queue, not failed or stopped
+    replacement = own_stack.start_worker("after-shutdown")
+    try:
+        record = finished(own_stack, job["id"])
+    finally:
+        replacement.stop()
+    assert record["status"] == "finished", record
+    assert len(record["attempts"]) == 2
+    resumed = record["attempts"][1]["resumed_from_step"]
+    assert f"step_{resumed:06d}" == saved and resumed >= 25
     assert record["progress"]["loss"] == reference["progress"]["loss"]

@@ -1,6 +1,8 @@
 """.env.example lists every variable the services read, and nothing they do not."""
 
 import re
+import subprocess
+import sys
 
 from pydantic_settings import BaseSettings
 
@@ -39,3 +41,12 @@ def test_every_variable_has_a_comment_line() -> None:
     for i, line in enumerate(lines):
         if re.match(r"^[A-Z_]+=", line):
             assert lines[i - 1].startswith("# "), f"{line!r} has no comment above it"
+
+
+def test_readme_configuration_table_is_the_one_made_from_env_example() -> None:
+    made = subprocess.run(
+        [sys.executable, "scripts/config_table.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+    readme = (ROOT / "README.md").read_text()
+    assert made.strip() in readme, "README's table is stale: run python scripts/config_table.py --write"
+    assert made.count("\n| ") == len(re.findall(r"^[A-Z_]+=", (ROOT / ".env.example").read_text(), re.M))

@@ -4,7 +4,7 @@ import argparse
 import importlib
 
 import pytest
-from jobs.specs import JOB_SPEC, STAGE_KINDS, RunnerOptions, json_schemas
+from jobs.specs import JOB_SPEC, STAGE_KINDS, Rendezvous, RunnerOptions, json_schemas
 from pydantic import ValidationError
 
 
@@ -48,10 +48,27 @@ def test_several_processes_launch_through_torchrun_with_flags_after_a_separator(
     )
 
 
+def test_several_nodes_meet_in_the_rendezvous_each_node_is_given() -> None:
+    spec = JOB_SPEC.validate_python(
+        {"kind": "chat_sft", "run": "s", "config": {"nnodes": 2, "nproc_per_node": 8}}
+    )
+    first = Rendezvous("10.0.0.5:29400", "job1-1", is_host=True, local_address="10.0.0.5")
+    assert " ".join(spec.command(resume=True, rendezvous=first)) == (
+        "-m torch.distributed.run --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d"
+        " --rdzv-endpoint=10.0.0.5:29400 --rdzv-id=job1-1 --rdzv-conf=is_host=true --local-addr=10.0.0.5"
+        " -m trainer.chat_sft -- --run s --resume"
+    )
+    further = Rendezvous("10.0.0.5:29400", "job1-1", is_host=False, local_address="10.0.0.6")
+    assert "--rdzv-conf=is_host=false --local-addr=10.0.0.6" in " ".join(spec.command(rendezvous=further))
+    with pytest.raises(ValueError, match="needs their rendezvous"):
+        spec.command()
+
+
 @pytest.mark.parametrize(
     ("kind", "config"),
     [
         ("base_train", {"depth": 0}),
+        ("base_train", {"nnodes": 0}),
         ("base_train", {"window_pattern": "SXL"}),
         ("base_train", {"dtype": "float8"}),
         ("base_train", {"nproc_per_node": 0}),

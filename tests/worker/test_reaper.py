@@ -102,6 +102,19 @@ def test_a_log_that_cannot_be_written_marks_the_output_lost_and_keeps_draining(
     assert [values for _, values in records.read_metrics(redis, "job")] == [{"step": 1}]
 
 
+def test_a_failure_under_torchrun_is_explained_by_the_programs_last_line(redis: Redis, tmp_path) -> None:
+    output = (
+        b"step 1/20\n--total-batch-size 2,048 must be a multiple of rows x length x processes = 4,096\n"
+        b"E1125 04:01:18.418000 7 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1)"
+        b" local_rank: 0 (pid: 12) of binary: /usr/bin/python\nTraceback (most recent call last):\n"
+        b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n" + b"=" * 60 + b"\n"
+    )
+    with JobLog(redis, "job", tmp_path / "job.log") as job_log:
+        job_log.copy_from(io.BytesIO(output))
+    assert job_log.last_line.startswith("--total-batch-size 2,048 must be a multiple")
+    assert (tmp_path / "job.log").read_text().endswith("=" * 60 + "\n")  # the report is still logged
+
+
 def test_a_worker_given_gpus_hands_only_those_to_its_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # the container's view: every GPU
     monkeypatch.setenv("WORKER_GPUS", "1,2,3")  # this worker's share; the model server has 0

@@ -7,6 +7,7 @@ record in Redis is the truth.
     waiting/queued ─(stop, or the stage before did not finish)→ canceled
     started ─(stop)→ stopped       started ─(program failed, time limit)→ failed / stopped
     started ─(worker lost, retries left)→ queued (resumes from its latest checkpoint)
+    started ─(its worker shuts down: the program checkpoints first)→ queued
     failed/stopped/canceled ─(retry)→ queued
 """
 

@@ -2,9 +2,10 @@
 What a client may ask for: one pydantic model per job kind, unknown fields forbidden and every value
 bounded, so a bad request is refused with the field's name before anything reaches the queue. A spec
 also knows the trainer program that runs it; each config field is that program's flag of the same name,
-except the runner's own options (retries, time limit, processes), which never reach the program.
+except the runner's own options (retries, time limit, processes, nodes), which never reach the program.
 """
 
+from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
@@ -23,7 +24,9 @@ class StrictModel(BaseModel):
 class RunnerOptions(StrictModel):
     """How the worker runs the program; not passed to it."""
 
-    RUNNER_FIELDS: ClassVar[frozenset[str]] = frozenset({"max_retries", "time_limit", "nproc_per_node"})
+    RUNNER_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"max_retries", "time_limit", "nproc_per_node", "nnodes"}
+    )
 
     max_retries: int = Field(
         default=2,
@@ -42,6 +45,13 @@ class ModelProgramOptions(RunnerOptions):
         ge=1,
         le=64,
         description="processes (GPUs) on this worker's machine, launched with torchrun",
+    )
+    nnodes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="workers (machines) that run it together, each with nproc_per_node processes; they "
+        "meet in torchrun's c10d rendezvous and need the runs folder on shared storage",
     )
     dtype: Dtype | None = Field(
         default=None, description="compute dtype (default: bf16 on recent GPUs, else fp32)"
@@ -205,14 +215,41 @@ class JobSpec(StrictModel):
                 args += [f"--{flag}", str(value)]
         return args
 
-    def command(self, resume: bool = False) -> list[str]:
-        """What follows `python`: `-m <program> <flags>`, through torchrun for several processes.
+    @property
+    def nnodes(self) -> int:
+        return getattr(self.config, "nnodes", 1)
+
+    def command(self, resume: bool = False, rendezvous: "Rendezvous | None" = None) -> list[str]:
+        """What follows `python`: `-m <program> <flags>`, through torchrun for several processes, and
+        for several nodes through torchrun's c10d rendezvous (each node runs this same command).
         torchrun needs `--` before the program's flags: it would take `--run` for its own `--run-path`."""
         processes = getattr(self.config, "nproc_per_node", 1)
-        if processes > 1:
+        if self.nnodes > 1:
+            if rendezvous is None:
+                raise ValueError(f"a job on {self.nnodes} nodes needs their rendezvous")
+            torchrun = [
+                *("-m", "torch.distributed.run", f"--nnodes={self.nnodes}", f"--nproc_per_node={processes}"),
+                *("--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous.endpoint}"),
+                f"--rdzv-id={rendezvous.run_id}",
+                f"--rdzv-conf=is_host={'true' if rendezvous.is_host else 'false'}",
+                f"--local-addr={rendezvous.local_address}",
+            ]
+        elif processes > 1:
             torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-            return [*torchrun, "-m", self.program, "--", *self.arguments(resume)]
-        return ["-m", self.program, *self.arguments(resume)]
+        else:
+            return ["-m", self.program, *self.arguments(resume)]
+        return [*torchrun, "-m", self.program, "--", *self.arguments(resume)]
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the nodes of a multi-node job meet: the first node hosts torchrun's c10d store at
+    `endpoint` (host:port); `run_id` is unique per attempt; `local_address` is how others reach this node."""
+
+    endpoint: str
+    run_id: str
+    is_host: bool
+    local_address: str
 
 
 class TokenizerJob(JobSpec):

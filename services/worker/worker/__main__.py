@@ -2,6 +2,8 @@
 plus the reaper that re-queues jobs whose worker died."""
 
 import logging
+import os
+import signal
 import sys
 import uuid
 
@@ -11,9 +13,26 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Worker
 
+from worker import gpus
 from worker.health import host_prefix
 from worker.reaper import start_reaper
 from worker.settings import WorkerSettings, connect
+from worker.tasks import request_shutdown
+
+
+class CheckpointingWorker(Worker):
+    """RQ's worker, except that a shutdown (SIGTERM, Ctrl-C) reaches the running job at once: its program
+    checkpoints and the job is re-queued. RQ's own warm shutdown would let it train on until a container
+    stop's SIGKILL, losing the work since the last periodic checkpoint. A second signal still kills."""
+
+    def setup_work_horse_signals(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the worker, not here
+        signal.signal(signal.SIGTERM, request_shutdown)
+
+    def handle_warm_shutdown_request(self) -> None:
+        super().handle_warm_shutdown_request()
+        if self.horse_pid:
+            self.kill_horse(signal.SIGTERM)
 
 
 def main() -> None:
@@ -32,10 +51,22 @@ def main() -> None:
     name = f"{host_prefix()}{uuid.uuid4().hex[:12]}"
     # RQ's own client, unused until RQ sets its socket timeout: its dequeue blocks for minutes.
     rq_redis = Redis.from_url(settings.redis_url)
-    worker = Worker([rq_queue(rq_redis)], connection=rq_redis, name=name, serializer=SERIALIZER)
+    worker = CheckpointingWorker([rq_queue(rq_redis)], connection=rq_redis, name=name, serializer=SERIALIZER)
+    gpu_set = None
+    if settings.gpus and ";" in settings.gpus:  # one set of several: take a free one
+        gpu_set = gpus.claim(redis, settings.machine, settings.gpus, name, settings.job_lease_seconds)
+        gpus.keep(redis, settings.machine, gpu_set, name, settings.job_lease_seconds)  # while it lives
+        os.environ["WORKER_GPUS"] = gpu_set  # what each job's settings read (they load in the work horse)
     start_reaper(redis, settings.job_lease_seconds, settings.job_retention_days)
-    logging.info("%s listening on queue %r (runs in %s)", name, QUEUE_NAME, settings.base_dir)
-    worker.work()
+    logging.info(
+        "%s listening on queue %r (runs in %s%s)", name, QUEUE_NAME, settings.base_dir,
+        f", GPUs {gpu_set}" if gpu_set else "",
+    )  # fmt: skip
+    try:
+        worker.work()
+    finally:
+        if gpu_set:
+            gpus.release(redis, settings.machine, gpu_set, name)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 from datetime import timedelta
 
 from jobs import queue, records
-from jobs.records import JobStatus
+from jobs.records import JobRecord, JobStatus
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -52,26 +52,30 @@ def reap(redis: Redis, lease_seconds: float, missing_since: dict[str, float]) ->
                 queue.stage_ended(redis, stopped)
             reaped.append(job_id)
             continue
-        lost = 1 + sum((a.end_reason or "").startswith(LOST) for a in record.attempts[:-1])
-        if lost <= record.max_retries:
-            if queue.enqueue(redis, job_id, {JobStatus.STARTED}, attempts=records.end_attempt(reason)):
-                log.warning(
-                    "job %s: %s; re-queued (retry %d of %d)", job_id, reason, lost, record.max_retries
-                )
-        else:
-            failed = records.transition(
-                redis,
-                job_id,
-                {JobStatus.STARTED},
-                status=JobStatus.FAILED,
-                ended_at=records.now(),
-                error=f"{reason} ({lost} workers lost; max_retries is {record.max_retries})",
-                attempts=records.end_attempt(reason),
-            )
-            if failed is not None:
-                queue.stage_ended(redis, failed)
+        requeue_lost(redis, record, reason)
         reaped.append(job_id)
     return reaped
+
+
+def requeue_lost(redis: Redis, record: JobRecord, reason: str) -> None:
+    """A started job lost a worker (`reason` starts with LOST): re-queue it, or fail it once it has
+    lost more than max_retries workers."""
+    lost = 1 + sum((a.end_reason or "").startswith(LOST) for a in record.attempts[:-1])
+    if lost <= record.max_retries:
+        if queue.enqueue(redis, record.id, {JobStatus.STARTED}, attempts=records.end_attempt(reason)):
+            log.warning("job %s: %s; re-queued (retry %d of %d)", record.id, reason, lost, record.max_retries)
+        return
+    failed = records.transition(
+        redis,
+        record.id,
+        {JobStatus.STARTED},
+        status=JobStatus.FAILED,
+        ended_at=records.now(),
+        error=f"{reason} ({lost} workers lost; max_retries is {record.max_retries})",
+        attempts=records.end_attempt(reason),
+    )
+    if failed is not None:
+        queue.stage_ended(redis, failed)
 
 
 def forget_old(redis: Redis, retention_days: float) -> list[str]:

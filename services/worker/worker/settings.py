@@ -39,9 +39,31 @@ class WorkerSettings(BaseSettings):
     )
     gpus: str | None = Field(
         default=None,
-        pattern=r"^\d+(,\d+)*$",
+        pattern=r"^\d+(,\d+)*(;\d+(,\d+)*)*$",
         validation_alias=AliasChoices("WORKER_GPUS"),
-        description="GPU ids this worker's jobs may use (CUDA_VISIBLE_DEVICES), e.g. 1,2,3; unset: all.",
+        description="GPU ids this worker's jobs may use (CUDA_VISIBLE_DEVICES), e.g. 1,2,3; unset: all. "
+        "Sets separated by ; (0,1,2,3;4,5,6,7) give workers started alike one set each.",
+    )
+    machine: str = Field(
+        default="local",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        validation_alias=AliasChoices("WORKER_MACHINE"),
+        description="Which machine this worker is on, for GPU sets: workers of one machine share them; "
+        "give each machine that joins the same Redis its own name.",
+    )
+    address: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("WORKER_ADDRESS"),
+        description="How workers on other machines reach this one when it hosts a multi-node job's "
+        "rendezvous; unset: the address this machine reaches Redis from.",
+    )
+    rendezvous_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        validation_alias=AliasChoices("WORKER_RENDEZVOUS_PORT"),
+        description="Port a multi-node job's rendezvous is hosted on (open it between the machines); "
+        "0: a free one.",
     )
     job_retention_days: float = Field(
         default=30.0,

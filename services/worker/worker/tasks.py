@@ -5,6 +5,8 @@ worker down, and a stop can send it SIGTERM so a trainer gets to save a checkpoi
 
 While the child runs, the task renews the job's lease (the reaper re-queues a job whose lease
 expired: its worker is gone) and the run/stage lock, and watches for a stop request and the time limit.
+When the worker itself is told to shut down (SIGTERM from `docker compose stop`, Ctrl-C), the program
+gets SIGTERM at once, saves a checkpoint, and the job goes back on the queue for the next worker.
 Redis may go away meanwhile: the child runs on, its output is kept in the log file and buffered for
 Redis, and the outcome is written once Redis is back.
 """
@@ -14,6 +16,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +37,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 
+from worker import nodes
+from worker.reaper import LOST, requeue_lost
 from worker.settings import WorkerSettings, connect
 
 log = logging.getLogger("worker")
@@ -44,11 +49,13 @@ REDIS_RETRY_SECONDS = 600  # how long the outcome waits for Redis to come back
 REDIS_RETRY_PAUSE_SECONDS = 2.0  # output waits this long after a failed send before the next try
 PUMP_DRAIN_SECONDS = 30  # after the program exits, how long its output may take to arrive
 PR_SET_PDEATHSIG = 1
+TORCHRUN_FAILURE = re.compile(r"E\d{4} [\d:.]+ +\d+ torch/distributed/elastic/.*\] failed \(exitcode")
 # What the program may see of the worker's environment: its own settings, the ML stack's, the basics.
 CHILD_ENV_PREFIXES = (
     "NANOCHAT_",
     "CUDA_",
     "NCCL_",
+    "GLOO_",
     "TORCH",
     "OMP_",
     "MKL_",
@@ -63,7 +70,14 @@ CHILD_ENV_NAMES = {
     "http_proxy", "https_proxy", "no_proxy", "NVIDIA_VISIBLE_DEVICES", "TRITON_CACHE_DIR",
 }  # fmt: skip
 
+SHUTDOWN = "worker shut down"  # an attempt's end reason when its worker was told to stop
 T = TypeVar("T")
+shutting_down = threading.Event()  # set in the work horse when its worker is told to shut down
+
+
+def request_shutdown(signum: int, frame: object) -> None:
+    """The work horse's SIGTERM handler (the worker forwards its own SIGTERM or SIGINT here)."""
+    shutting_down.set()
 
 
 def run_job(job_id: str) -> str:
@@ -121,8 +135,17 @@ class Outcome:
 
 
 def finish(redis: Redis, job_id: str, outcome: Outcome, lease: "Lease") -> JobRecord | None:
-    """Write the outcome, unless another attempt has the job by now."""
-    if not lease.still_ours(records.load(redis, job_id)):
+    """Write the outcome, unless another attempt has the job by now. A job whose worker shut down goes
+    back on the queue (not counted against max_retries), one that lost a further node's worker as the
+    reaper re-queues it; None then, as the job has not ended."""
+    current = records.load(redis, job_id)
+    if not lease.still_ours(current):
+        return None
+    if outcome.status == JobStatus.QUEUED and outcome.reason.startswith(LOST):
+        requeue_lost(redis, current, outcome.reason)
+        return None
+    if outcome.status == JobStatus.QUEUED:
+        queue.enqueue(redis, job_id, {JobStatus.STARTED}, attempts=records.end_attempt(outcome.reason))
         return None
     return records.transition(
         redis,
@@ -206,77 +229,153 @@ def execute(
     redis: Redis, record: JobRecord, spec: ProgramJob, settings: WorkerSettings, lease: Lease, resume: bool
 ) -> Outcome | None:
     run_dir = settings.base_dir.expanduser() / "runs" / spec.run
-    run_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-u", *spec.command(resume=resume)]
-    with JobLog(redis, record.id, run_dir / "logs" / f"{record.id}.log") as job_log:
-        job_log.write(f"$ python {' '.join(command[2:])}")
-        base_dir = settings.base_dir.expanduser()
-        child = subprocess.Popen(
-            command,
-            cwd=base_dir,  # paths in a job's config (a mixture file) are relative to the base dir
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=child_environment(settings),
-            start_new_session=True,  # its own process group: a stop reaches torchrun's children too
-            preexec_fn=die_with_parent,
-        )
-        pump = threading.Thread(target=job_log.copy_from, args=(child.stdout,), daemon=True)
-        pump.start()
-        why_stopped = supervise(redis, record, child, settings, lease, job_log)
-        with contextlib.suppress(ProcessLookupError):  # what the program left running (it holds the pipe)
-            os.killpg(child.pid, signal.SIGKILL)
-        pump.join(PUMP_DRAIN_SECONDS)
-        job_log.flush_backlog(final=True)
+    rendezvous = nodes.host(settings, record) if spec.nnodes > 1 else None
+    command = [sys.executable, "-u", *spec.command(resume, rendezvous)]
+    attempt = len(record.attempts)
+    time_limit, started = record.config.get("time_limit"), time.monotonic()
 
+    def recruit() -> None:  # the further nodes, once this one's torchrun hosts the rendezvous
+        if rendezvous is not None:
+            patiently(lambda: nodes.recruit(redis, record, spec.nnodes, rendezvous, resume))
+
+    def stopped_elsewhere() -> str | None:
+        """Why the further nodes' programs stopped (or must), if one's worker shut down or was lost."""
+        if rendezvous is None:
+            return None
+        shut_down, lost = nodes.shut_down_or_lost(redis, record.id, attempt)
+        if shut_down:
+            return SHUTDOWN
+        return f"{LOST}: no heartbeat from node {lost[0]}" if lost else None
+
+    def reason_to_stop() -> str | None:
+        if time_limit and time.monotonic() - started > time_limit:
+            return f"time limit of {time_limit} s reached"
+        current = records.load(redis, record.id)
+        if not lease.still_ours(current):
+            return "taken over"
+        if current.stop_requested:
+            return "stopped on request"
+        if shutting_down.is_set():
+            return SHUTDOWN
+        lease.renew()
+        return stopped_elsewhere()
+
+    with JobLog(redis, record.id, run_dir / "logs" / f"{record.id}.log") as job_log:
+        returncode, why_stopped = run_program(command, settings, job_log, reason_to_stop, recruit)
+    if rendezvous:
+        grace = settings.cancel_grace_seconds + settings.job_lease_seconds
+        patiently(lambda: nodes.wait_for_further_nodes(redis, record.id, attempt, spec.nnodes, grace))
+
+    if why_stopped is None and returncode != 0:  # every node stopped together: did one's worker go?
+        why_stopped = patiently(stopped_elsewhere)
     if why_stopped == "taken over":
         return None
+    if why_stopped == SHUTDOWN or (why_stopped or "").startswith(LOST):
+        return Outcome(JobStatus.QUEUED, why_stopped)
     if why_stopped:  # a trainer stopped by SIGTERM saves a checkpoint and exits with 143
         return Outcome(JobStatus.STOPPED, why_stopped)
     if job_log.lost:
         return Outcome(
             JobStatus.FAILED,
-            f"its output could not be kept ({job_log.lost}); the program exited with {child.returncode}",
+            f"its output could not be kept ({job_log.lost}); the program exited with {returncode}",
         )
-    if child.returncode == 0:
+    if returncode == 0:
         return Outcome(
             JobStatus.FINISHED, result=read_result(run_dir / "report" / f"{spec.report_section}.json")
         )
     last_line = job_log.last_line or "(no output)"
-    return Outcome(JobStatus.FAILED, f"{spec.program} exited with code {child.returncode}: {last_line}")
+    return Outcome(JobStatus.FAILED, f"{spec.program} exited with code {returncode}: {last_line}")
+
+
+def join_job(job_id: str, attempt: int, node: int, endpoint: str, resume: bool) -> str:
+    """Entry point RQ calls for a further node of a multi-node job: run the same program against the
+    first node's rendezvous for as long as the attempt it joined runs."""
+    settings = WorkerSettings()
+    redis = connect(settings)
+    record = records.load(redis, job_id)
+    if not nodes.attempt_running(record, attempt):
+        return f"skipped: attempt {attempt} of job {job_id} is no longer running"
+    spec = queue.spec_of(record)
+    rendezvous = nodes.join(settings, job_id, attempt, endpoint)
+    command = [sys.executable, "-u", *spec.command(resume, rendezvous)]
+
+    def reason_to_stop() -> str | None:
+        if shutting_down.is_set():
+            nodes.mark(redis, job_id, attempt, node, nodes.SHUT_DOWN)  # before the program stops
+            return SHUTDOWN
+        nodes.heartbeat(redis, job_id, attempt, node, settings.job_lease_seconds)
+        current = records.load(redis, job_id)
+        if not nodes.attempt_running(current, attempt):
+            return "the attempt it joined has ended"
+        return "stopped on request" if current.stop_requested else None
+
+    run_dir = settings.base_dir.expanduser() / "runs" / spec.run
+    log_path = run_dir / "logs" / f"{job_id}.node{node}.log"
+    nodes.heartbeat(redis, job_id, attempt, node, settings.job_lease_seconds)
+    nodes.mark(redis, job_id, attempt, node, nodes.JOINED)
+    why_stopped = None
+    try:
+        with JobLog(redis, job_id, log_path, prefix=f"[node {node}] ") as job_log:
+            returncode, why_stopped = run_program(command, settings, job_log, reason_to_stop)
+    finally:
+        if why_stopped != SHUTDOWN:  # it ended, rather than being lost: no retry is used up
+            patiently(lambda: nodes.mark(redis, job_id, attempt, node, nodes.ENDED))
+        patiently(lambda: redis.delete(nodes.node_key(job_id, attempt, node)))
+    return f"node {node} exited with {returncode}" + (f" ({why_stopped})" if why_stopped else "")
+
+
+def run_program(
+    command: list[str],
+    settings: WorkerSettings,
+    job_log: "JobLog",
+    reason_to_stop: Callable[[], str | None],
+    on_start: Callable[[], None] = lambda: None,
+) -> tuple[int, str | None]:
+    """Run a job's program, its output copied into the job's log, until it ends or `reason_to_stop`
+    (asked every POLL_SECONDS; Redis may be down meanwhile) names a reason to stop it. Returns its exit
+    code and that reason (None when it ended by itself)."""
+    job_log.write(f"$ python {' '.join(command[2:])}")
+    child = subprocess.Popen(
+        command,
+        cwd=settings.base_dir.expanduser(),  # paths in a job's config (a mixture file) are relative to it
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=child_environment(settings),
+        start_new_session=True,  # its own process group: a stop reaches torchrun's children too
+        preexec_fn=die_with_parent,
+    )
+    pump = threading.Thread(target=job_log.copy_from, args=(child.stdout,), daemon=True)
+    pump.start()
+    on_start()
+    why_stopped = supervise(child, settings, job_log, reason_to_stop)
+    with contextlib.suppress(ProcessLookupError):  # what the program left running (it holds the pipe)
+        os.killpg(child.pid, signal.SIGKILL)
+    pump.join(PUMP_DRAIN_SECONDS)
+    job_log.flush_backlog(final=True)
+    return child.returncode, why_stopped
 
 
 def supervise(
-    redis: Redis,
-    record: JobRecord,
     child: subprocess.Popen,
     settings: WorkerSettings,
-    lease: Lease,
     job_log: "JobLog",
+    reason_to_stop: Callable[[], str | None],
 ) -> str | None:
-    """Wait for the child while renewing the lease; stop it on request, at the time limit, or when
-    another attempt took the job over. Returns why it was stopped, or None when it ended by itself."""
-    time_limit = record.config.get("time_limit")
-    started = time.monotonic()
+    """Wait for the child; stop it (SIGTERM, then SIGKILL after the grace) once there is a reason.
+    Returns that reason, or None when it ended by itself."""
     while True:
         try:
             child.wait(timeout=POLL_SECONDS)
             return None
         except subprocess.TimeoutExpired:
             pass
-        reason = None
-        if time_limit and time.monotonic() - started > time_limit:
-            reason = f"time limit of {time_limit} s reached"
         try:
-            lease.renew()
-            current = records.load(redis, record.id)
-            if not lease.still_ours(current):
-                reason = "taken over"
-            elif current.stop_requested:
-                reason = "stopped on request"
+            reason = reason_to_stop()
             job_log.flush_backlog()
         except RedisError as error:  # Redis is down or restarting: the program runs on
-            log.warning("job %s: Redis unreachable (%s); the program runs on", record.id, error)
+            log.warning("job %s: Redis unreachable (%s); the program runs on", job_log.job_id, error)
+            reason = SHUTDOWN if shutting_down.is_set() else None
         if reason:
             break
     job_log.write(f"stopping the program (SIGTERM): {reason}")
@@ -312,11 +411,13 @@ def die_with_parent() -> None:
 class JobLog:
     """A job's output: appended to its log file and its Redis stream (metrics records to the metrics
     stream and the record's progress). It never stops reading the pipe: while Redis is unreachable
-    lines wait in memory, and a file that cannot be written (full disk) marks the output as lost."""
+    lines wait in memory, and a file that cannot be written (full disk) marks the output as lost.
+    `prefix` starts every line (a further node's output is told apart from the first node's)."""
 
-    def __init__(self, redis: Redis, job_id: str, path: Path) -> None:
-        self.redis, self.job_id, self.path = redis, job_id, path
+    def __init__(self, redis: Redis, job_id: str, path: Path, prefix: str = "") -> None:
+        self.redis, self.job_id, self.path, self.prefix = redis, job_id, path, prefix
         self.last_line = ""
+        self.launcher_failed = False
         self.lost: str | None = None
         self.backlog: deque[tuple[str, Any]] = deque()
         self.progress_start: tuple[float, float] | None = None  # (time, progress) at this attempt's start
@@ -346,13 +447,17 @@ class JobLog:
                 self.lost = self.lost or f"an output line could not be kept: {error}"
 
     def write(self, line: str) -> None:
+        # torchrun's report of a failed program (a log line, then its traceback and summary) follows the
+        # program's own last words, which say why: those stay the last line.
+        self.launcher_failed = self.launcher_failed or bool(TORCHRUN_FAILURE.match(line))
+        line = self.prefix + line
         with self.lock:
             try:
                 self.file.write(line + "\n")
                 self.file.flush()
             except OSError as error:
                 self.lost = self.lost or f"cannot write {self.path}: {error}"
-            if line.strip():
+            if line.strip() and not self.launcher_failed:
                 self.last_line = line
             self.send("log", line)
 
