@@ -145,7 +145,7 @@ def scenario(compose: list[str], project: str, ports: dict[str, int], token: str
     # The job's worker is told to stop mid-run: its program checkpoints and the job is re-queued.
     workers = containers(project, "worker")
     assert len(workers) == 2, f"--scale worker=2 started {len(workers)} worker containers"
-    run("podman", "restart", "--time", "120", *workers, quiet=True)
+    run("podman", "restart", "--time", "180", *workers, quiet=True)  # stop_grace_period
     pipeline_status = lambda: api_call(api, token, f"/jobs/{pipeline['id']}")["status"]  # noqa: E731
     wait_for("the pipeline to finish", lambda: pipeline_status() in ("finished", "failed", "canceled"), 1500)
     status = pipeline_status()

@@ -100,6 +100,7 @@ SETTINGS_PREFIXES = (
     "JOB_",
     "INFERENCE_",
     "WEB_",
+    "WORKER_",
     "PUBLIC_",
     "DEV_MODE",
     "WANDB_",

@@ -132,5 +132,5 @@ def test_a_further_node_whose_worker_dies_requeues_the_job_as_a_lost_worker(two_
     for pid in (worker.popen.pid, parent_of(agent)):  # the worker and its work horse
         os.kill(pid, signal.SIGKILL)
     worker.popen.wait(timeout=10)
-    # No checkpoint on the way out here (torchrun closes the rendezvous): the latest periodic one.
+    # At least from the latest periodic checkpoint (none was saved on the way out when this was written).
     resumed_and_finished(two_workers, worker.job_id, "worker lost: no heartbeat from node 1", from_step=5)

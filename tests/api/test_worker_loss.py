@@ -119,7 +119,8 @@ def test_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint(
 def test_worker_told_to_stop_checkpoints_at_once_and_requeues_the_job(
     own_stack: Stack, reference: dict
 ) -> None:
-    workers = [*own_stack.processes, own_stack.start_worker("to-shut-down")]  # the first may be gone
+    extra = own_stack.start_worker("to-shut-down")  # the module's first worker may be gone by now
+    workers = [*own_stack.processes, extra]
     job = train_until_step(own_stack, "c", 25, save_every=1000)  # no periodic checkpoint to fall back on
     (trainer,) = process_with("trainer.base_train", "c")
     (worker,) = [w for w in workers if w.popen.pid == parent_of(parent_of(trainer))]
@@ -134,6 +135,7 @@ def test_worker_told_to_stop_checkpoints_at_once_and_requeues_the_job(
         record = finished(own_stack, job["id"])
     finally:
         replacement.stop()
+        extra.stop()  # whichever of the two was not told to stop
     assert record["status"] == "finished", record
     assert len(record["attempts"]) == 2
     resumed = record["attempts"][1]["resumed_from_step"]

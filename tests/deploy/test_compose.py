@@ -153,5 +153,7 @@ def test_published_ports_bind_to_the_loopback_unless_told_otherwise() -> None:
 def test_every_service_runs_an_init_and_the_worker_has_time_to_checkpoint(compose: dict) -> None:
     assert all(service.get("init") is True for service in compose["services"].values())
     grace = compose["services"]["worker"]["stop_grace_period"]
-    job_grace = int(compose["services"]["worker"]["environment"]["JOB_CANCEL_GRACE_SECONDS"])
-    assert grace.endswith("m") and int(grace[:-1]) * 60 > job_grace  # SIGTERM → checkpoint, then SIGKILL
+    worker_env = compose["services"]["worker"]["environment"]
+    job_grace, lease = int(worker_env["JOB_CANCEL_GRACE_SECONDS"]), int(worker_env["JOB_LEASE_SECONDS"])
+    # SIGTERM → checkpoint (then SIGKILL), and for a multi-node job the other nodes' too, plus a lease.
+    assert grace.endswith("m") and int(grace[:-1]) * 60 > 2 * job_grace + lease

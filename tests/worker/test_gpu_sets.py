@@ -26,13 +26,13 @@ def test_workers_of_one_machine_take_different_sets_and_the_last_one_none(redis:
 
 def test_a_set_frees_itself_unless_its_worker_renews_it(redis: Redis) -> None:
     gpus.claim(redis, "box", "0;1", "alive", 0.6)
-    renewing = gpus.keep(redis, "box", "0", "alive", 0.6)
+    stop_renewing = gpus.keep(redis, "box", "0", "alive", 0.6)
     gpus.claim(redis, "box", "0;1", "dies", 0.6)  # claimed, never renewed
     time.sleep(1.5)
     try:
         assert gpus.claim(redis, "box", "0;1", "next", 0.6) == "1"
     finally:
-        renewing.set()
+        stop_renewing()
 
 
 def test_worker_processes_each_take_a_set(redis_url: str, tmp_path: Path) -> None:

@@ -13,16 +13,23 @@ from worker.settings import WorkerSettings
 
 def test_a_joined_node_is_lost_once_its_heartbeat_runs_out_unless_it_ended(redis: Redis) -> None:
     for node in (1, 2, 3):
-        nodes.heartbeat(redis, "job", 1, node, 0.3)
+        nodes.heartbeat(redis, "job", 1, node, 60)
         nodes.mark(redis, "job", 1, node, nodes.JOINED)
-    nodes.mark(redis, "job", 1, 2, nodes.ENDED)  # its program ended; its heartbeat goes with it
     assert nodes.shut_down_or_lost(redis, "job", 1) == (False, [])
-    nodes.heartbeat(redis, "job", 1, 3, 5)  # node 3 keeps beating, node 1 does not
-    time.sleep(0.5)
+    nodes.mark(redis, "job", 1, 2, nodes.ENDED)  # its program ended; its heartbeat goes with it
+    for node in (1, 2):
+        redis.delete(nodes.node_key("job", 1, node))  # node 1's worker died: its heartbeat ran out
     assert nodes.shut_down_or_lost(redis, "job", 1) == (False, [1])
     nodes.mark(redis, "job", 1, 1, nodes.SHUT_DOWN)
     assert nodes.shut_down_or_lost(redis, "job", 1) == (True, [])
     assert nodes.shut_down_or_lost(redis, "job", 2) == (False, [])  # another attempt: nothing known
+
+
+def test_a_heartbeat_expires_unless_renewed(redis: Redis) -> None:
+    nodes.heartbeat(redis, "job", 1, 1, 0.2)
+    nodes.mark(redis, "job", 1, 1, nodes.JOINED)
+    time.sleep(0.4)
+    assert nodes.shut_down_or_lost(redis, "job", 1) == (False, [1])
 
 
 def test_the_rendezvous_address_is_the_one_redis_is_reached_from_unless_set(

@@ -12,7 +12,7 @@ from redis import Redis
 
 from worker.reaper import forget_old, reap
 from worker.settings import WorkerSettings
-from worker.tasks import JobLog, child_environment
+from worker.tasks import SHUTDOWN, JobLog, Lease, Outcome, child_environment, finish
 
 
 @pytest.fixture
@@ -60,6 +60,25 @@ def test_a_job_whose_lease_stays_missing_for_a_lease_is_requeued_then_failed_pas
     assert records.load(redis, alive.id).status == JobStatus.STARTED
     assert records.load(redis, stopping.id).status == JobStatus.STOPPED  # a stop is never lost to a re-queue
     assert redis.smembers(records.STARTED_SET) == {alive.id.encode()}
+
+
+def test_a_worker_shutting_down_requeues_its_job_unless_a_stop_was_asked_for_meanwhile(redis: Redis) -> None:
+    running, stopping = started_job(redis, max_retries=0), started_job(redis, max_retries=0)
+    records.transition(redis, stopping.id, {JobStatus.STARTED}, stop_requested=True)
+    requeued, stopped = [
+        finish(
+            redis,
+            record.id,
+            Outcome(JobStatus.QUEUED, SHUTDOWN),
+            Lease(redis, record, queue.spec_of(record), 30),
+        )
+        for record in (running, stopping)
+    ]
+    assert requeued is None  # not ended: back on the queue
+    requeued = records.load(redis, running.id)
+    assert requeued.status == JobStatus.QUEUED and requeued.attempts[-1].end_reason == "worker shut down"
+    assert stopped.status == JobStatus.STOPPED  # not trained on after all
+    assert stopped.attempts[-1].end_reason == "stopped on request"
 
 
 def test_ended_jobs_past_the_retention_are_forgotten(redis: Redis) -> None:

@@ -55,7 +55,7 @@ def main() -> None:
     gpu_set = None
     if settings.gpus and ";" in settings.gpus:  # one set of several: take a free one
         gpu_set = gpus.claim(redis, settings.machine, settings.gpus, name, settings.job_lease_seconds)
-        gpus.keep(redis, settings.machine, gpu_set, name, settings.job_lease_seconds)  # while it lives
+        stop_renewing = gpus.keep(redis, settings.machine, gpu_set, name, settings.job_lease_seconds)
         os.environ["WORKER_GPUS"] = gpu_set  # what each job's settings read (they load in the work horse)
     start_reaper(redis, settings.job_lease_seconds, settings.job_retention_days)
     logging.info(
@@ -66,6 +66,7 @@ def main() -> None:
         worker.work()
     finally:
         if gpu_set:
+            stop_renewing()  # first: a renewal after the release would claim the set again
             gpus.release(redis, settings.machine, gpu_set, name)
 
 

@@ -7,6 +7,7 @@ that expires unless its worker renews it, so a set held by a worker that died fr
 
 import logging
 import threading
+from collections.abc import Callable
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -32,8 +33,9 @@ def claim(redis: Redis, machine: str, sets: str, worker: str, seconds: float) ->
     )
 
 
-def keep(redis: Redis, machine: str, gpu_set: str, worker: str, seconds: float) -> threading.Event:
-    """Renew the claim every third of its lifetime, in a thread, until the returned event is set."""
+def keep(redis: Redis, machine: str, gpu_set: str, worker: str, seconds: float) -> Callable[[], None]:
+    """Renew the claim every third of its lifetime, in a thread; returns what stops the renewals (call
+    it before `release`, or a renewal could claim the set again)."""
     stop = threading.Event()
 
     def loop() -> None:
@@ -48,8 +50,14 @@ def keep(redis: Redis, machine: str, gpu_set: str, worker: str, seconds: float) 
             except RedisError as error:
                 log.warning("GPU set %s: cannot renew the claim: %s", gpu_set, error)
 
-    threading.Thread(target=loop, name="gpu-claim", daemon=True).start()
-    return stop
+    thread = threading.Thread(target=loop, name="gpu-claim", daemon=True)
+    thread.start()
+
+    def stop_renewing() -> None:
+        stop.set()
+        thread.join()
+
+    return stop_renewing
 
 
 def release(redis: Redis, machine: str, gpu_set: str, worker: str) -> None:

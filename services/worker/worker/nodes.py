@@ -16,6 +16,7 @@ stops its own program and re-queues the job as the reaper does for a lost worker
 
 import socket
 import time
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 from jobs.queue import RESULT_TTL, rq_queue
@@ -44,9 +45,10 @@ def local_address(settings: WorkerSettings) -> str:
 
 
 def free_port(address: str) -> int:
+    """A port free on every interface (the advertised address may not be local: NAT)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((address, 0))
+        probe.bind(("", 0))
         return probe.getsockname()[1]
 
 
@@ -129,9 +131,13 @@ def shut_down_or_lost(redis: Redis, job_id: str, attempt: int) -> tuple[bool, li
     ]
 
 
-def wait_for_further_nodes(redis: Redis, job_id: str, attempt: int, nnodes: int, timeout: float) -> None:
-    """Until no further node's program runs (or `timeout`): a stopped job must leave nothing running."""
+def wait_for_further_nodes(
+    redis: Redis, job_id: str, attempt: int, nnodes: int, timeout: float, keep_alive: Callable[[], None]
+) -> None:
+    """Until no further node's program runs (or `timeout`), renewing the first node's lease: a job that
+    ends must leave nothing running."""
     keys = [node_key(job_id, attempt, node) for node in range(1, nnodes)]
     deadline = time.monotonic() + timeout
     while redis.exists(*keys) and time.monotonic() < deadline:
+        keep_alive()
         time.sleep(0.5)

@@ -141,6 +141,8 @@ def finish(redis: Redis, job_id: str, outcome: Outcome, lease: "Lease") -> JobRe
     current = records.load(redis, job_id)
     if not lease.still_ours(current):
         return None
+    if outcome.status == JobStatus.QUEUED and current.stop_requested:  # asked while it checkpointed
+        outcome = Outcome(JobStatus.STOPPED, "stopped on request")
     if outcome.status == JobStatus.QUEUED and outcome.reason.startswith(LOST):
         requeue_lost(redis, current, outcome.reason)
         return None
@@ -238,13 +240,20 @@ def execute(
         if rendezvous is not None:
             patiently(lambda: nodes.recruit(redis, record, spec.nnodes, rendezvous, resume))
 
-    def stopped_elsewhere() -> str | None:
-        """Why the further nodes' programs stopped (or must), if one's worker shut down or was lost."""
+    missing_since: dict[int, float] = {}
+
+    def stopped_elsewhere(patience: float) -> str | None:
+        """Why the further nodes' programs stopped (or must): one's worker shut down, or one's heartbeat
+        has been missing for `patience` seconds (a Redis outage also lets heartbeats expire)."""
         if rendezvous is None:
             return None
-        shut_down, lost = nodes.shut_down_or_lost(redis, record.id, attempt)
+        shut_down, missing = nodes.shut_down_or_lost(redis, record.id, attempt)
         if shut_down:
             return SHUTDOWN
+        for node in set(missing_since) - set(missing):
+            del missing_since[node]
+        now = time.monotonic()
+        lost = [node for node in missing if now - missing_since.setdefault(node, now) >= patience]
         return f"{LOST}: no heartbeat from node {lost[0]}" if lost else None
 
     def reason_to_stop() -> str | None:
@@ -258,16 +267,19 @@ def execute(
         if shutting_down.is_set():
             return SHUTDOWN
         lease.renew()
-        return stopped_elsewhere()
+        return stopped_elsewhere(patience=settings.job_lease_seconds)
 
     with JobLog(redis, record.id, run_dir / "logs" / f"{record.id}.log") as job_log:
-        returncode, why_stopped = run_program(command, settings, job_log, reason_to_stop, recruit)
+        returncode, why_stopped = run_program(
+            command, settings, job_log, reason_to_stop, keep_alive=lease.renew, on_start=recruit
+        )
     if rendezvous:
         grace = settings.cancel_grace_seconds + settings.job_lease_seconds
-        patiently(lambda: nodes.wait_for_further_nodes(redis, record.id, attempt, spec.nnodes, grace))
-
+        patiently(
+            lambda: nodes.wait_for_further_nodes(redis, record.id, attempt, spec.nnodes, grace, lease.renew)
+        )
     if why_stopped is None and returncode != 0:  # every node stopped together: did one's worker go?
-        why_stopped = patiently(stopped_elsewhere)
+        why_stopped = patiently(lambda: stopped_elsewhere(patience=0))  # the wait let heartbeats expire
     if why_stopped == "taken over":
         return None
     if why_stopped == SHUTDOWN or (why_stopped or "").startswith(LOST):
@@ -299,11 +311,14 @@ def join_job(job_id: str, attempt: int, node: int, endpoint: str, resume: bool) 
     rendezvous = nodes.join(settings, job_id, attempt, endpoint)
     command = [sys.executable, "-u", *spec.command(resume, rendezvous)]
 
+    def heartbeat() -> None:
+        nodes.heartbeat(redis, job_id, attempt, node, settings.job_lease_seconds)
+
     def reason_to_stop() -> str | None:
         if shutting_down.is_set():
             nodes.mark(redis, job_id, attempt, node, nodes.SHUT_DOWN)  # before the program stops
             return SHUTDOWN
-        nodes.heartbeat(redis, job_id, attempt, node, settings.job_lease_seconds)
+        heartbeat()
         current = records.load(redis, job_id)
         if not nodes.attempt_running(current, attempt):
             return "the attempt it joined has ended"
@@ -311,15 +326,16 @@ def join_job(job_id: str, attempt: int, node: int, endpoint: str, resume: bool) 
 
     run_dir = settings.base_dir.expanduser() / "runs" / spec.run
     log_path = run_dir / "logs" / f"{job_id}.node{node}.log"
-    nodes.heartbeat(redis, job_id, attempt, node, settings.job_lease_seconds)
+    heartbeat()
     nodes.mark(redis, job_id, attempt, node, nodes.JOINED)
     why_stopped = None
     try:
         with JobLog(redis, job_id, log_path, prefix=f"[node {node}] ") as job_log:
-            returncode, why_stopped = run_program(command, settings, job_log, reason_to_stop)
+            returncode, why_stopped = run_program(command, settings, job_log, reason_to_stop, heartbeat)
     finally:
-        if why_stopped != SHUTDOWN:  # it ended, rather than being lost: no retry is used up
-            patiently(lambda: nodes.mark(redis, job_id, attempt, node, nodes.ENDED))
+        # What became of it (a shutdown's mark again, in case Redis was away): not lost, no retry used.
+        state = nodes.SHUT_DOWN if why_stopped == SHUTDOWN else nodes.ENDED
+        patiently(lambda: nodes.mark(redis, job_id, attempt, node, state))
         patiently(lambda: redis.delete(nodes.node_key(job_id, attempt, node)))
     return f"node {node} exited with {returncode}" + (f" ({why_stopped})" if why_stopped else "")
 
@@ -329,10 +345,12 @@ def run_program(
     settings: WorkerSettings,
     job_log: "JobLog",
     reason_to_stop: Callable[[], str | None],
+    keep_alive: Callable[[], None],
     on_start: Callable[[], None] = lambda: None,
 ) -> tuple[int, str | None]:
     """Run a job's program, its output copied into the job's log, until it ends or `reason_to_stop`
-    (asked every POLL_SECONDS; Redis may be down meanwhile) names a reason to stop it. Returns its exit
+    (asked every POLL_SECONDS; Redis may be down meanwhile) names a reason to stop it; `keep_alive`
+    (the lease, a heartbeat) is renewed while a stopped program saves its checkpoint. Returns its exit
     code and that reason (None when it ended by itself)."""
     job_log.write(f"$ python {' '.join(command[2:])}")
     child = subprocess.Popen(
@@ -347,12 +365,14 @@ def run_program(
     )
     pump = threading.Thread(target=job_log.copy_from, args=(child.stdout,), daemon=True)
     pump.start()
-    on_start()
-    why_stopped = supervise(child, settings, job_log, reason_to_stop)
-    with contextlib.suppress(ProcessLookupError):  # what the program left running (it holds the pipe)
-        os.killpg(child.pid, signal.SIGKILL)
-    pump.join(PUMP_DRAIN_SECONDS)
-    job_log.flush_backlog(final=True)
+    try:
+        on_start()
+        why_stopped = supervise(child, settings, job_log, reason_to_stop, keep_alive)
+    finally:  # also when the worker fails: nothing of the program outlives its supervision
+        with contextlib.suppress(ProcessLookupError):  # what it left running (it holds the pipe)
+            os.killpg(child.pid, signal.SIGKILL)
+        pump.join(PUMP_DRAIN_SECONDS)
+        job_log.flush_backlog(final=True)
     return child.returncode, why_stopped
 
 
@@ -361,6 +381,7 @@ def supervise(
     settings: WorkerSettings,
     job_log: "JobLog",
     reason_to_stop: Callable[[], str | None],
+    keep_alive: Callable[[], None],
 ) -> str | None:
     """Wait for the child; stop it (SIGTERM, then SIGKILL after the grace) once there is a reason.
     Returns that reason, or None when it ended by itself."""
@@ -380,9 +401,13 @@ def supervise(
             break
     job_log.write(f"stopping the program (SIGTERM): {reason}")
     os.killpg(child.pid, signal.SIGTERM)
-    try:
-        child.wait(timeout=settings.cancel_grace_seconds)
-    except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + settings.cancel_grace_seconds
+    while child.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(RedisError):
+            keep_alive()  # a slow checkpoint must not look like a lost worker
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=POLL_SECONDS)
+    if child.poll() is None:
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
     return reason
