@@ -96,16 +96,16 @@ def test_a_stop_reaches_the_program_on_every_node(two_workers: Stack) -> None:
     assert saved, "the stop's checkpoint lacks the second node's rank"
 
 
-def second_node_worker(stack: Stack, run: str, save_every: int, steps: int) -> Process:
-    """Once a 2-node job of `run` has made `steps` steps: the worker running its second node."""
+def second_node_worker(stack: Stack, run: str, save_every: int, steps: int) -> tuple[Process, str]:
+    """Once a 2-node job of `run` has made `steps` steps: the worker running its second node, and the
+    job's id."""
     job = train(stack, run, nnodes=2, num_iterations=30, eval_every=0, save_every=save_every)
     with stack.client() as client:
         progress = lambda: client.get(f"/jobs/{job['id']}").json()["progress"].get("step", 0)  # noqa: E731
         wait_until(lambda: progress() >= steps, 120, f"{steps} steps")
     (agent,) = process_with("torch.distributed.run", "--rdzv-conf=is_host=false")  # node 1's torchrun
     (worker,) = [w for w in WORKERS if w.popen.pid == parent_of(parent_of(agent))]
-    worker.job_id = job["id"]  # type: ignore[attr-defined]
-    return worker
+    return worker, job["id"]
 
 
 def resumed_and_finished(stack: Stack, job_id: str, first_end: str, from_step: int) -> None:
@@ -119,18 +119,18 @@ def resumed_and_finished(stack: Stack, job_id: str, first_end: str, from_step: i
 
 
 def test_a_further_node_whose_worker_shuts_down_requeues_the_job(two_workers: Stack) -> None:
-    worker = second_node_worker(two_workers, "requeued", save_every=0, steps=2)
+    worker, job_id = second_node_worker(two_workers, "requeued", save_every=0, steps=2)
     os.kill(worker.popen.pid, signal.SIGTERM)
     worker.popen.wait(timeout=60)
     # Not counted as a lost worker, and resumed from the checkpoint every node saved on the way out.
-    resumed_and_finished(two_workers, worker.job_id, "worker shut down", from_step=2)
+    resumed_and_finished(two_workers, job_id, "worker shut down", from_step=2)
 
 
 def test_a_further_node_whose_worker_dies_requeues_the_job_as_a_lost_worker(two_workers: Stack) -> None:
-    worker = second_node_worker(two_workers, "lost", save_every=5, steps=7)
+    worker, job_id = second_node_worker(two_workers, "lost", save_every=5, steps=7)
     (agent,) = process_with("torch.distributed.run", "--rdzv-conf=is_host=false")
     for pid in (worker.popen.pid, parent_of(agent)):  # the worker and its work horse
         os.kill(pid, signal.SIGKILL)
     worker.popen.wait(timeout=10)
     # At least from the latest periodic checkpoint (none was saved on the way out when this was written).
-    resumed_and_finished(two_workers, worker.job_id, "worker lost: no heartbeat from node 1", from_step=5)
+    resumed_and_finished(two_workers, job_id, "worker lost: no heartbeat from node 1", from_step=5)

@@ -90,6 +90,7 @@ def recruit(redis: Redis, record: JobRecord, nnodes: int, rendezvous: Rendezvous
 
 
 def attempt_running(record: JobRecord | None, attempt: int) -> bool:
+    """Whether the job is started with `attempt` as its latest attempt (not ended, not taken over)."""
     return record is not None and record.status == JobStatus.STARTED and len(record.attempts) == attempt
 
 

@@ -174,8 +174,12 @@ def patiently(action: Callable[[], T]) -> T | None:
             time.sleep(1)
 
 
+def run_dir(settings: WorkerSettings, spec: ProgramJob) -> Path:
+    return settings.base_dir.expanduser() / "runs" / spec.run
+
+
 def stage_dir(settings: WorkerSettings, spec: ProgramJob) -> Path | None:
-    return settings.base_dir.expanduser() / "runs" / spec.run / spec.stage if spec.stage else None
+    return run_dir(settings, spec) / spec.stage if spec.stage else None
 
 
 def latest_step(folder: Path | None) -> int | None:
@@ -213,11 +217,7 @@ class Lease:
 
     def still_ours(self, record: JobRecord | None) -> bool:
         """False once the reaper gave the job to a new attempt (this worker was thought lost)."""
-        return (
-            record is not None
-            and record.status == JobStatus.STARTED
-            and len(record.attempts) == self.attempts
-        )
+        return nodes.attempt_running(record, self.attempts)
 
     def release(self) -> None:
         """Give up the lease and the lock, unless a newer attempt holds them."""
@@ -230,7 +230,7 @@ class Lease:
 def execute(
     redis: Redis, record: JobRecord, spec: ProgramJob, settings: WorkerSettings, lease: Lease, resume: bool
 ) -> Outcome | None:
-    run_dir = settings.base_dir.expanduser() / "runs" / spec.run
+    folder = run_dir(settings, spec)
     rendezvous = nodes.host(settings, record) if spec.nnodes > 1 else None
     command = [sys.executable, "-u", *spec.command(resume, rendezvous)]
     attempt = len(record.attempts)
@@ -269,7 +269,7 @@ def execute(
         lease.renew()
         return stopped_elsewhere(patience=settings.job_lease_seconds)
 
-    with JobLog(redis, record.id, run_dir / "logs" / f"{record.id}.log") as job_log:
+    with JobLog(redis, record.id, folder / "logs" / f"{record.id}.log") as job_log:
         returncode, why_stopped = run_program(
             command, settings, job_log, reason_to_stop, keep_alive=lease.renew, on_start=recruit
         )
@@ -293,7 +293,7 @@ def execute(
         )
     if returncode == 0:
         return Outcome(
-            JobStatus.FINISHED, result=read_result(run_dir / "report" / f"{spec.report_section}.json")
+            JobStatus.FINISHED, result=read_result(folder / "report" / f"{spec.report_section}.json")
         )
     last_line = job_log.last_line or "(no output)"
     return Outcome(JobStatus.FAILED, f"{spec.program} exited with code {returncode}: {last_line}")
@@ -324,8 +324,7 @@ def join_job(job_id: str, attempt: int, node: int, endpoint: str, resume: bool) 
             return "the attempt it joined has ended"
         return "stopped on request" if current.stop_requested else None
 
-    run_dir = settings.base_dir.expanduser() / "runs" / spec.run
-    log_path = run_dir / "logs" / f"{job_id}.node{node}.log"
+    log_path = run_dir(settings, spec) / "logs" / f"{job_id}.node{node}.log"
     heartbeat()
     nodes.mark(redis, job_id, attempt, node, nodes.JOINED)
     why_stopped = None
