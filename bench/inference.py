@@ -4,6 +4,9 @@ What continuous batching buys: the model server (`python -m inference`, over HTT
 and prompts (in this process, while the server is idle), and next to the ceiling: the model's bare
 decode forward at that batch size (no sampling, no HTTP), which no scheduler can beat.
 
+On a GPU (`--device cuda`, the default where there is one) the server, the serial engine and the bare
+forward all run there in bf16; on a CPU in fp32.
+
 Models: random weights (timing depends on the shapes only) of a tiny model (d4, width 256, head dim 64,
 context 512) and a d12 (width 768, head dim 128, context 2048), both with a vocab-8,192 tokenizer
 trained on the data kit (the recipe's vocab is 32,768: its lm_head is 4× larger than here). Each
@@ -11,6 +14,7 @@ request: a distinct prompt of about 32 tokens, greedy, up to 64 new tokens. Prin
 JSON line.
 
     .venv/bin/python bench/inference.py [--models tiny d12] [--concurrency 1 4 16 64] [--new-tokens 64]
+        [--device auto|cpu|cuda]
 """
 
 import argparse
@@ -34,6 +38,7 @@ from trainer.chat_format import render_for_completion
 from trainer.checkpoint import load_model, step_dir
 from trainer.engine import Engine, KVCache
 from trainer.gpt import GPT
+from trainer.runtime import Runtime, setup_runtime
 from trainer.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,11 +114,18 @@ async def concurrent_run(url: str, model: str, concurrency: int, new_tokens: int
     }
 
 
+def load(base: Path, name: str, runtime: Runtime) -> GPT:
+    """The model as the server holds it: in the compute dtype, no fp32 master weights."""
+    model, _ = load_model(base / "runs" / name / "sft", 1, runtime.device, runtime.dtype)
+    return model.to(runtime.dtype).eval()
+
+
 @torch.inference_mode()
-def serial_engine(base: Path, name: str, tokenizer: Tokenizer, count: int, new_tokens: int) -> float:
+def serial_engine(
+    base: Path, name: str, tokenizer: Tokenizer, count: int, new_tokens: int, runtime: Runtime
+) -> float:
     """Aggregate tok/s of the engine answering `count` requests one after another."""
-    model, _ = load_model(base / "runs" / name / "sft", 1, torch.device("cpu"), torch.float32)
-    engine = Engine(model.eval(), tokenizer)
+    engine = Engine(load(base, name, runtime), tokenizer)
     requests = [render_for_completion(tokenizer, m) for m in prompts(count)]
     engine.complete(requests[0], max_tokens=4, temperature=0)  # warm-up
     start = time.perf_counter()
@@ -122,24 +134,30 @@ def serial_engine(base: Path, name: str, tokenizer: Tokenizer, count: int, new_t
 
 
 @torch.inference_mode()
-def decode_ceiling(base: Path, name: str, batch_size: int, context: int = 96, steps: int = 16) -> float:
+def decode_ceiling(
+    base: Path, name: str, batch_size: int, runtime: Runtime, context: int = 96, steps: int = 16
+) -> float:
     """tok/s of bare decode forwards over batch_size rows that each hold `context` cached positions."""
-    model, _ = load_model(base / "runs" / name / "sft", 1, torch.device("cpu"), torch.float32)
-    cache = KVCache(model.eval(), batch_size, context + steps + 2)
-    model(torch.zeros(batch_size, context, dtype=torch.long), kv_cache=cache)
-    fed = torch.zeros(batch_size, 1, dtype=torch.long)
+    model = load(base, name, runtime)
+    cache = KVCache(model, batch_size, context + steps + 2)
+    model(torch.zeros(batch_size, context, dtype=torch.long, device=runtime.device), kv_cache=cache)
+    fed = torch.zeros(batch_size, 1, dtype=torch.long, device=runtime.device)
     model(fed, kv_cache=cache)  # warm-up
+    runtime.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         model(fed, kv_cache=cache)
+    runtime.synchronize()
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def start_server(base: Path, port: int, batch: int) -> subprocess.Popen:
+def start_server(base: Path, port: int, batch: int, runtime: Runtime) -> subprocess.Popen:
     env = {
         **os.environ,
         "NANOCHAT_BASE_DIR": str(base),
         "DEV_MODE": "1",
+        "INFERENCE_DEVICE": runtime.device.type,
+        "INFERENCE_DTYPE": str(runtime.dtype).removeprefix("torch."),
         "INFERENCE_PORT": str(port),
         "INFERENCE_MAX_BATCH_SIZE": str(batch),
         "INFERENCE_MAX_WAITING": str(batch),
@@ -172,7 +190,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--serial-requests", type=int, default=8, help="requests in the serial baseline")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     args = parser.parse_args()
+    runtime = setup_runtime(args.device)
     data_dir = Path(os.environ.get("NANOCHAT_DATA_DIR") or ROOT.parent / "shared" / "data")
     if not (data_dir / "pretrain").is_dir():
         raise SystemExit(
@@ -186,15 +206,15 @@ def main() -> None:
     for name in args.models:
         tokenizer.save(base / "runs" / name / "tokenizer")
         write_random_checkpoint(base / "runs", name)
-        serial = serial_engine(base, name, tokenizer, args.serial_requests, args.new_tokens)
+        serial = serial_engine(base, name, tokenizer, args.serial_requests, args.new_tokens, runtime)
         port = 18000 + len(rows)
-        server = start_server(base, port, max(args.concurrency))
+        server = start_server(base, port, max(args.concurrency), runtime)
         try:
             for concurrency in args.concurrency:
                 result = asyncio.run(
                     concurrent_run(f"http://127.0.0.1:{port}", f"{name}-sft", concurrency, args.new_tokens)
                 )
-                ceiling = decode_ceiling(base, name, concurrency)
+                ceiling = decode_ceiling(base, name, concurrency, runtime)
                 rows.append(
                     {
                         "model": name,
@@ -207,8 +227,12 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
-    machine = f"{platform.machine()} cpu, torch {torch.__version__}, threads {torch.get_num_threads()}"
-    print(f"inference server | {machine} | fp32 | ~32-token prompts, greedy, {args.new_tokens} new tokens")
+    if runtime.device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(runtime.device)}, torch {torch.__version__}"
+    else:
+        machine = f"{platform.machine()} cpu, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    dtype = str(runtime.dtype).removeprefix("torch.")
+    print(f"inference server | {machine} | {dtype} | ~32-token prompts, greedy, {args.new_tokens} new tokens")
     print(
         f"{'model':>5} {'conc':>5} {'aggregate tok/s':>16} {'serial engine tok/s':>20} {'ratio':>6} "
         f"{'bare forward tok/s':>19} {'its ratio':>10} {'stream tok/s':>13} {'TTFT p50':>9} {'TTFT p99':>9}"
@@ -221,7 +245,7 @@ def main() -> None:
             f"{r['ceiling_tok_s'] / r['serial_tok_s']:>9.1f}× {r['stream_tok_s'] or 0:>13,.1f} "
             f"{r['ttft_p50']:>8.3f}s {r['ttft_p99']:>8.3f}s"
         )
-    print(json.dumps({"bench": "inference", "machine": machine, "results": rows}))
+    print(json.dumps({"bench": "inference", "machine": machine, "dtype": dtype, "results": rows}))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 `make compose-test`: the CPU stack built and run in real containers, with podman and podman-compose
 (no Docker engine needed), from compose.yaml + compose.cpu.yaml as users run them.
 
-    build the images (api, worker, inference, web) on stand-in bases → `podman-compose up` → wait for
-    health → the tiny demo pipeline through the API inside the containers, with the worker container
-    restarted in the middle of base training (the job must resume from its checkpoint) → chat with
+    build the images (api, worker, inference, web) on stand-in bases → `podman-compose up` with the
+    data kit given as NANOCHAT_DATA_DIR, as a user would → wait for health → the tiny demo pipeline
+    through the API inside the containers, its base training compiled (torch.compile builds C++ kernels
+    in the worker image) and its worker container restarted in the middle (the job must resume from
+    its checkpoint) → chat with
     the result through the web container's /v1 proxy → a job with nnodes: 2 on the two worker
     containers (`--scale worker=2`), which meet in torchrun's rendezvous over the container network →
     everything taken down, even on failure
@@ -16,6 +18,7 @@ debootstrap), podman, runc and debootstrap (apt), and the data kit (NANOCHAT_DAT
 """
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
@@ -37,8 +40,9 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")  # carries the regis
 # podman here: runc (crun fails on hybrid cgroups) and no ulimit raising (not permitted).
 CONTAINERS_CONF = '[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\n'
 STANDINS = {  # image name → Dockerfile body on the debootstrap base
+    # Like the official python image: Python's headers too (torch.compile builds against them).
     "python": """RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends python3 \\
-    python3-pip ca-certificates && rm -rf /var/lib/apt/lists/* \\
+    python3-dev python3-pip ca-certificates && rm -rf /var/lib/apt/lists/* \\
     && ln -sf /usr/bin/python3 /usr/local/bin/python && rm -f /usr/lib/python3*/EXTERNALLY-MANAGED
 COPY ca.crt /etc/ssl/certs/ca-certificates.crt""",
     "node": """RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm \\
@@ -69,13 +73,18 @@ def containers(project: str, service: str | None = None) -> list[str]:
     return found.stdout.split()
 
 
+def standin(name: str) -> str:
+    """A stand-in's image name, tagged by its Dockerfile body: a changed recipe builds a new one."""
+    return f"{STANDIN}/{name}:bookworm-{hashlib.sha256(STANDINS[name].encode()).hexdigest()[:8]}"
+
+
 def image_exists(name: str) -> bool:
     return subprocess.run(["podman", "image", "exists", name]).returncode == 0
 
 
 def build_standins(work: Path) -> None:
     """The base images, once: kept between runs under localhost/nanochat-standin/."""
-    if all(image_exists(f"{STANDIN}/{name}:bookworm") for name in STANDINS):
+    if all(image_exists(standin(name)) for name in STANDINS):
         return
     if not image_exists(f"{STANDIN}/debian:bookworm"):
         rootfs = work / "rootfs"
@@ -95,15 +104,15 @@ def build_standins(work: Path) -> None:
     for name, body in STANDINS.items():
         (work / f"{name}.Dockerfile").write_text(f"FROM {STANDIN}/debian:bookworm\n{body}\n")
         run("podman", "build", "--network=host", "--pull=never", "-q", "-f", str(work / f"{name}.Dockerfile"),
-            "-t", f"{STANDIN}/{name}:bookworm", str(work), quiet=True)  # fmt: skip
+            "-t", standin(name), str(work), quiet=True)  # fmt: skip
 
 
 def build_images(wheelhouse: Path) -> None:
     for service in SERVICES:
         run(
             "podman", "build", "--network=host", "--pull=never", "-q",
-            "--build-arg", f"PYTHON_IMAGE={STANDIN}/python:bookworm",
-            "--build-arg", f"NODE_IMAGE={STANDIN}/node:bookworm",
+            "--build-arg", f"PYTHON_IMAGE={standin('python')}",
+            "--build-arg", f"NODE_IMAGE={standin('node')}",
             "--build-arg", "TORCH_VARIANT=cpu",
             "--build-arg", "TORCH_WHEELHOUSE=/wheels", "-v", f"{wheelhouse}:/wheels:ro",
             "-f", f"services/{service}/Dockerfile", "-t", f"{IMAGES}/{service}:latest", ".",
@@ -131,7 +140,7 @@ def scenario(compose: list[str], project: str, ports: dict[str, int], token: str
         300,
     )
     spec = demo_preset()["spec"]  # base training long enough, with checkpoints often enough, to be cut
-    spec["config"]["base_train"] |= {"num_iterations": 600, "save_every": 50}
+    spec["config"]["base_train"] |= {"num_iterations": 600, "save_every": 50, "compile": True}
     pipeline = api_call(api, token, "/jobs", spec)
     print(f"pipeline {pipeline['id']} submitted", flush=True)
     base_id = pipeline["stages"][1]
@@ -156,6 +165,10 @@ def scenario(compose: list[str], project: str, ports: dict[str, int], token: str
     resumed = [a["resumed_from_step"] for a in later]
     assert resumed and resumed[0], f"base training did not resume from a checkpoint: {base['attempts']}"
     print(f"base training resumed from step {resumed[0]} after the worker restart", flush=True)
+    log = api_call(api, token, f"/jobs/{base_id}/logs", text=True)
+    assert "torch.compile: a trial kernel built" in log and "--compile = True" in log, "not compiled"
+    assert "data: the local corpus /data/kit/pretrain holds" in log, "the kit did not reach the worker"
+    print("base training ran compiled, on the data kit mounted from NANOCHAT_DATA_DIR", flush=True)
     reply = api_call(
         web,
         token,
@@ -211,16 +224,14 @@ def main() -> int:
     project, token = f"nanochat-ct-{secrets.token_hex(3)}", secrets.token_urlsafe(24)
     ports = {name: free_port() for name in ("api", "inference", "web")}
     override = {"services": {name: {"image": f"{IMAGES}/{name}:latest"} for name in SERVICES}}
-    override["services"]["worker"] |= {
-        "volumes": [f"{data_kit}:/kit:ro"],
-        "environment": {"NANOCHAT_DATA_DIR": "/kit", "JOB_LEASE_SECONDS": "10"},
-    }
     (work / "compose.test.yaml").write_text(json.dumps(override))
-    env = {
+    env = {  # settings as a user's .env gives them
         **os.environ,
         "API_TOKEN": token,
         "REDIS_PASSWORD": secrets.token_urlsafe(16),
-        "REDIS_IMAGE": f"{STANDIN}/redis:bookworm",
+        "REDIS_IMAGE": standin("redis"),
+        "NANOCHAT_DATA_DIR": str(data_kit),
+        "JOB_LEASE_SECONDS": "10",
         **{f"{name.upper()}_PORT": str(port) for name, port in ports.items()},
     }
     compose = [sys.executable, "-m", "podman_compose", "-p", project, "-f", "compose.yaml",

@@ -2,7 +2,8 @@
 # `make setup`: idempotent set-up on a fresh Debian/Ubuntu machine with Python 3.11+.
 # Creates .venv when missing, installs torch (CPU build unless a GPU is present), the job protocol package and the five services
 # in editable mode and the test tools, the web UI's browser libraries (npm ci, pinned by its lockfile), and
-# redis-server and chromium (the browser tests drive it) through apt when they are missing. Nothing else.
+# redis-server, chromium (the browser tests drive it) and a C/C++ compiler with Python's headers
+# (torch.compile) through apt when they are missing. Nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,10 +37,14 @@ if [ "$(cat "$web_stamp" 2>/dev/null)" != "$web_fingerprint" ]; then
   echo "$web_fingerprint" > "$web_stamp"
 fi
 
-# System packages: redis-server (the queue) and chromium (the browser tests), through apt when missing.
+# System packages through apt when missing: redis-server (the queue), chromium (the browser tests), and
+# what torch.compile builds kernels with at run time (a C/C++ compiler and Python's headers).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v g++ >/dev/null 2>&1 || missing+=(gcc g++)
+.venv/bin/python -c 'import pathlib, sys, sysconfig
+sys.exit(not (pathlib.Path(sysconfig.get_paths()["include"]) / "Python.h").exists())' || missing+=(python3-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "Installing ${missing[*]} with apt"
@@ -49,4 +54,4 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 1
   fi
 fi
-echo "setup ok: .venv ready, $(redis-server --version | cut -d' ' -f1-3)"
+echo "setup ok: .venv ready, $(redis-server --version | cut -d' ' -f1-3), $(g++ --version | head -1)"

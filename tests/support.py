@@ -12,10 +12,21 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic_settings import BaseSettings
 from redis import Redis
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+
+
+def env_names(settings: type[BaseSettings]) -> set[str]:
+    """The environment variables a pydantic-settings class reads."""
+    prefix = settings.model_config.get("env_prefix", "")
+    names = set()
+    for field_name, field in settings.model_fields.items():
+        alias = field.validation_alias
+        names |= set(alias.choices) if alias is not None else {f"{prefix}{field_name}".upper()}
+    return names
 
 
 def free_port() -> int:

@@ -9,7 +9,13 @@ import jsonschema
 import pytest
 import yaml
 
-from support import ROOT
+from api.config import Settings as ApiSettings
+from inference.settings import InferenceSettings
+from trainer.settings import TrainerSettings
+from web.settings import WebSettings
+from worker.settings import WorkerSettings
+
+from support import ROOT, env_names
 
 # The Compose Specification's JSON schema, as vendored by check-jsonschema (vendor.compose-spec).
 SCHEMA = json.loads(
@@ -31,7 +37,7 @@ ComposeLoader.add_constructor("!reset", lambda loader, node: Reset())
 
 
 def interpolate(value, env: dict[str, str]):
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} substitution."""
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR:?error} and ${VAR:+replacement} substitution."""
     if isinstance(value, dict):
         return {k: interpolate(v, env) for k, v in value.items()}
     if isinstance(value, list):
@@ -41,32 +47,40 @@ def interpolate(value, env: dict[str, str]):
 
     def substitute(match: re.Match) -> str:
         name, op, arg = match.group(1), match.group(2), match.group(3)
+        if op == ":+":
+            return arg if env.get(name) else ""
         if env.get(name):
             return env[name]
         if op == ":?":
             raise ValueError(f"{name}: {arg}")
         return arg or ""
 
-    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", substitute, value)
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?|:\+)([^}]*))?\}", substitute, value)
 
 
-def merge(base, override):
-    """Compose's merge of an override file: mappings merge key by key, !reset removes."""
+def merge(base, override, key: str = ""):
+    """Compose's merge of an override file: mappings merge key by key, !reset removes, a volume replaces
+    the one mounted at the same path, other lists are appended to."""
     if isinstance(override, Reset):
         return None
     if isinstance(base, dict) and isinstance(override, dict):
         merged = dict(base)
-        for key, value in override.items():
-            merged[key] = merge(base.get(key), value)
+        for name, value in override.items():
+            merged[name] = merge(base.get(name), value, name)
         return {k: v for k, v in merged.items() if v is not None}
+    if key == "volumes" and isinstance(base, list):
+        targets = {volume.split(":")[1] for volume in override}
+        return [v for v in base if v.split(":")[1] not in targets] + override
+    if isinstance(base, list):
+        return base + override
     return override
 
 
 def load(*files: str, env: dict[str, str] = ENV) -> dict:
+    """As compose reads files: each one interpolated, then merged over the ones before."""
     config: dict = {}
     for name in files:
-        config = merge(config, yaml.load((ROOT / name).read_text(), Loader=ComposeLoader))
-    config = interpolate(config, env)
+        config = merge(config, interpolate(yaml.load((ROOT / name).read_text(), Loader=ComposeLoader), env))
     jsonschema.validators.validator_for(SCHEMA)(SCHEMA).validate(config)
     return config
 
@@ -153,7 +167,98 @@ def test_published_ports_bind_to_the_loopback_unless_told_otherwise() -> None:
 def test_every_service_runs_an_init_and_the_worker_has_time_to_checkpoint(compose: dict) -> None:
     assert all(service.get("init") is True for service in compose["services"].values())
     grace = compose["services"]["worker"]["stop_grace_period"]
-    worker_env = compose["services"]["worker"]["environment"]
-    job_grace, lease = int(worker_env["JOB_CANCEL_GRACE_SECONDS"]), int(worker_env["JOB_LEASE_SECONDS"])
+    defaults = WorkerSettings.model_fields
+    job_grace, lease = defaults["cancel_grace_seconds"].default, defaults["job_lease_seconds"].default
     # SIGTERM → checkpoint (then SIGKILL), and for a multi-node job the other nodes' too, plus a lease.
     assert grace.endswith("m") and int(grace[:-1]) * 60 > 2 * job_grace + lease
+
+
+# Which settings each container reads: its service's, and for the worker its jobs' programs' too.
+READS = {
+    "api": [ApiSettings],
+    "worker": [WorkerSettings, TrainerSettings],
+    "inference": [InferenceSettings],
+    "web": [WebSettings],
+    "trainer": [TrainerSettings],
+}
+# NCCL's and gloo's own settings, which the worker hands to its jobs' programs.
+PASSED_TO_PROGRAMS = {"NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_DEBUG"}
+# Settings a container does not take from .env, and why.
+SET_BY_COMPOSE = {
+    "API_HOST": "the image listens on 0.0.0.0; BIND_ADDRESS picks the host's interface",
+    "INFERENCE_HOST": "the image listens on 0.0.0.0; BIND_ADDRESS picks the host's interface",
+    "WEB_HOST": "the image listens on 0.0.0.0; BIND_ADDRESS picks the host's interface",
+    "API_PORT": "the container listens on 8000; API_PORT is the host port it is published on",
+    "INFERENCE_PORT": "the container listens on 8001; INFERENCE_PORT is the host port it is published on",
+    "WEB_PORT": "the container listens on 8080; WEB_PORT is the host port it is published on",
+    "REDIS_URL": "compose's own Redis, with REDIS_PASSWORD",
+    "NANOCHAT_BASE_DIR": "the nanochat-data volume, mounted at /data/nanochat",
+    "WEB_API_URL": "the api container, by its service name",
+    "WEB_INFERENCE_URL": "the inference container, by its service name",
+    "WEB_NODE_MODULES": "where the web image installed the browser libraries",
+    "DEV_MODE": "compose always requires API_TOKEN: DEV_MODE is for local processes only",
+}
+
+
+def raw_compose() -> dict:
+    return yaml.load((ROOT / "compose.yaml").read_text(), Loader=ComposeLoader)
+
+
+@pytest.mark.parametrize("service", sorted(READS))
+def test_every_setting_reaches_the_containers_that_read_it(service: str) -> None:
+    environment = raw_compose()["services"][service]["environment"]
+    read = set().union(*(env_names(settings) for settings in READS[service]))
+    if service in ("worker", "trainer"):
+        read |= PASSED_TO_PROGRAMS
+    for name in sorted(read - set(SET_BY_COMPOSE)):
+        assert f"${{{name}" in str(environment.get(name)), f"{service} does not get {name} from .env"
+
+
+def test_every_env_example_setting_is_used_by_compose_or_set_by_it() -> None:
+    listed = set(re.findall(r"^([A-Z_][A-Z0-9_]*)=", (ROOT / ".env.example").read_text(), re.MULTILINE))
+    files = "".join(path.read_text() for path in ROOT.glob("compose*.yaml"))
+    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", files))
+    assert listed - used - set(SET_BY_COMPOSE) == set()
+
+
+def test_empty_settings_leave_the_services_their_own_defaults(compose: dict) -> None:
+    worker = compose["services"]["worker"]["environment"]
+    assert worker["JOB_LEASE_SECONDS"] == "" and worker["NANOCHAT_PRETRAIN_URL"] == ""  # ignored when empty
+    settings = {**ENV, "JOB_LEASE_SECONDS": "12", "NANOCHAT_PRETRAIN_URL": "http://mirror.lan/shards"}
+    worker = load("compose.yaml", env=settings)["services"]["worker"]["environment"]
+    assert (
+        worker["JOB_LEASE_SECONDS"] == "12" and worker["NANOCHAT_PRETRAIN_URL"] == "http://mirror.lan/shards"
+    )
+
+
+def test_a_local_data_kit_is_mounted_read_only_where_the_programs_look(compose: dict) -> None:
+    for name in ("worker", "trainer"):
+        service = compose["services"][name]
+        assert service["environment"]["NANOCHAT_DATA_DIR"] == ""  # unset: the programs download
+        assert "data-kit-unset:/data/kit:ro" in service["volumes"] and "data-kit-unset" in compose["volumes"]
+        kit = load("compose.yaml", env={**ENV, "NANOCHAT_DATA_DIR": "/srv/kit"})["services"][name]
+        assert kit["environment"]["NANOCHAT_DATA_DIR"] == "/data/kit"
+        assert "/srv/kit:/data/kit:ro" in kit["volumes"]
+
+
+MULTINODE = {**ENV, "REDIS_HOST": "10.0.0.5", "SHARED_STORAGE_DIR": "/mnt/nfs/nanochat"}
+
+
+def test_multinode_workers_use_the_host_network_the_shared_storage_and_the_first_machines_redis() -> None:
+    services = load("compose.yaml", "compose.multinode.yaml", env=MULTINODE)["services"]
+    worker = services["worker"]
+    assert worker["network_mode"] == "host"  # NCCL, gloo and the rendezvous open ports of their own
+    assert worker["environment"]["REDIS_URL"] == "redis://:a-redis-password@10.0.0.5:6379/0"
+    assert "NCCL_SOCKET_IFNAME" in worker["environment"] and "GLOO_SOCKET_IFNAME" in worker["environment"]
+    assert services["redis"]["ports"] == ["10.0.0.5:6379:6379"]  # the private address only, with a password
+    for name in ("worker", "api", "inference", "trainer"):  # everyone sees the same runs
+        mounts = [v for v in services[name]["volumes"] if v.endswith(":/data/nanochat")]
+        assert mounts == ["/mnt/nfs/nanochat:/data/nanochat"], name
+
+
+@pytest.mark.parametrize("missing", ["REDIS_HOST", "SHARED_STORAGE_DIR"])
+def test_multinode_needs_the_redis_address_and_the_shared_storage(missing: str) -> None:
+    with pytest.raises(ValueError, match=missing):
+        load(
+            "compose.yaml", "compose.multinode.yaml", env={k: v for k, v in MULTINODE.items() if k != missing}
+        )

@@ -35,6 +35,11 @@ def test_hadolint_finds_nothing(service: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def run_commands(text: str) -> list[str]:
+    """Each RUN instruction of a Dockerfile, its continuation lines included."""
+    return re.findall(r"^RUN ((?:.*\\\n)*.*)$", text, re.MULTILINE)
+
+
 def installed_distributions(service: str) -> set[str]:
     """Every requirement that the `pip install ./services/<name>` lines pull, following our own packages."""
     folders = re.findall(r"\./services/(\w+)", dockerfile(service))
@@ -60,12 +65,22 @@ def test_api_and_web_images_do_not_install_torch(service: str) -> None:
 @pytest.mark.parametrize("service", ["trainer", "worker", "inference"])
 def test_ml_images_install_torch_for_the_chosen_variant(service: str) -> None:
     text = dockerfile(service)
-    assert "ARG TORCH_VARIANT=cuda" in text and 'ARG FLASH_ATTN_WHEEL=""' in text
+    assert (
+        "ARG TORCH_VARIANT=cuda" in text
+        and "ARG TORCH_CUDA=cu130" in text
+        and 'ARG FLASH_ATTN_WHEEL=""' in text
+    )
     assert 'ARG TORCH_WHEELHOUSE=""' in text  # offline builds mount the CPU wheel
-    install = re.search(r"^RUN (.*?scripts/install_torch\.sh)$", text, re.MULTILINE | re.DOTALL).group(1)
-    for name in ("TORCH_VARIANT", "FLASH_ATTN_WHEEL", "TORCH_WHEELHOUSE"):
+    install = next(command for command in run_commands(text) if "scripts/install_torch.sh" in command)
+    for name in ("TORCH_VARIANT", "TORCH_CUDA", "FLASH_ATTN_WHEEL", "TORCH_WHEELHOUSE"):
         assert f'{name}="${{{name}}}"' in install
     assert "torch" in installed_distributions(service)
+
+
+@pytest.mark.parametrize("service", ["trainer", "worker", "inference"])
+def test_ml_images_carry_the_compilers_torch_compile_needs_at_run_time(service: str) -> None:
+    (apt,) = [command for command in run_commands(dockerfile(service)) if "apt-get install" in command]
+    assert re.search(r"\bgcc=", apt) and re.search(r"\bg\+\+=", apt)  # Triton's C, inductor's C++
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -4,35 +4,25 @@ import re
 import subprocess
 import sys
 
-from pydantic_settings import BaseSettings
-
 from api.config import Settings as ApiSettings
 from inference.settings import InferenceSettings
 from trainer.settings import TrainerSettings
 from web.settings import WebSettings
 from worker.settings import WorkerSettings
 
-from support import ROOT
+from support import ROOT, env_names
 
 ALL_SETTINGS = [ApiSettings, WorkerSettings, TrainerSettings, InferenceSettings, WebSettings]
-
-
-def env_names(settings: type[BaseSettings]) -> set[str]:
-    prefix = settings.model_config.get("env_prefix", "")
-    names = set()
-    for field_name, field in settings.model_fields.items():
-        alias = field.validation_alias
-        names |= set(alias.choices) if alias is not None else {f"{prefix}{field_name}".upper()}
-    return names
 
 
 def test_env_example_lists_exactly_the_settings_and_compose_variables() -> None:
     example = (ROOT / ".env.example").read_text()
     listed = set(re.findall(r"^([A-Z_][A-Z0-9_]*)=", example, re.MULTILINE))
     read = set().union(*(env_names(s) for s in ALL_SETTINGS))
-    compose = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", (ROOT / "compose.yaml").read_text()))
+    compose_files = "".join(path.read_text() for path in ROOT.glob("compose*.yaml"))
+    compose = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", compose_files))
     assert read - listed == set(), "read by a service but missing from .env.example"
-    assert compose - listed == set(), "used by compose.yaml but missing from .env.example"
+    assert compose - listed == set(), "used by a compose file but missing from .env.example"
     assert listed - read - compose == set(), "in .env.example but read by nothing"
 
 
@@ -50,3 +40,16 @@ def test_readme_configuration_table_is_the_one_made_from_env_example() -> None:
     readme = (ROOT / "README.md").read_text()
     assert made.strip() in readme, "README's table is stale: run python scripts/config_table.py --write"
     assert made.count("\n| ") == len(re.findall(r"^[A-Z_]+=", (ROOT / ".env.example").read_text(), re.M))
+
+
+def test_make_env_writes_env_example_with_fresh_url_safe_secrets_and_never_overwrites(tmp_path) -> None:
+    out = tmp_path / ".env"
+    make = [sys.executable, "scripts/make_env.py", "--out", str(out)]
+    subprocess.run(make, cwd=ROOT, check=True, capture_output=True)
+    written, example = out.read_text().splitlines(), (ROOT / ".env.example").read_text().splitlines()
+    changed = {a.split("=")[0]: a.split("=", 1)[1] for a, b in zip(written, example, strict=True) if a != b}
+    assert set(changed) == {"API_TOKEN", "REDIS_PASSWORD"}  # every other line as in the example
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{24,}", value) for value in changed.values())  # fits in REDIS_URL
+    assert out.stat().st_mode & 0o077 == 0  # secrets: the owner's only
+    again = subprocess.run(make, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode != 0 and "exists" in again.stderr and out.read_text().splitlines() == written

@@ -2,6 +2,8 @@
 
 import subprocess
 
+import pytest
+
 from support import ROOT
 
 
@@ -25,12 +27,19 @@ def test_torch_installer_keeps_the_installed_cpu_build() -> None:
     assert "torch 2.13.0 (cpu) is already installed" in result.stdout
 
 
-def test_torch_installer_refuses_an_unknown_variant() -> None:
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"TORCH_VARIANT": "rocm"}, "must be auto, cpu or cuda"),
+        ({"TORCH_CUDA": "cu999"}, "must be cu126 or cu130"),
+    ],
+)
+def test_torch_installer_refuses_an_unknown_variant_or_cuda_line(setting: dict, message: str) -> None:
     result = subprocess.run(
         ["scripts/install_torch.sh"],
         cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "TORCH_VARIANT": "rocm"},
+        env={"PATH": "/usr/bin:/bin", "TORCH_VARIANT": "cuda", **setting},
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 2 and "must be auto, cpu or cuda" in result.stderr
+    assert result.returncode == 2 and message in result.stderr

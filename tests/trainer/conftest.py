@@ -1,7 +1,11 @@
 """Tiny fixtures in the real schemas, so the trainer's unit tests need no data kit."""
 
+import http.server
 import random
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -101,3 +105,31 @@ def tiny_kit(tmp_path: Path) -> TrainerSettings:
     docs = make_documents(44)
     write_shards(tmp_path / "kit" / "pretrain", [docs[0:12], docs[12:24], docs[24:36], docs[36:44]])
     return TrainerSettings(base_dir=tmp_path / "base", data_dir=tmp_path / "kit")
+
+
+class MirrorHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder as a dataset's download URL does, and notes each path asked for."""
+
+    requested: list[str]
+
+    def do_GET(self) -> None:
+        self.requested.append(self.path.lstrip("/"))
+        super().do_GET()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def http_mirror(
+    folder: Path, handler: type[MirrorHandler] = MirrorHandler
+) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on a free port serving `folder`: its base URL, and the file names requested."""
+    handler = type("Handler", (handler,), {"requested": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.requested
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,9 +1,11 @@
 """base_train on the data kit: loss falls, resume is bitwise exact, and saves are crash-safe."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,9 @@ from safetensors.torch import load_file
 
 from trainer import base_train, checkpoint, scaling, training
 from trainer.gpt import GPT
+from trainer.tokenizer import Tokenizer
 
-from conftest import copy_tokenizer
+from conftest import copy_tokenizer, http_mirror, write_shards
 from support import PYTHON, service_env, wait_until
 
 # A depth-2 model on 128-token rows: each step is a few hundredths of a second on a CPU.
@@ -169,12 +172,16 @@ def test_only_the_last_k_checkpoints_are_kept(env: Path) -> None:
     assert checkpoint.list_steps(run_dir(env, "keep") / "base") == [4, 5]
 
 
-def run_until_sigterm(command: list[str], env: dict, log: Path, after: str) -> str:
-    """Start base_train, SIGTERM it once `after` is in its output, return the output (exit code 143)."""
+def run_until_sigterm(
+    command: list[str], env: dict, log: Path, after: str, also: Callable[[], bool] = lambda: True
+) -> str:
+    """Start base_train, SIGTERM it once `after` is in its output (and `also` holds), return the output
+    (exit code 143)."""
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_until(lambda: after in log.read_text() or process.poll() is not None, 120, after)
+            ready = lambda: (after in log.read_text() and also()) or process.poll() is not None  # noqa: E731
+            wait_until(ready, 120, after)
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=60) == 143, log.read_text()[-3000:]
         finally:
@@ -250,3 +257,89 @@ def test_training_time_counts_the_steps_after_the_first_eleven() -> None:
     for step in range(14):
         loop.record_step(step, seconds=float(step))
     assert loop.startup_time == sum(range(11)) and loop.training_time == 11 + 12 + 13
+
+
+def test_compiled_training_runs_on_the_cpu(env: Path, capsys: pytest.CaptureFixture) -> None:
+    summary = train(env, "compiled", "--num-iterations 2 --eval-every 0 --compile")
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["val_bpb"]))
+    assert "torch.compile: a trial kernel built" in capsys.readouterr().out
+
+
+def test_compile_without_a_compiler_stops_before_training_in_one_line(
+    env: Path, data_kit: Path, tmp_path: Path
+) -> None:
+    copy_tokenizer(env, "nocc")
+    no_compilers = tmp_path / "bin"  # PATH without gcc, g++ or clang
+    no_compilers.mkdir()
+    result = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "trainer.base_train",
+            "--run",
+            "nocc",
+            *TINY.split(),
+            "--num-iterations",
+            "2",
+            "--compile",
+        ],
+        env=service_env(NANOCHAT_BASE_DIR=str(env), NANOCHAT_DATA_DIR=str(data_kit), PATH=str(no_compilers)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "--compile: no C++ compiler found (looked for g++, clang++): install a C/C++ compiler and Python's "
+        "headers (Debian/Ubuntu: apt-get install gcc g++ python3-dev) or pass --no-compile"
+    )
+    assert "step 1/2" not in result.stdout
+
+
+def test_a_run_planned_past_the_shards_on_disk_downloads_the_rest_while_it_trains(
+    env: Path, data_kit: Path, tmp_path: Path
+) -> None:
+    """The kit's shards behind a local HTTP mirror stand in for the real dataset's download URL."""
+    base, names = tmp_path / "base", sorted(p.name for p in (data_kit / "pretrain").glob("*.parquet"))
+    shutil.copytree(run_dir(env, "r") / "tokenizer", run_dir(base, "mirror") / "tokenizer")
+    folder = base / "data" / "pretrain"
+    # 2,000 steps of 1,024 tokens want every training shard of the kit; none is on disk yet.
+    command = [
+        PYTHON,
+        "-m",
+        "trainer.base_train",
+        "--run",
+        "mirror",
+        *TINY.split(),
+        "--num-iterations",
+        "2000",
+    ]
+    with http_mirror(data_kit / "pretrain") as (url, requested):
+        process_env = service_env(
+            NANOCHAT_BASE_DIR=str(base), NANOCHAT_PRETRAIN_URL=url, NANOCHAT_PRETRAIN_LAST_SHARD="7"
+        )
+        every_shard = lambda: all((folder / name).exists() for name in names)  # noqa: E731
+        output = run_until_sigterm(command, process_env, tmp_path / "log", "step 3/2000", also=every_shard)
+    assert "data: 7 training shards for 2,048,000 planned tokens" in output
+    assert f"2 present, 5 downloading in the background from {url}" in output
+    assert sorted(requested) == names  # each fetched once
+    assert sorted(p.name for p in folder.iterdir()) == names  # whole files only, no temp file left
+
+
+def test_a_new_pass_over_the_data_is_logged_and_recorded(
+    tmp_path: Path, tiny_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # More short documents than the loader buffers (1,000), about 20 steps' worth.
+    documents = [f"note {i}: kato mine rusa lipo" for i in range(1200)]
+    write_shards(tmp_path / "kit" / "pretrain", [documents[:550], documents[550:1100], documents[1100:]], 64)
+    tiny_tokenizer.save(run_dir(tmp_path / "base", "passes") / "tokenizer")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path / "kit"))
+    summary = base_train.main(
+        ["--run", "passes", *TINY.split(), "--num-iterations", "30", "--eval-every", "0"]
+    )
+    out = capsys.readouterr().out
+    assert "30,720 planned tokens: about" in out and "the run repeats data" in out
+    assert re.search(r"step \d+/30 \| data: pass 2 over the training shards begins \(repeating data\)", out)
+    passes = [r["data_pass"] for r in metrics(tmp_path / "base", "passes") if "data_pass" in r]
+    assert passes[0] == 2 and summary["data_passes"] == passes[-1]

@@ -39,7 +39,8 @@ def test_no_document_token_is_lost_except_where_cropped(tiny_tokenizer: Tokenize
         tiny_tokenizer, shards, batch_size=1, seq_len=256, buffer_docs=5, tokenizer_batch=2
     )
     bos, seen, cropped_tokens, rows = tiny_tokenizer.bos_token_id, set(), 0, 0
-    while loader.epoch == 0 and loader.group_pos < len(loader.groups) - 1:
+    last_group = (len(shards) - 1, loader.row_groups(shards[-1].name) - 1)
+    while loader.epoch == 0 and (loader.shard_pos, loader.group) < last_group:
         inputs, targets = next(loader)
         row = [*inputs[0].tolist(), targets[0, -1].item()]
         rows += 1
@@ -159,3 +160,41 @@ def test_equally_long_documents_are_packed_in_the_order_they_were_read(tmp_path:
     inputs, targets = next(loader)
     row = [*inputs[0].tolist(), targets[0, -1].item()]
     assert row == [0, *[ord("A")] * 10, 0, *[ord("B")] * 10]  # A, B, C fit alike: the first two come first
+
+
+def test_shards_are_opened_in_order_only_when_reading_gets_to_them(
+    tiny_tokenizer: Tokenizer, tiny_kit
+) -> None:
+    """So training starts on the first shards while later ones are still downloading."""
+    shards, asked = train_shards(tiny_kit), []
+    loader = PackingLoader(
+        tiny_tokenizer,
+        shards,
+        batch_size=1,
+        seq_len=64,
+        buffer_docs=2,
+        tokenizer_batch=2,
+        wait_for_shard=asked.append,
+    )
+    next(loader)
+    assert asked == shards[:1]
+    while loader.epoch == 0:
+        next(loader)
+    assert asked == shards  # each once, in reading order
+
+
+def test_a_resumed_loader_may_plan_more_shards_but_not_other_ones(
+    tiny_tokenizer: Tokenizer, tiny_kit
+) -> None:
+    shards = train_shards(tiny_kit)
+    options = {"batch_size": 1, "seq_len": 64, "buffer_docs": 3, "tokenizer_batch": 2}
+    loader = PackingLoader(tiny_tokenizer, shards[:2], **options)
+    for _ in range(3):
+        next(loader)
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert loader.epoch == 0 and state["shards_read"] == [shards[0].name]
+    longer = PackingLoader(tiny_tokenizer, shards, **options, state=state)  # a longer run's plan
+    for _ in range(3):
+        assert torch.equal(next(loader)[0], next(longer)[0])
+    with pytest.raises(ValueError, match="saved over other shards"):
+        PackingLoader(tiny_tokenizer, shards[1:], **options, state=state)

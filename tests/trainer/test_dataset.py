@@ -1,7 +1,6 @@
 """Pretraining shards: the train/val split, and downloads that are whole, retried and resumable."""
 
-import http.server
-import threading
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +9,10 @@ import pytest
 
 from trainer import dataset
 from trainer.settings import TrainerSettings
+from trainer.tokenizer import Tokenizer
 
-from conftest import make_documents, write_shards
+from conftest import MirrorHandler, http_mirror, make_documents, write_shards
+from support import free_port
 
 
 def test_last_shard_is_validation(tiny_kit: TrainerSettings) -> None:
@@ -67,36 +68,25 @@ def test_download_resumes_without_fetching_present_shards_again(tmp_path: Path, 
     assert len(dataset.list_shards(settings, "train")) == 3
 
 
-class FlakyServer(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; the first request for each file gets a truncated body, like a dropped connection."""
-
-    served: set[str]
+class FlakyServer(MirrorHandler):
+    """The first request for each file gets a truncated body, like a dropped connection."""
 
     def do_GET(self) -> None:
         path = Path(self.directory) / self.path.lstrip("/")
-        if not path.exists():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        if self.path not in self.served:
-            self.served.add(self.path)
-            data = data[: len(data) // 2]
+        if not path.exists() or self.path.lstrip("/") in self.requested:
+            return super().do_GET()
+        self.requested.append(self.path.lstrip("/"))
+        data = path.read_bytes()[: path.stat().st_size // 2]
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, *args) -> None:
-        pass
-
 
 @pytest.fixture
 def http_source(source: Path) -> Iterator[str]:
-    handler = type("Handler", (FlakyServer,), {"served": set()})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(source)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with http_mirror(source, FlakyServer) as (url, _):
+        yield url
 
 
 def test_http_download_retries_truncated_files_and_keeps_only_whole_ones(
@@ -126,3 +116,66 @@ def test_a_download_that_keeps_failing_leaves_no_partial_file(tmp_path: Path, so
 def test_a_local_kit_is_never_downloaded_into(tiny_kit: TrainerSettings) -> None:
     with pytest.raises(RuntimeError, match="read as is"):
         dataset.download_shards(tiny_kit, num_train=1)
+
+
+def per_shard_tokens(path: Path, tokenizer: Tokenizer) -> float:
+    return dataset.estimate_chars([path]) / dataset.bytes_per_token(path, tokenizer)
+
+
+def test_a_plan_past_the_shards_on_disk_fetches_the_first_now_and_the_rest_in_the_background(
+    tmp_path: Path, source: Path, tiny_tokenizer: Tokenizer, capsys: pytest.CaptureFixture
+) -> None:
+    three_shards = (
+        2.5 * per_shard_tokens(source / "shard_00000.parquet", tiny_tokenizer) / dataset.CROP_ALLOWANCE
+    )
+    folder = tmp_path / "base" / "data" / "pretrain"
+    with http_mirror(source) as (url, requested):
+        settings = settings_for(tmp_path, url)
+        plan = dataset.plan_training_shards(settings, tiny_tokenizer, planned_tokens=int(three_shards))
+        assert [p.name for p in plan.shards] == [f"shard_0000{i}.parquet" for i in range(3)]
+        # Before training: the first shard, the val shard and the first missing one (it proves the source).
+        assert requested == ["shard_00000.parquet", "shard_00005.parquet", "shard_00001.parquet"]
+        assert plan.missing == ["shard_00002.parquet"] and not (folder / "shard_00002.parquet").exists()
+        download = dataset.ShardDownload(settings, plan.missing)
+        dataset.wait_for_shard(folder / "shard_00002.parquet", download)
+    assert pq.read_table(folder / "shard_00002.parquet").num_rows == 8
+    assert f"data: 3 training shards for {int(three_shards):,} planned tokens" in capsys.readouterr().out
+
+
+def test_offline_a_run_trains_on_the_shards_there_are_and_says_how_often_it_repeats_them(
+    tmp_path: Path,
+    source: Path,
+    tiny_tokenizer: Tokenizer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    dataset.download_shards(settings_for(tmp_path, str(source)), num_train=2)  # shards 0, 1 and val 5
+    monkeypatch.setattr(dataset, "DOWNLOAD_BACKOFF_S", 0.0)
+    offline = settings_for(tmp_path, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    one_shard = per_shard_tokens(source / "shard_00000.parquet", tiny_tokenizer) / dataset.CROP_ALLOWANCE
+    plan = dataset.plan_training_shards(offline, tiny_tokenizer, planned_tokens=int(8 * one_shard))
+    assert [p.name for p in plan.shards] == [
+        "shard_00000.parquet",
+        "shard_00001.parquet",
+    ] and not plan.missing
+    out = capsys.readouterr().out
+    assert "(cannot download: could not fetch http://127.0.0.1:" in out
+    passes = re.search(r"about ([\d.]+) passes over it: the run repeats data", out)
+    assert passes and 3 < float(passes.group(1)) < 5  # 8 shards' worth planned over 2
+
+
+def test_a_local_corpus_too_small_for_the_plan_says_so(
+    tiny_kit: TrainerSettings, tiny_tokenizer: Tokenizer, capsys: pytest.CaptureFixture
+) -> None:
+    plan = dataset.plan_training_shards(tiny_kit, tiny_tokenizer, planned_tokens=10_000_000)
+    assert len(plan.shards) == 3 and not plan.missing
+    assert "the run repeats data" in capsys.readouterr().out
+
+
+def test_a_shard_that_cannot_be_downloaded_stops_the_run_when_it_is_needed(
+    tmp_path: Path, source: Path
+) -> None:
+    settings = settings_for(tmp_path, str(source))
+    download = dataset.ShardDownload(settings, ["shard_00042.parquet"], backoff_s=0.0)  # the source lacks it
+    with pytest.raises(RuntimeError, match=r"retry the job .* or train on local data"):
+        dataset.wait_for_shard(tmp_path / "base" / "data" / "pretrain" / "shard_00042.parquet", download)

@@ -104,6 +104,16 @@ def test_the_program_sees_an_allow_listed_environment(monkeypatch: pytest.Monkey
     assert env["NANOCHAT_METRICS_PREFIX"] == "@@metrics "
 
 
+def test_empty_nccl_and_gloo_settings_are_not_passed_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compose hands the worker every documented setting, empty ones too: empty means NCCL's default."""
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth1")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/data/nanochat/cache/inductor")
+    env = child_environment(WorkerSettings())
+    assert "NCCL_SOCKET_IFNAME" not in env and env["GLOO_SOCKET_IFNAME"] == "eth1"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == "/data/nanochat/cache/inductor"
+
+
 def test_a_log_that_cannot_be_written_marks_the_output_lost_and_keeps_draining(
     redis: Redis, tmp_path
 ) -> None:

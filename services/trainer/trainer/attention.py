@@ -1,7 +1,10 @@
 """
-Causal (sliding-window) attention behind one function. flash-attn runs it when it is installed, the
-tensors are bf16/fp16 on a GPU (FA3 on Hopper, FA2 elsewhere); PyTorch's scaled_dot_product_attention
-runs it otherwise (CPU, fp32, no flash-attn), with an explicit mask when a window or a KV cache needs one.
+Causal (sliding-window) attention behind one function. Flash attention runs it on GPUs for bf16/fp16
+tensors: FA3 on Hopper, loaded through Hugging Face's `kernels` package (the kernel is downloaded once
+into KERNELS_CACHE, by default the base dir's kernels/ folder, i.e. the data volume in Docker), FA2
+where the flash-attn wheel is installed (SM ≥ 8.0). PyTorch's scaled_dot_product_attention runs it
+otherwise (CPU, fp32, older GPUs, no flash kernel), with an explicit mask when a window or a KV cache
+needs one. `backend(device)` says which path a device takes, and why.
 
 Shapes: q (B, Tq, heads, head_dim); k, v (B, Tk, kv_heads, head_dim) with Tk ≥ Tq. The queries are
 the last Tq positions, or, with a KV cache whose rows hold different lengths, at `query_positions`
@@ -11,33 +14,72 @@ reference passes it): window + 1 keys.
 """
 
 import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-try:  # FA3: Hopper only
-    from flash_attn_interface import flash_attn_func as fa3_func
-except ImportError:
-    fa3_func = None
-try:  # FA2: Ampere and newer
-    from flash_attn import flash_attn_func as fa2_func
-except ImportError:
-    fa2_func = None
+from trainer.settings import TrainerSettings
 
-FLASH_ATTN = "fa3" if fa3_func else "fa2" if fa2_func else None  # what is installed
+FA3_KERNEL, FA3_VERSION = "kernels-community/flash-attn3", 1  # the Hub kernel and its major version
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "fa3", "fa2" or "sdpa"
+    detail: str  # where the kernel came from, or why flash attention is not used
+    function: Callable | None = None  # flash_attn_func(q, k, v, causal=..., window_size=(left, right))
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.detail})"
+
+
+def load_fa3() -> Callable:
+    """FA3's flash_attn_func from the kernels Hub (downloaded on first use; offline, from the cache)."""
+    os.environ.setdefault("KERNELS_CACHE", str(TrainerSettings().base_dir.expanduser() / "kernels"))
+    from kernels import get_kernel
+
+    return get_kernel(FA3_KERNEL, version=FA3_VERSION).flash_attn_func
 
 
 @functools.cache
-def flash_function(device: torch.device):
-    """FA3 on Hopper (SM 9.x), FA2 on other GPUs, None when neither applies."""
-    major, _ = torch.cuda.get_device_capability(device)
-    if major == 9 and fa3_func is not None:
-        return fa3_func
-    return fa2_func if major >= 8 else None
+def backend(device: torch.device) -> Backend:
+    """The flash kernel bf16/fp16 attention takes on `device`: FA3 on Hopper (SM 9.x), FA2 on SM ≥ 8.0
+    when flash-attn is installed, else SDPA, with the reason."""
+    if device.type != "cuda":
+        return Backend("sdpa", f"flash attention needs a CUDA GPU, this is {device.type}")
+    major, minor = torch.cuda.get_device_capability(device)
+    reasons = []
+    if major == 9:
+        try:
+            return Backend("fa3", f"{FA3_KERNEL} v{FA3_VERSION} via kernels", load_fa3())
+        except Exception as error:  # offline without a cached copy, no build for this torch, no kernels
+            reasons.append(
+                f"FA3 not loaded: {(str(error).strip().splitlines() or [type(error).__name__])[0]}"
+            )
+    if major < 8:
+        return Backend("sdpa", f"flash attention needs SM ≥ 8.0, this GPU is SM {major}.{minor}")
+    try:
+        import flash_attn
+
+        return Backend("fa2", f"flash-attn {flash_attn.__version__}", flash_attn.flash_attn_func)
+    except ImportError:
+        reasons.append("FA2 not installed (FLASH_ATTN_WHEEL)")
+    return Backend("sdpa", "; ".join(reasons))
+
+
+def describe(device: torch.device, dtype: torch.dtype) -> str:
+    """The attention path a run on `device` in `dtype` takes, for its log and report."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        return f"sdpa (flash attention needs bf16 or fp16, this run computes in {name})"
+    return backend(device).describe()
 
 
 def uses_flash(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_function(q.device) is not None
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and backend(q.device).function is not None
 
 
 def attention(
@@ -54,7 +96,7 @@ def attention(
     if uses_flash(q):
         # window_size=(left, right): `left` earlier keys are visible. flash-attn aligns causality
         # bottom-right, which is exactly "queries are the last Tq positions".
-        out = flash_function(q.device)(q, k, v, causal=True, window_size=(window, 0))
+        out = backend(q.device).function(q, k, v, causal=True, window_size=(window, 0))
         return out[0] if isinstance(out, tuple) else out  # FA3 also returns the log-sum-exp
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA wants (B, heads, T, D)
     gqa = q.size(1) != k.size(1)

@@ -30,6 +30,7 @@ from trainer.runtime import (
     Runtime,
     StopRequest,
     add_training_flags,
+    compile_model,
     init_wandb,
     peak_flops,
 )
@@ -256,8 +257,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     model.set_compute_dtype(runtime.dtype)
     model.to(runtime.device)
     optimizer = build_optimizer(model, args, horizon)
-    use_compile = args.compile if args.compile is not None else runtime.device.type == "cuda"
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    train_model = compile_model(model, args.compile, runtime)
     scaler = grad_scaler(runtime)
     flops_per_token = model.estimate_flops()
     peak, peak_source = peak_flops(runtime)
@@ -280,10 +280,23 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         "world_size": runtime.world_size,
         "device": runtime.device,
     }
-    train_shards = dataset.list_shards(settings, "train")
-    train_loader = PackingLoader(
-        tokenizer, train_shards, split_docs=args.split_docs, state=loader_state, **loader_args
+    # Rank 0 plans the shards (and downloads the missing ones in the background); every rank reads them.
+    shard_plan = (
+        dataset.plan_training_shards(settings, tokenizer, horizon.tokens) if runtime.is_master else None
     )
+    train_shards = runtime.broadcast(shard_plan.shards if shard_plan else None)
+    download = (
+        dataset.ShardDownload(settings, shard_plan.missing) if shard_plan and shard_plan.missing else None
+    )
+    train_loader = PackingLoader(
+        tokenizer,
+        train_shards,
+        split_docs=args.split_docs,
+        wait_for_shard=lambda path: dataset.wait_for_shard(path, download),
+        state=loader_state,
+        **loader_args,
+    )
+    data_pass = train_loader.epoch  # a new pass over the data is logged and recorded when it begins
     val_shards = dataset.list_shards(settings, "val")
     eval_steps = max(1, args.eval_tokens // (horizon.total_batch_size // accumulation))
     core_tasks = core_bundle(settings) if args.core_metric_every > 0 else None
@@ -381,6 +394,13 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
             {"train/loss": loss, "train/lrm": lrm, "train/mfu": mfu, "train/tok_per_s": tok_per_s},
             step=step + 1,
         )
+        if train_loader.epoch != data_pass:
+            data_pass = train_loader.epoch
+            log(
+                f"step {step + 1}/{total} | data: pass {data_pass + 1} over the training shards begins "
+                "(repeating data)"
+            )
+            metrics.write({"step": step + 1, "data_pass": data_pass + 1})
         if bar is not None:
             bar.update(1)
 
@@ -403,6 +423,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         "mfu": round(flops_per_token * tok_per_s / (peak * runtime.world_size), 4) if tok_per_s else None,
         **summary_times(loop, wall_before + time.time() - invocation_start),
         "crop_fraction": round(train_loader.crop_fraction, 4),
+        "data_passes": train_loader.epoch + 1,  # begun: 1 when no document was read twice
         **training.runtime_summary(runtime),
     }
     print0(

@@ -9,14 +9,19 @@ packed into rows of seq_len+1 tokens with BOS-aligned best-fit packing:
 - with split_docs, a document longer than a row enters the buffer as row-sized chunks that each start
   with BOS, so long documents are not cropped away (at the price of context across chunk borders).
 
-Row groups are striped over DDP ranks (rank r reads groups r, r+W, r+2W, …), so ranks never read the
-same document. `state_dict()` names the cursor and every buffered document by its location, so a
-checkpoint restores exactly the same following batches (buffered documents are re-read and re-tokenized).
+Row groups are striped over DDP ranks within each shard (rank r reads groups r, r+W, r+2W, … of every
+shard, as the reference does), so ranks never read the same document. Shards are opened only when the
+cursor reaches them, and `wait_for_shard` is called first: training can start on the first shards while
+later ones are still downloading. `state_dict()` names the cursor and every buffered document by its
+location, so a checkpoint restores exactly the same following batches (buffered documents are re-read
+and re-tokenized); a resumed run may plan more shards than the one it resumes, as long as those it read
+come first in the same order.
 """
 
 import bisect
 import hashlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +47,20 @@ class PackingLoader:
         buffer_docs: int = 1000,
         tokenizer_batch: int = 128,
         split_docs: bool = False,
+        wait_for_shard: Callable[[Path], None] | None = None,
         state: dict[str, Any] | None = None,
     ) -> None:
         self.tokenizer, self.batch_size, self.row_len = tokenizer, batch_size, seq_len + 1
         self.device = torch.device(device)
         self.buffer_docs, self.tokenizer_batch, self.split_docs = buffer_docs, tokenizer_batch, split_docs
-        self.files = {path.name: pq.ParquetFile(path) for path in shards}
-        every_group = [(name, g) for name, f in self.files.items() for g in range(f.num_row_groups)]
-        self.groups = every_group[rank::world_size]
-        assert self.groups, f"rank {rank} of {world_size} has no row groups: more ranks than row groups"
+        self.rank, self.world_size = rank, world_size
+        self.shards = {path.name: path for path in shards}
+        self.names = [path.name for path in shards]
+        self.wait_for_shard = wait_for_shard or (lambda path: None)
+        self.group_counts: dict[str, int] = {}
         # Cursor: the next unread document. Buffer: (length, arrival number, piece key, tokens), sorted.
-        self.epoch = self.group_pos = self.row_pos = 0
+        self.epoch = self.shard_pos = self.row_pos = 0
+        self.group = rank
         self.arrivals = 0
         self.buffer: list[tuple[int, int, PieceKey, list[int]]] = []
         self.tokens_consumed = self.tokens_cropped = 0
@@ -63,24 +71,42 @@ class PackingLoader:
 
     # -- reading --------------------------------------------------------------------
 
+    def open_shard(self, name: str) -> pq.ParquetFile:
+        if name not in self.group_counts:  # the first time: it may still be downloading
+            self.wait_for_shard(self.shards[name])
+        parquet = pq.ParquetFile(self.shards[name])
+        self.group_counts[name] = parquet.num_row_groups
+        return parquet
+
+    def row_groups(self, name: str) -> int:
+        return self.group_counts[name] if name in self.group_counts else self.open_shard(name).num_row_groups
+
     def texts_of(self, name: str, group: int) -> list[str]:
         if self.cached_group != (name, group):
-            table = self.files[name].read_row_group(group, columns=["text"])
+            table = self.open_shard(name).read_row_group(group, columns=["text"])
             self.cached_group, self.cached_texts = (name, group), table.column("text").to_pylist()
         return self.cached_texts
 
     def read_next_batch(self) -> list[tuple[DocKey, str]]:
         """The next tokenizer_batch documents after the cursor, moving it (looping over epochs)."""
         while True:
-            name, group = self.groups[self.group_pos]
-            texts = self.texts_of(name, group)
-            if self.row_pos < len(texts):
-                rows = range(self.row_pos, min(self.row_pos + self.tokenizer_batch, len(texts)))
-                self.row_pos = rows.stop
-                return [((name, group, row), texts[row]) for row in rows]
-            self.group_pos, self.row_pos = self.group_pos + 1, 0
-            if self.group_pos == len(self.groups):
-                self.group_pos, self.epoch = 0, self.epoch + 1
+            name = self.names[self.shard_pos]
+            if self.group < self.row_groups(name):
+                texts = self.texts_of(name, self.group)
+                if self.row_pos < len(texts):
+                    rows = range(self.row_pos, min(self.row_pos + self.tokenizer_batch, len(texts)))
+                    self.row_pos = rows.stop
+                    return [((name, self.group, row), texts[row]) for row in rows]
+                self.group, self.row_pos = self.group + self.world_size, 0
+                continue
+            self.shard_pos, self.group, self.row_pos = self.shard_pos + 1, self.rank, 0
+            if self.shard_pos == len(self.names):
+                if all(self.row_groups(n) <= self.rank for n in self.names):
+                    raise ValueError(
+                        f"rank {self.rank} of {self.world_size} has no row groups: every shard has fewer "
+                        "row groups than there are processes"
+                    )
+                self.shard_pos, self.epoch = 0, self.epoch + 1
 
     def pieces(self, key: DocKey, tokens: list[int]) -> list[tuple[PieceKey, list[int]]]:
         """A document as buffer entries: whole, or (split_docs) chunks of at most a row, each BOS-first."""
@@ -149,15 +175,18 @@ class PackingLoader:
     # -- exact resume ---------------------------------------------------------------
 
     def fingerprint(self) -> str:
-        """Identifies this rank's row groups and chunking: a state only fits a loader reading the same way."""
-        return hashlib.sha256(repr((self.groups, self.split_docs)).encode()).hexdigest()[:16]
+        """Identifies how this loader splits the data: a state only fits a loader that does the same."""
+        return hashlib.sha256(repr((self.rank, self.world_size, self.split_docs)).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable; restores the exact same following batches."""
         return {
             "fingerprint": self.fingerprint(),
+            # The shards read so far, in order: a resumed loader must read these the same way first.
+            "shards_read": self.names[: self.shard_pos + 1] if self.epoch == 0 else self.names,
             "epoch": self.epoch,
-            "group_pos": self.group_pos,
+            "shard_pos": self.shard_pos,
+            "group": self.group,
             "row_pos": self.row_pos,
             "arrivals": self.arrivals,
             "tokens_consumed": self.tokens_consumed,
@@ -166,12 +195,26 @@ class PackingLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["fingerprint"] != self.fingerprint():
+        if state.get("fingerprint") != self.fingerprint():
             raise ValueError(
-                "dataloader state was saved over different data, rank/world size or document splitting; "
-                "resume with the same shards, the same number of processes and the same --split-docs"
+                "dataloader state was saved by another number of processes or document splitting; resume "
+                "with the same number of processes and the same --split-docs"
             )
-        for name in ("epoch", "group_pos", "row_pos", "arrivals", "tokens_consumed", "tokens_cropped"):
+        read = state["shards_read"]
+        if self.names[: len(read)] != read:
+            raise ValueError(
+                f"dataloader state was saved over other shards (it read {read[0]} … {read[-1]}, {len(read)} "
+                "in all): resume over the same shards in the same order"
+            )
+        for name in (
+            "epoch",
+            "shard_pos",
+            "group",
+            "row_pos",
+            "arrivals",
+            "tokens_consumed",
+            "tokens_cropped",
+        ):
             setattr(self, name, state[name])
         self.buffer = []
         # One entry per buffered document (its chunks grouped), sorted by location so that each row

@@ -4,12 +4,18 @@ written to a temp file that must pass a check before it is renamed into place. A
 therefore exists only whole, and a download that is interrupted resumes by fetching what is missing.
 """
 
+import os
 import shutil
-import time
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import requests
+
+
+class Cancelled(Exception):
+    """The download was told to stop (its program is ending)."""
 
 
 def fetch(
@@ -18,15 +24,18 @@ def fetch(
     check: Callable[[Path], object] | None = None,
     attempts: int = 5,
     backoff_s: float = 2.0,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """
     Copy `source` (a URL, or a path to a local file) to `dest` unless dest already exists.
-    `check(tmp_path)` raises (ValueError/OSError) when the bytes are not what was expected.
+    `check(tmp_path)` raises (ValueError/OSError) when the bytes are not what was expected; `cancel`, once
+    set, stops an HTTP download between chunks (Cancelled). The temp file's name is this process's own,
+    so processes fetching the same file into shared storage never write into each other's.
     """
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp = dest.with_name(f".{dest.name}.{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.tmp")
     for attempt in range(1, attempts + 1):
         try:
             if source.startswith(("http://", "https://")):
@@ -34,6 +43,8 @@ def fetch(
                     response.raise_for_status()
                     with open(tmp, "wb") as f:
                         for chunk in response.iter_content(chunk_size=1 << 20):
+                            if cancel is not None and cancel.is_set():
+                                raise Cancelled(source)
                             f.write(chunk)
             else:
                 shutil.copyfile(Path(source).expanduser(), tmp)
@@ -50,7 +61,11 @@ def fetch(
                 f"{dest.name}: attempt {attempt}/{attempts} failed ({error}); retrying in {wait:.0f}s",
                 flush=True,
             )
-            time.sleep(wait)
+            if (cancel or threading.Event()).wait(wait):  # the pause before the next try, unless told to stop
+                raise Cancelled(source) from error
+        except Cancelled:
+            tmp.unlink(missing_ok=True)
+            raise
     raise AssertionError("unreachable")
 
 

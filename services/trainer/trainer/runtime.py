@@ -5,10 +5,14 @@ the flags every training program shares, the peak FLOPs behind MFU, stop signals
 
 import argparse
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,6 +131,14 @@ class Runtime:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
 
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's value (any picklable object) on every process."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     @property
     def gpus(self) -> int:
         """GPUs this run uses (0 on a CPU): what a cost estimate counts."""
@@ -135,6 +147,38 @@ class Runtime:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+
+# The oldest NVIDIA driver each CUDA major version of torch's builds runs on (CUDA's release notes).
+DRIVER_MINIMUM = {12: "525.60.13", 13: "580.65.06"}
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version when nvidia-smi sees a GPU here, else None."""
+    try:
+        found = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    versions = found.stdout.split()
+    return versions[0] if found.returncode == 0 and versions else None
+
+
+def check_gpus_usable() -> None:
+    """SystemExit when this machine has NVIDIA GPUs that this CUDA build of torch cannot use (a driver
+    too old for its CUDA line): falling back to the CPU without a word would train for days."""
+    if torch.version.cuda is None or torch.cuda.is_available() or (driver := nvidia_driver()) is None:
+        return
+    minimum = DRIVER_MINIMUM.get(int(torch.version.cuda.split(".")[0]), "?")
+    raise SystemExit(
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use this machine's GPUs: NVIDIA "
+        f"driver {driver} is older than the {minimum} it needs. Update the driver, or use torch for CUDA "
+        "12.6 (TORCH_CUDA=cu126: scripts/install_torch.sh, or the images' build argument)"
+    )
 
 
 def autodetect_device() -> str:
@@ -156,6 +200,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtime:
     """Pick the device and dtype; under torchrun, join the process group (NCCL on GPUs, gloo on CPU)."""
+    if device_name in ("auto", "cuda"):
+        check_gpus_usable()
     device_type = autodetect_device() if device_name == "auto" else device_name
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -171,6 +217,46 @@ def setup_runtime(device_name: str = "auto", dtype_name: str = "auto") -> Runtim
             "nccl" if device_type == "cuda" else "gloo", device_id=device if device_type == "cuda" else None
         )
     return Runtime(device, resolve_dtype(dtype_name, device), rank, local_rank, world_size)
+
+
+COMPILER_HELP = (
+    "install a C/C++ compiler and Python's headers (Debian/Ubuntu: apt-get install gcc g++ python3-dev) "
+    "or pass --no-compile"
+)
+
+
+def compile_model(model: torch.nn.Module, requested: bool | None, runtime: Runtime) -> torch.nn.Module:
+    """The model torch.compile'd when asked (default: on CUDA), once this machine has proved it can build
+    kernels: inductor needs a C++ compiler on CPU, Triton a C compiler on GPUs, and both need Python's
+    headers. Without them the first training step would die in a compiler traceback in the middle of a
+    job; this fails before training, in one line that says what to do."""
+    if not (requested if requested is not None else runtime.device.type == "cuda"):
+        return model
+    check_compiler(runtime.device)
+    return torch.compile(model, dynamic=False)
+
+
+def check_compiler(device: torch.device) -> None:
+    """SystemExit with one line unless torch.compile can build a kernel for `device` here."""
+    variable, names, language = (
+        ("CC", ("gcc", "clang"), "C") if device.type == "cuda" else ("CXX", ("g++", "clang++"), "C++")
+    )
+    candidates = [os.environ[variable]] if os.environ.get(variable) else names
+    if not any(shutil.which(name) for name in candidates):
+        looked = f"${variable}" if os.environ.get(variable) else ", ".join(names)
+        raise SystemExit(f"--compile: no {language} compiler found (looked for {looked}): {COMPILER_HELP}")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        raise SystemExit(f"--compile: Python's headers (Python.h) are missing: {COMPILER_HELP}")
+    start = time.perf_counter()
+    try:  # a trial kernel: whatever else is missing shows up here, not at the first step
+        trial = torch.compile(lambda x: torch.relu(x) * 2, dynamic=False)
+        trial(torch.ones(8, device=device)).sum().item()
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise SystemExit(
+            f"--compile: torch.compile cannot build kernels here ({reason}): {COMPILER_HELP}"
+        ) from None
+    print0(f"torch.compile: a trial kernel built in {time.perf_counter() - start:.1f}s")
 
 
 def shutdown(runtime: Runtime) -> None:

@@ -35,6 +35,7 @@ from trainer.runtime import (
     Runtime,
     StopRequest,
     add_training_flags,
+    compile_model,
     init_wandb,
     peak_flops,
 )
@@ -185,8 +186,7 @@ def train(
     accumulation = recipe.total_batch_size // micro_tokens
     optimizer = training.build_optimizer(model, recipe, weight_decay=0.0, lr_frac=args.init_lr_frac)
     scaler = grad_scaler(runtime)
-    use_compile = args.compile if args.compile is not None else runtime.device.type == "cuda"
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    train_model = compile_model(model, args.compile, runtime)
 
     mixture_path = Path(args.mixture) if args.mixture else default_mixture(stage.name)
     train_mixture = load_mixture(settings, mixture_path, "train", seed=args.seed)

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint
+from trainer import attention, checkpoint
 from trainer.common import print0, print_banner
 from trainer.gpt import GPT
 from trainer.optim import MuonAdamW
@@ -281,6 +281,7 @@ def run_training(
     runtime = setup_runtime(args.device, args.dtype)
     settings = TrainerSettings()
     print_banner(program, args, settings)
+    print0(f"attention: {attention.describe(runtime.device, runtime.dtype)}")
     stop = StopRequest()
     try:
         return train(args, settings, runtime, stop)
@@ -296,8 +297,12 @@ def exit_stopped(runtime: Runtime, step: int) -> NoReturn:
 
 
 def runtime_summary(runtime: Runtime) -> dict[str, Any]:
-    return {
+    summary = {
         "device": f"{runtime.device} × {runtime.world_size}",
         "gpus": runtime.gpus,
         "dtype": str(runtime.dtype).removeprefix("torch."),
+        "attention": attention.describe(runtime.device, runtime.dtype),
     }
+    if runtime.device.type == "cuda":  # what a smaller GPU would need to hold (this process's share)
+        summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(runtime.device) / 2**30, 2)
+    return summary

@@ -67,8 +67,12 @@ CHILD_ENV_PREFIXES = (
 CHILD_ENV_NAMES = {
     "PATH", "HOME", "LANG", "TZ", "TMPDIR", "USER", "LOGNAME", "TERM", "LD_LIBRARY_PATH", "VIRTUAL_ENV",
     "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-    "http_proxy", "https_proxy", "no_proxy", "NVIDIA_VISIBLE_DEVICES", "TRITON_CACHE_DIR",
+    "http_proxy", "https_proxy", "no_proxy", "NVIDIA_VISIBLE_DEVICES", "TRITON_CACHE_DIR", "KERNELS_CACHE",
+    "CC", "CXX",  # the compilers torch.compile builds kernels with
 }  # fmt: skip
+# Settings passed on only when set: as everywhere in .env, empty means "the default" (compose hands the
+# worker every documented setting, empty ones included, and NCCL would take "" as an interface name).
+EMPTY_MEANS_UNSET = ("NCCL_", "GLOO_")
 
 SHUTDOWN = "worker shut down"  # an attempt's end reason when its worker was told to stop
 T = TypeVar("T")
@@ -414,7 +418,12 @@ def supervise(
 
 def child_environment(settings: WorkerSettings) -> dict[str, str]:
     """An allow-listed environment: the worker's secrets (API_TOKEN, REDIS_URL's password) stay out."""
-    env = {k: v for k, v in os.environ.items() if k in CHILD_ENV_NAMES or k.startswith(CHILD_ENV_PREFIXES)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if (k in CHILD_ENV_NAMES or k.startswith(CHILD_ENV_PREFIXES))
+        and (v or not k.startswith(EMPTY_MEANS_UNSET))
+    }
     env |= {
         "PYTHONUNBUFFERED": "1",
         "NANOCHAT_BASE_DIR": str(settings.base_dir.expanduser()),

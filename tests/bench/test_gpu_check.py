@@ -1,0 +1,30 @@
+"""bench/gpu_check.sh, the one script a GPU machine runs, works end to end: here every part runs tiny on
+the CPU (--smoke), so the day a GPU is lent the only new thing is the GPU."""
+
+import json
+import subprocess
+
+from support import ROOT, service_env
+
+
+def test_the_gpu_check_runs_every_part_and_ends_with_one_json_line(data_kit, tmp_path) -> None:
+    result = subprocess.run(
+        ["bench/gpu_check.sh", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=service_env(NANOCHAT_DATA_DIR=str(data_kit)),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == 0 and summary["ok"], result.stdout[-3000:]
+    parts = summary["parts"]
+    assert list(parts) == ["gpu-tests", "d12", "d20", "fp16", "torchrun", "inference"]
+    assert parts["d12"]["tok_per_s"] > 0 and parts["d12"]["attention"].startswith("sdpa (")
+    assert parts["fp16"]["dtype"] == "float16" and parts["torchrun"]["device"] == "cpu × 2"
+    assert parts["torchrun"]["backend"].startswith("gloo")
+    assert {row["concurrency"] for row in parts["inference"]["results"]} == {1, 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"{name}.log"
+        for name in sorted(["gpu-tests", "tokenizer", "d12", "d20", "fp16", "torchrun", "inference"])
+    ]
