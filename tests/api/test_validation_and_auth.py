@@ -92,6 +92,17 @@ def test_openapi_documents_the_statuses_each_route_returns(api_only: Stack) -> N
     assert {"400", "429"} <= set(paths["/jobs/{job_id}/logs"]["get"]["responses"])
 
 
+def test_nanochats_flags_and_its_off_value_are_accepted(api_only: Stack) -> None:
+    """Every base_train flag is a config field (tests/jobs/test_specs.py), -1 turns an evaluation off."""
+    spec = {"kind": "base_train", "run": "flags", "config": {"matrix_lr": 0.03, "eval_every": -1}}
+    with api_only.client() as client:
+        response = client.post("/jobs", json=spec)
+        assert response.status_code == 201, response.text
+        assert response.json()["config"]["matrix_lr"] == 0.03
+        client.post(f"/jobs/{response.json()['id']}/stop")
+    assert queue_length(api_only) == 0
+
+
 def test_queued_job_can_be_stopped_once(api_only: Stack) -> None:
     with api_only.client() as client:
         job = client.post("/jobs", json=VALID).json()

@@ -68,18 +68,20 @@ def training_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_train_sh_submits_with_nanochats_flags_and_follows_the_log(training_stack: Stack) -> None:
-    flags = [f"--{name}={value}" for name, value in TINY_TRAINING.items()]
+    flags = [f"--{name}={value}" for name, value in {**TINY_TRAINING, "eval_every": "-1"}.items()]
     result = run(
         "train.sh",
         "base",
         "--run=scripted",
         *flags,
+        "--matrix_lr=0.03",
         API_URL=training_stack.api_url,
         API_TOKEN=training_stack.token,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "submitted base_train job" in result.stdout
     assert "$ python -m trainer.base_train --run scripted --num-iterations 6" in result.stdout  # its log
+    assert "--eval-every -1" in result.stdout and "--matrix-lr 0.03" in result.stdout
     assert result.stdout.rstrip().endswith(": finished")
     assert (training_stack.base_dir / "runs" / "scripted" / "base").is_dir()
 

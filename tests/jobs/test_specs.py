@@ -4,8 +4,10 @@ import argparse
 import importlib
 
 import pytest
-from jobs.specs import JOB_SPEC, STAGE_KINDS, Rendezvous, RunnerOptions, json_schemas
-from pydantic import ValidationError
+from jobs.specs import FLAGS_NOT_EXPOSED, JOB_SPEC, STAGE_KINDS, Rendezvous, RunnerOptions, json_schemas
+from pydantic import BaseModel, ValidationError
+
+from trainer.common import RUN_NAME_PATTERN, Bounded, run_name
 
 
 def command(spec: dict, resume: bool = False) -> str:
@@ -73,6 +75,11 @@ def test_several_nodes_meet_in_the_rendezvous_each_node_is_given() -> None:
         ("base_train", {"dtype": "float8"}),
         ("base_train", {"nproc_per_node": 0}),
         ("base_train", {"lr": 1}),
+        ("base_train", {"eval_every": -2}),
+        ("base_train", {"softcap": 0}),
+        ("base_train", {"weight_decay_horizon": "half"}),
+        ("mid_train", {"source": "rl"}),
+        ("chat_rl", {"source": "base"}),
         ("chat_sft", {"source": "rl2"}),
         ("chat_rl", {"max_seq_len": 512}),  # not a chat_rl flag
         ("chat_eval", {"task_name": "GSM8K; rm -rf /"}),
@@ -80,10 +87,12 @@ def test_several_nodes_meet_in_the_rendezvous_each_node_is_given() -> None:
         ("chat_sft", {"mixture": "../../outside.yaml"}),
         ("mid_train", {"mixture": "mixtures/../../x.yaml"}),
         ("base_eval", {"eval": "core,everything"}),
+        ("base_eval", {"core_tasks": "../core.yaml"}),
         ("tokenizer", {"max_retries": 100}),
         ("tokenizer", {"time_limit": 1}),
         ("pipeline", {"skip": list(STAGE_KINDS)}),
         ("pipeline", {"skip": ["warmup"]}),
+        ("pipeline", {"skip": ["mid_train", "chat_sft"]}),  # chat_rl would start from the base model
         ("pipeline", {"skip": ["tokenizer", "base_train", "mid_train", "chat_sft", "chat_rl", "base_eval"]}),
     ],
 )
@@ -96,19 +105,23 @@ def test_configs_are_bounded(kind: str, config: dict) -> None:
 EVERY_FLAG = {
     "tokenizer": {"vocab_size": 4096, "max_chars": 20_000, "doc_cap": 500},
     "base_train": {
-        "depth": 4, "head_dim": 64, "window_pattern": "SSL", "target_param_data_ratio": 8.0,
-        "eval_tokens": 4096,
-        "core_metric_every": -1, "core_metric_max_per_task": 10, "sample_every": 0, "num_iterations": 3,
-        "device_batch_size": 2, "eval_every": 5, "save_every": 7, "keep_checkpoints": 2, "resume": True,
-        "seed": 3, "total_batch_size": 1024, "max_seq_len": 128, "compile": False, "dtype": "float32",
+        "depth": 4, "head_dim": 64, "aspect_ratio": 32, "n_kv_head": 1, "window_pattern": "SSL",
+        "value_embeds": False, "smear": False, "backout": False, "softcap": 30.0, "rope_base": 10_000.0,
+        "qk_scale": 1.0, "split_docs": True, "target_param_data_ratio": 8.0, "matrix_lr": 0.03,
+        "embedding_lr": 0.2, "unembedding_lr": 0.004, "scalar_lr": 0.4, "weight_decay": 0.1,
+        "weight_decay_horizon": "trained", "warmup_steps": 5, "warmdown_ratio": 0.5, "final_lr_frac": 0.0,
+        "eval_tokens": 4096, "core_metric_every": -1, "core_metric_max_per_task": 10, "sample_every": -1,
+        "num_iterations": 3, "device_batch_size": 2, "eval_every": -1, "save_every": 7, "keep_checkpoints": 0,
+        "resume": True, "seed": 3, "total_batch_size": 1024, "max_seq_len": 128, "compile": False,
+        "dtype": "float32",
     },
     "mid_train": {
         "source": "base", "source_run": "other", "source_step": 5, "matrix_lr": 0.01, "embedding_lr": 0.2,
         "unembedding_lr": 0.004, "scalar_lr": 0.5, "init_lr_frac": 0.5, "warmup_ratio": 0.1,
         "warmdown_ratio": 0.3, "final_lr_frac": 0.1, "load_optimizer": False, "eval_tokens": 4096,
-        "chatcore_every": 10, "chatcore_max_cat": 5, "chatcore_max_sample": 3, "num_iterations": 3,
+        "chatcore_every": 10, "chatcore_max_cat": 5, "chatcore_max_sample": -1, "num_iterations": 3,
         "mixture": "mixtures/mine.yaml",
-        "device_batch_size": 2, "eval_every": 5, "save_every": 7, "keep_checkpoints": 2, "resume": True,
+        "device_batch_size": 2, "eval_every": 5, "save_every": -1, "keep_checkpoints": 2, "resume": True,
         "seed": 3, "total_batch_size": 1024, "max_seq_len": 128, "compile": True, "dtype": "bfloat16",
     },
     "chat_rl": {
@@ -119,8 +132,8 @@ EVERY_FLAG = {
         "embedding_lr": 0.2, "unembedding_lr": 0.004, "scalar_lr": 0.5,
     },
     "base_eval": {
-        "step": 5, "eval": "core,bpb", "max_per_task": 5, "split_tokens": 4096, "device_batch_size": 4,
-        "dtype": "bfloat16",
+        "step": 5, "eval": "core,bpb", "max_per_task": 5, "core_tasks": "core_offline.yaml",
+        "split_tokens": 4096, "device_batch_size": 4, "dtype": "bfloat16",
     },
     "chat_eval": {
         "source": "rl", "step": 5, "task_name": "ARC-Easy|GSM8K", "max_problems": 5, "batch_size": 4,
@@ -138,8 +151,64 @@ def program_parser(kind: str) -> argparse.ArgumentParser:
     return importlib.import_module(program).parser
 
 
+def program_flags(kind: str) -> dict[str, argparse.Action]:
+    """The program's flags by name, but --help and those a job does not set."""
+    actions = program_parser(kind)._actions
+    return {a.dest: a for a in actions if a.dest != "help" and a.dest not in FLAGS_NOT_EXPOSED}
+
+
+def config_class(kind: str) -> type[BaseModel]:
+    return type(JOB_SPEC.validate_python({"kind": kind}).config)
+
+
+def accepted(field_schema: dict) -> dict:
+    """A field's JSON Schema for the values it takes besides null (unset: the program's default)."""
+    (values,) = [
+        option for option in field_schema.get("anyOf", [field_schema]) if option.get("type") != "null"
+    ]
+    return values
+
+
 @pytest.mark.parametrize("kind", sorted(EVERY_FLAG))
-def test_every_config_field_is_the_programs_flag_of_that_name(kind: str) -> None:
+def test_every_flag_of_the_program_is_a_config_field_of_its_type_bounds_and_default(kind: str) -> None:
+    flags, config = program_flags(kind), config_class(kind)
+    fields = config.model_json_schema()["properties"]
+    assert set(flags) == set(fields) - RunnerOptions.RUNNER_FIELDS
+    for name, action in flags.items():
+        field = accepted(fields[name])
+        if isinstance(action, argparse._StoreTrueAction | argparse.BooleanOptionalAction):
+            assert field["type"] == "boolean", name
+        elif action.choices is not None:
+            assert field["enum"] == list(action.choices), name
+        elif isinstance(action.type, Bounded):
+            assert field["type"] == {int: "integer", float: "number"}[action.type.kind], name
+            program_bounds = (action.type.minimum, action.type.maximum, action.type.exclusive_minimum, None)
+            bounds = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+            assert tuple(field.get(bound) for bound in bounds) == program_bounds, name
+        elif action.type is run_name:
+            assert field["pattern"] == RUN_NAME_PATTERN.pattern, name
+        else:
+            assert action.type is None and field["type"] == "string", (
+                f"{name} takes an unbounded {action.type}"
+            )
+        if not action.required and action.default is not None:
+            config.model_validate({name: action.default})  # the program's default is a value the API takes
+
+
+@pytest.mark.parametrize("kind", sorted(EVERY_FLAG))
+def test_a_switch_set_either_way_reaches_the_program(kind: str) -> None:
+    """False goes as --no-flag where the program defaults to on, and as nothing to a store_true flag."""
+    fields = config_class(kind).model_json_schema()["properties"]
+    switches = [name for name, field in fields.items() if accepted(field).get("type") == "boolean"]
+    parser = program_parser(kind)
+    for name in switches:
+        for value in (True, False):
+            spec = JOB_SPEC.validate_python({"kind": kind, "run": "r", "config": {name: value}})
+            assert getattr(parser.parse_args(spec.arguments()), name) is value, (name, value)
+
+
+@pytest.mark.parametrize("kind", sorted(EVERY_FLAG))
+def test_a_spec_with_every_field_set_parses_back_through_the_program_to_the_same_values(kind: str) -> None:
     spec = JOB_SPEC.validate_python({"kind": kind, "run": "r", "config": EVERY_FLAG[kind]})
     runner_fields = RunnerOptions.RUNNER_FIELDS
     assert set(EVERY_FLAG[kind]) == set(type(spec.config).model_fields) - runner_fields, "a field is untested"

@@ -235,6 +235,22 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_from_it(
     assert checkpoint.list_steps(out)[-1] > first
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--depth", "0"], "argument --depth: 0 is out of range: expected ≥ 1 and ≤ 64"),
+        (["--softcap", "0"], "argument --softcap: 0 is out of range: expected > 0 and ≤ 1000"),
+        (["--eval-every", "-2"], "argument --eval-every: -2 is out of range: expected ≥ -1 and ≤ 10000000"),
+        (["--matrix-lr", "fast"], "argument --matrix-lr: invalid float value: 'fast'"),
+    ],
+)
+def test_a_flag_out_of_its_bounds_is_refused_with_them(argv: list[str], message: str, capsys) -> None:
+    """The same bounds as the API's (tests/jobs/test_specs.py), so both refuse the same runs."""
+    with pytest.raises(SystemExit) as exit_info:
+        base_train.parser.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_optimizer_groups_scale_every_lr_by_the_batch_but_smear_and_backout() -> None:
     torch.manual_seed(0)
     model = GPT(scaling.model_config(4, vocab_size=8192, sequence_len=512, head_dim=64))

@@ -1,8 +1,10 @@
 """
 What a client may ask for: one pydantic model per job kind, unknown fields forbidden and every value
 bounded, so a bad request is refused with the field's name before anything reaches the queue. A spec
-also knows the trainer program that runs it; each config field is that program's flag of the same name,
-except the runner's own options (retries, time limit, processes, nodes), which never reach the program.
+also knows the trainer program that runs it. Each config field is that program's flag of the same name,
+type and bounds (the programs bound their flags with trainer.common.Bounded; tests/jobs/test_specs.py
+checks the two agree), except the runner's own options (retries, time limit, processes, nodes), which
+never reach the program; the few flags a job cannot set are in FLAGS_NOT_EXPOSED with the reason.
 """
 
 from dataclasses import dataclass
@@ -13,8 +15,32 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 # Same rule as the trainer's --run: a run name is one safe path component.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 RunName = Annotated[str, Field(pattern=NAME_PATTERN, description="run folder name")]
-Dtype = Literal["bfloat16", "float16", "float32"]
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 ChatStage = Literal["mid", "sft", "rl"]
+
+# The programs' flags that no job sets, and why. Every other flag is a config field.
+FLAGS_NOT_EXPOSED = {
+    "run": "the spec's own `run` field",
+    "device": "the worker decides: the GPUs it was given, else the CPU",
+    "resume_from_step": "a retry continues from the latest checkpoint (`resume`); a fixed step would send "
+    "every retry back to it",
+}
+
+# Bounds several flags share, under the names trainer/common.py gives them.
+MAX_STEPS = 10_000_000
+StepCount = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+EveryNSteps = Annotated[int, Field(ge=-1, le=MAX_STEPS)]  # 0 or -1 (nanochat's spelling): off
+LearningRate = Annotated[float, Field(ge=0, le=10)]  # 0 freezes the group
+Fraction = Annotated[float, Field(ge=0, le=1)]
+BatchSize = Annotated[int, Field(ge=1, le=4096)]  # rows per forward pass
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+CheckpointStep = Annotated[int, Field(ge=0)]
+EvalTokens = Annotated[int, Field(ge=1, le=2**34)]
+PerTask = Annotated[int, Field(ge=-1, le=1_000_000)]  # problems evaluated per task; -1 (or 0): all
+Samples = Annotated[int, Field(ge=1, le=1024)]  # replies per question
+NewTokens = Annotated[int, Field(ge=1, le=65536)]  # tokens per reply
+Temperature = Annotated[float, Field(ge=0, le=10)]  # 0: greedy
+TopK = Annotated[int, Field(ge=1, le=1_000_000)]
 
 
 class StrictModel(BaseModel):
@@ -54,20 +80,24 @@ class ModelProgramOptions(RunnerOptions):
         "meet in torchrun's c10d rendezvous and need the runs folder on shared storage",
     )
     dtype: Dtype | None = Field(
-        default=None, description="compute dtype (default: bf16 on recent GPUs, else fp32)"
+        default=None, description="compute dtype (default auto: bfloat16 on recent GPUs, else float32)"
     )
 
 
 class StepFlags(ModelProgramOptions):
     """Flags of every training program (base, mid, SFT, RL)."""
 
-    num_iterations: int | None = Field(default=None, ge=1, le=10_000_000, description="optimizer steps")
-    device_batch_size: int | None = Field(default=None, ge=1, le=4096, description="rows per forward pass")
-    eval_every: int | None = Field(default=None, ge=0, le=10_000_000, description="steps between evals")
-    save_every: int | None = Field(default=None, ge=0, le=10_000_000, description="steps between checkpoints")
-    keep_checkpoints: int | None = Field(default=None, ge=1, le=1000, description="checkpoints kept")
+    num_iterations: StepCount | None = Field(default=None, description="optimizer steps (default: derived)")
+    device_batch_size: BatchSize | None = Field(default=None, description="rows per forward pass")
+    eval_every: EveryNSteps | None = Field(
+        default=None, description="steps between evals (one runs at the end too), -1: only at the end"
+    )
+    save_every: EveryNSteps | None = Field(
+        default=None, description="steps between checkpoints (one at the end too), -1: only at the end"
+    )
+    keep_checkpoints: int | None = Field(default=None, ge=0, le=1000, description="checkpoints kept, 0: all")
     resume: bool = Field(default=False, description="continue from the run's latest checkpoint")
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    seed: Seed | None = None
 
 
 class TrainingFlags(StepFlags):
@@ -80,16 +110,21 @@ class TrainingFlags(StepFlags):
     compile: bool | None = Field(default=None, description="torch.compile (default: on for CUDA)")
 
 
-class ChatSourceFlags(StrictModel):
-    """Where a chat stage starts from, and its LRs (default: the source run's)."""
+class LearningRates(StrictModel):
+    """The recipe's LRs before batch scaling (base_train: 0.02, 0.3, 0.008, 0.5; the chat stages: the
+    source run's)."""
 
-    source: ChatStage | Literal["base"] | None = Field(default=None, description="stage to start from")
+    matrix_lr: LearningRate | None = Field(default=None, description="Muon LR of the matrices")
+    embedding_lr: LearningRate | None = Field(default=None, description="AdamW LR of the token embeddings")
+    unembedding_lr: LearningRate | None = Field(default=None, description="AdamW LR of the lm_head")
+    scalar_lr: LearningRate | None = Field(default=None, description="AdamW LR of the per-layer scalars")
+
+
+class ChatSourceFlags(LearningRates):
+    """Where a chat stage starts from (its `source` stage is each config's own), and its LR fraction."""
+
     source_run: RunName | None = Field(default=None, description="run to start from (default: this run)")
-    source_step: int | None = Field(default=None, ge=0, description="its checkpoint (default: latest)")
-    matrix_lr: float | None = Field(default=None, gt=0, le=10)
-    embedding_lr: float | None = Field(default=None, gt=0, le=10)
-    unembedding_lr: float | None = Field(default=None, gt=0, le=10)
-    scalar_lr: float | None = Field(default=None, gt=0, le=10)
+    source_step: CheckpointStep | None = Field(default=None, description="its checkpoint (default: latest)")
     init_lr_frac: float | None = Field(default=None, gt=0, le=10, description="LR × the source's")
 
 
@@ -105,26 +140,76 @@ class TokenizerConfig(RunnerOptions):
     )
 
 
-class BaseTrainConfig(TrainingFlags):
-    """The base_train flags a job may set; unset ones take the program's defaults (derived from depth)."""
+class BaseTrainConfig(LearningRates, TrainingFlags):
+    """The base_train flags; unset ones take the program's defaults (some derived from depth)."""
 
     depth: int = Field(default=12, ge=1, le=64, description="transformer layers: the one dial")
-    head_dim: int | None = Field(default=None, ge=16, le=256, description="channels per attention head")
-    window_pattern: str | None = Field(default=None, pattern=r"^[SLsl]{1,16}$", description="e.g. SSSL")
+    head_dim: int | None = Field(
+        default=None, ge=16, le=256, description="channels per attention head (default: 128)"
+    )
+    aspect_ratio: int | None = Field(
+        default=None, ge=1, le=1024, description="width = aspect ratio × depth (default: 64)"
+    )
+    n_kv_head: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="key/value heads for GQA, a divisor of the heads (default: all)",
+    )
+    window_pattern: str | None = Field(
+        default=None,
+        pattern=r"^[SLsl]{1,16}$",
+        description="windows over layers, S=¼ context, L=full (default: SSSL)",
+    )
+    value_embeds: bool | None = Field(
+        default=None, description="value embeddings on alternating layers (default: on)"
+    )
+    smear: bool | None = Field(
+        default=None, description="gated mix of the previous token's embedding (default: on)"
+    )
+    backout: bool | None = Field(default=None, description="subtract the mid-network residual (default: on)")
+    softcap: float | None = Field(default=None, gt=0, le=1000, description="logit soft-cap (default: 15)")
+    rope_base: float | None = Field(default=None, gt=1, le=1e9, description="rotary base (default: 100,000)")
+    qk_scale: float | None = Field(
+        default=None, gt=0, le=100, description="q and k scale after QK-norm (default: 1.2)"
+    )
+    split_docs: bool | None = Field(
+        default=None, description="long documents as row-sized chunks instead of cropped (default: off)"
+    )
     target_param_data_ratio: float | None = Field(
-        default=None, gt=0, le=1000, description="tokens per parameter"
+        default=None, gt=0, le=1000, description="tokens per parameter (default: 10.5)"
     )
-    eval_tokens: int | None = Field(default=None, ge=1, le=2**34, description="val tokens per bpb eval")
-    core_metric_every: int | None = Field(
-        default=None, ge=-1, description="steps between CORE evals, -1: off"
+    weight_decay: float | None = Field(
+        default=None, ge=0, le=10, description="Muon weight decay (default: derived)"
     )
-    core_metric_max_per_task: int | None = Field(default=None, ge=-1, le=1_000_000)
-    sample_every: int | None = Field(default=None, ge=0)
+    weight_decay_horizon: Literal["planned", "trained"] | None = Field(
+        default=None, description="tokens in the derived weight decay's D (default: planned)"
+    )
+    warmup_steps: int | None = Field(
+        default=None, ge=0, le=MAX_STEPS, description="LR warm-up steps (default: 40)"
+    )
+    warmdown_ratio: Fraction | None = Field(
+        default=None, description="share of steps in warm-down (default: 0.65)"
+    )
+    final_lr_frac: Fraction | None = Field(default=None, description="LR at the end, × peak (default: 0.05)")
+    eval_tokens: EvalTokens | None = Field(default=None, description="val tokens per bpb eval")
+    core_metric_every: EveryNSteps | None = Field(
+        default=None, description="steps between CORE evals (and at the end), -1: off"
+    )
+    core_metric_max_per_task: PerTask | None = Field(
+        default=None, description="CORE examples per task, -1: all"
+    )
+    sample_every: EveryNSteps | None = Field(
+        default=None, description="steps between samples (one at the end too), -1: only at the end"
+    )
 
 
 class SupervisedConfig(TrainingFlags, ChatSourceFlags):
     """mid_train and chat_sft."""
 
+    source: Literal["base", "mid", "sft"] | None = Field(
+        default=None, description="stage to start from (default: the stage before)"
+    )
     mixture: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9._/-]{1,200}\.ya?ml$",
@@ -138,46 +223,56 @@ class SupervisedConfig(TrainingFlags, ChatSourceFlags):
             raise ValueError("must be a path inside the base dir: relative, without '..'")
         return path
 
-    warmup_ratio: float | None = Field(default=None, ge=0, le=1)
-    warmdown_ratio: float | None = Field(default=None, ge=0, le=1)
-    final_lr_frac: float | None = Field(default=None, ge=0, le=1)
+    warmup_ratio: Fraction | None = Field(default=None, description="share of the run in LR warm-up")
+    warmdown_ratio: Fraction | None = Field(default=None, description="share of the run in warm-down")
+    final_lr_frac: Fraction | None = Field(default=None, description="LR at the end, × peak")
     load_optimizer: bool | None = Field(default=None, description="start from the source's momentum")
-    eval_tokens: int | None = Field(default=None, ge=1, le=2**34, description="val tokens per bpb eval")
-    chatcore_every: int | None = Field(
-        default=None, ge=-1, description="steps between ChatCORE evals, -1: off"
+    eval_tokens: EvalTokens | None = Field(default=None, description="val tokens per bpb eval")
+    chatcore_every: EveryNSteps | None = Field(
+        default=None, description="steps between ChatCORE evals (and at the end), -1: off"
     )
-    chatcore_max_cat: int | None = Field(default=None, ge=-1, le=1_000_000)
-    chatcore_max_sample: int | None = Field(default=None, ge=1, le=1_000_000)
+    chatcore_max_cat: PerTask | None = Field(default=None, description="problems per choice task, -1: all")
+    chatcore_max_sample: PerTask | None = Field(
+        default=None, description="problems per generative task, -1: all"
+    )
 
 
 class ChatRLConfig(StepFlags, ChatSourceFlags):
+    source: Literal["mid", "sft"] | None = Field(
+        default=None, description="stage to start from (default: the stage before)"
+    )
     num_epochs: int | None = Field(default=None, ge=1, le=1000, description="passes over GSM8K train")
-    examples_per_step: int | None = Field(default=None, ge=1, le=4096)
-    num_samples: int | None = Field(default=None, ge=1, le=1024, description="replies per question")
-    max_new_tokens: int | None = Field(default=None, ge=1, le=65536)
-    temperature: float | None = Field(default=None, ge=0, le=10)
-    top_k: int | None = Field(default=None, ge=1, le=1_000_000)
-    eval_examples: int | None = Field(default=None, ge=1, le=100_000)
+    examples_per_step: BatchSize | None = Field(default=None, description="questions per step")
+    num_samples: Samples | None = Field(default=None, description="replies per question")
+    max_new_tokens: NewTokens | None = None
+    temperature: Temperature | None = None
+    top_k: TopK | None = None
+    eval_examples: int | None = Field(default=None, ge=1, le=100_000, description="test questions per eval")
 
 
 class BaseEvalConfig(ModelProgramOptions):
-    step: int | None = Field(default=None, ge=0, description="checkpoint (default: latest)")
+    step: CheckpointStep | None = Field(default=None, description="checkpoint (default: latest)")
     eval: str | None = Field(default=None, pattern=r"^(core|bpb|sample)(,(core|bpb|sample))*$")
-    max_per_task: int | None = Field(default=None, ge=-1, le=1_000_000, description="CORE examples per task")
-    split_tokens: int | None = Field(default=None, ge=1, le=2**34, description="tokens per split for bpb")
-    device_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    max_per_task: PerTask | None = Field(default=None, description="CORE examples per task, -1: all")
+    core_tasks: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.ya?ml$",
+        description="CORE task list in the eval bundle (default: core.yaml)",
+    )
+    split_tokens: EvalTokens | None = Field(default=None, description="tokens per split for bpb")
+    device_batch_size: BatchSize | None = None
 
 
 class ChatEvalConfig(ModelProgramOptions):
     source: ChatStage = Field(default="sft", description="which stage's model")
-    step: int | None = Field(default=None, ge=0, description="checkpoint (default: latest)")
+    step: CheckpointStep | None = Field(default=None, description="checkpoint (default: latest)")
     task_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]+(\|[A-Za-z0-9-]+)*$")
     max_problems: int | None = Field(default=None, ge=1, le=1_000_000, description="first N per task")
-    batch_size: int | None = Field(default=None, ge=1, le=4096)
-    num_samples: int | None = Field(default=None, ge=1, le=1024)
-    max_new_tokens: int | None = Field(default=None, ge=1, le=65536)
-    temperature: float | None = Field(default=None, ge=0, le=10)
-    top_k: int | None = Field(default=None, ge=1, le=1_000_000)
+    batch_size: BatchSize | None = None
+    num_samples: Samples | None = None
+    max_new_tokens: NewTokens | None = None
+    temperature: Temperature | None = None
+    top_k: TopK | None = None
 
 
 class JobSpec(StrictModel):
@@ -349,13 +444,14 @@ class PipelineJob(JobSpec):
             if kind in config.skip:
                 continue
             stage_config = getattr(config, kind)
-            if kind in ("mid_train", "chat_sft", "chat_rl") and stage_config.source is None:
-                stage_config = stage_config.model_copy(update={"source": latest_chat})
             if kind == "chat_eval" and stage_config is None:
                 if latest_chat == "base":
                     continue  # no chat model to evaluate
                 stage_config = ChatEvalConfig(source=latest_chat)
-            chosen.append(JOB_SPEC.validate_python({"kind": kind, "run": self.run, "config": stage_config}))
+            values = stage_config.model_dump()
+            if kind in ("mid_train", "chat_sft", "chat_rl") and values["source"] is None:
+                values["source"] = latest_chat  # validated: chat_rl cannot start from base
+            chosen.append(JOB_SPEC.validate_python({"kind": kind, "run": self.run, "config": values}))
             latest_chat = {"mid_train": "mid", "chat_sft": "sft", "chat_rl": "rl"}.get(kind, latest_chat)
         return chosen
 

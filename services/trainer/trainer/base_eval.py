@@ -15,7 +15,15 @@ import torch
 
 from trainer import checkpoint, core_eval, dataset, task_data
 from trainer.base_train import PHASE, SAMPLE_PROMPTS
-from trainer.common import add_run_flag, print0, print_banner
+from trainer.common import (
+    BATCH_SIZE,
+    CHECKPOINT_STEP,
+    EVAL_TOKENS,
+    PER_TASK,
+    add_run_flag,
+    print0,
+    print_banner,
+)
 from trainer.dataloader import PackingLoader
 from trainer.engine import Engine
 from trainer.gpt import GPT
@@ -29,15 +37,17 @@ EVALS = ("core", "bpb", "sample")
 
 parser = argparse.ArgumentParser(description="CORE, bits per byte and samples of a base model.")
 add_run_flag(parser)
-parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+parser.add_argument(
+    "--step", type=CHECKPOINT_STEP, default=None, help="checkpoint step (default: the latest)"
+)
 parser.add_argument(
     "--eval", default="core,bpb,sample", help="comma-separated: core, bpb, sample (default: all)"
 )
 parser.add_argument(
     "--max-per-task",
-    type=int,
+    type=PER_TASK,
     default=-1,
-    help="CORE examples per task, after the seeded shuffle (default: all)",
+    help="CORE examples per task, after the seeded shuffle, -1: all (default: -1)",
 )
 parser.add_argument(
     "--core-tasks",
@@ -46,9 +56,14 @@ parser.add_argument(
     "(default: core.yaml)",
 )
 parser.add_argument(
-    "--split-tokens", type=int, default=40 * 2**19, help="tokens per split for bpb (default: 20M)"
+    "--split-tokens",
+    type=EVAL_TOKENS,
+    default=40 * 2**19,
+    help="tokens per split for bpb (default: 20M)",
 )
-parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per bpb batch (default: 32)")
+parser.add_argument(
+    "--device-batch-size", type=BATCH_SIZE, default=32, help="sequences per bpb batch (default: 32)"
+)
 add_runtime_flags(parser)
 
 

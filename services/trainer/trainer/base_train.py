@@ -19,7 +19,18 @@ from statistics import median
 import torch
 
 from trainer import checkpoint, core_eval, dataset, scaling, task_data, training
-from trainer.common import add_run_flag, print0, progress_bar
+from trainer.common import (
+    EVAL_TOKENS,
+    EVERY_N_STEPS,
+    FRACTION,
+    LEARNING_RATE,
+    MAX_STEPS,
+    PER_TASK,
+    Bounded,
+    add_run_flag,
+    print0,
+    progress_bar,
+)
 from trainer.dataloader import PackingLoader
 from trainer.engine import Engine
 from trainer.gpt import GPT, GPTConfig
@@ -62,10 +73,24 @@ SAMPLE_PROMPTS = [
 parser = argparse.ArgumentParser(description="Pretrain a GPT of the given depth on the pretraining shards.")
 add_run_flag(parser)
 group = parser.add_argument_group("Model")
-group.add_argument("--depth", type=int, default=12, help="transformer layers: the one dial (default: 12)")
-group.add_argument("--head-dim", type=int, default=128, help="channels per attention head (default: 128)")
-group.add_argument("--aspect-ratio", type=int, default=64, help="width = aspect ratio × depth (default: 64)")
-group.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: = heads)")
+group.add_argument(
+    "--depth", type=Bounded(int, 1, 64), default=12, help="transformer layers: the one dial (default: 12)"
+)
+group.add_argument(
+    "--head-dim", type=Bounded(int, 16, 256), default=128, help="channels per attention head (default: 128)"
+)
+group.add_argument(
+    "--aspect-ratio",
+    type=Bounded(int, 1, 1024),
+    default=64,
+    help="width = aspect ratio × depth (default: 64)",
+)
+group.add_argument(
+    "--n-kv-head",
+    type=Bounded(int, 1, 1024),
+    default=None,
+    help="key/value heads for GQA, a divisor of the heads (default: = heads)",
+)
 group.add_argument(
     "--window-pattern",
     default="SSSL",
@@ -79,9 +104,24 @@ group.add_argument("--smear", action=switch, default=True, help="gated mix of th
 group.add_argument(
     "--backout", action=switch, default=True, help="subtract the mid-network residual before the head"
 )
-group.add_argument("--softcap", type=float, default=15.0, help="logit soft-cap 15·tanh(z/15) (default: 15)")
-group.add_argument("--rope-base", type=float, default=100_000.0, help="rotary base (default: 100,000)")
-group.add_argument("--qk-scale", type=float, default=1.2, help="q and k scale after QK-norm (default: 1.2)")
+group.add_argument(
+    "--softcap",
+    type=Bounded(float, maximum=1000, exclusive_minimum=0),
+    default=15.0,
+    help="logit soft-cap 15·tanh(z/15) (default: 15)",
+)
+group.add_argument(
+    "--rope-base",
+    type=Bounded(float, maximum=1e9, exclusive_minimum=1),
+    default=100_000.0,
+    help="rotary base (default: 100,000)",
+)
+group.add_argument(
+    "--qk-scale",
+    type=Bounded(float, maximum=100, exclusive_minimum=0),
+    default=1.2,
+    help="q and k scale after QK-norm (default: 1.2)",
+)
 group = parser.add_argument_group("Data")
 group.add_argument(
     "--split-docs",
@@ -92,19 +132,27 @@ group.add_argument(
 group = parser.add_argument_group("Horizon")
 group.add_argument(
     "--target-param-data-ratio",
-    type=float,
+    type=Bounded(float, maximum=1000, exclusive_minimum=0),
     default=10.5,
     help="planned tokens per scaling parameter: sets batch size and weight decay, and the steps unless "
     "--num-iterations is given (default: 10.5)",
 )
 group = parser.add_argument_group("Optimization")
 group.add_argument(
-    "--matrix-lr", type=float, default=0.02, help="Muon LR before batch scaling (default: 0.02)"
+    "--matrix-lr", type=LEARNING_RATE, default=0.02, help="Muon LR before batch scaling (default: 0.02)"
 )
-group.add_argument("--embedding-lr", type=float, default=0.3, help="token embedding AdamW LR (default: 0.3)")
-group.add_argument("--unembedding-lr", type=float, default=0.008, help="lm_head AdamW LR (default: 0.008)")
-group.add_argument("--scalar-lr", type=float, default=0.5, help="per-layer scalar AdamW LR (default: 0.5)")
-group.add_argument("--weight-decay", type=float, default=None, help="Muon weight decay (default: derived)")
+group.add_argument(
+    "--embedding-lr", type=LEARNING_RATE, default=0.3, help="token embedding AdamW LR (default: 0.3)"
+)
+group.add_argument(
+    "--unembedding-lr", type=LEARNING_RATE, default=0.008, help="lm_head AdamW LR (default: 0.008)"
+)
+group.add_argument(
+    "--scalar-lr", type=LEARNING_RATE, default=0.5, help="per-layer scalar AdamW LR (default: 0.5)"
+)
+group.add_argument(
+    "--weight-decay", type=Bounded(float, 0, 10), default=None, help="Muon weight decay (default: derived)"
+)
 group.add_argument(
     "--weight-decay-horizon",
     choices=["planned", "trained"],
@@ -112,23 +160,42 @@ group.add_argument(
     help="tokens in the derived weight decay's D: the planned horizon (the reference) or the tokens this "
     "run trains on (default: planned)",
 )
-group.add_argument("--warmup-steps", type=int, default=40, help="linear LR warm-up steps (default: 40)")
 group.add_argument(
-    "--warmdown-ratio", type=float, default=0.65, help="share of steps in warm-down (default: 0.65)"
+    "--warmup-steps",
+    type=Bounded(int, 0, MAX_STEPS),
+    default=40,
+    help="linear LR warm-up steps (default: 40)",
 )
-group.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end, × peak (default: 0.05)")
+group.add_argument(
+    "--warmdown-ratio", type=FRACTION, default=0.65, help="share of steps in warm-down (default: 0.65)"
+)
+group.add_argument(
+    "--final-lr-frac", type=FRACTION, default=0.05, help="LR at the end, × peak (default: 0.05)"
+)
 group = parser.add_argument_group("Evaluation")
 group.add_argument(
-    "--eval-tokens", type=int, default=20 * 2**19, help="val tokens per bpb evaluation (default: 10.5M)"
+    "--eval-tokens",
+    type=EVAL_TOKENS,
+    default=20 * 2**19,
+    help="val tokens per bpb evaluation (default: 10.5M)",
 )
 group.add_argument(
     "--core-metric-every",
-    type=int,
+    type=EVERY_N_STEPS,
     default=2000,
-    help="steps between CORE evaluations, -1: off (default: 2000)",
+    help="steps between CORE evaluations (and one at the end), -1: off (default: 2000)",
 )
 group.add_argument(
-    "--core-metric-max-per-task", type=int, default=500, help="CORE examples per task (default: 500)"
+    "--core-metric-max-per-task",
+    type=PER_TASK,
+    default=500,
+    help="CORE examples per task, -1: all (default: 500)",
+)
+group.add_argument(
+    "--sample-every",
+    type=EVERY_N_STEPS,
+    default=2000,
+    help="steps between samples (taken at the end too), -1: only at the end (default: 2000)",
 )
 add_training_flags(parser)
 

@@ -23,7 +23,19 @@ import torch.distributed as dist
 
 from trainer import checkpoint
 from trainer.chat_format import render_for_completion
-from trainer.common import add_run_flag, print0, print_banner, progress_bar
+from trainer.common import (
+    BATCH_SIZE,
+    CHECKPOINT_STEP,
+    NEW_TOKENS,
+    SAMPLES,
+    TEMPERATURE,
+    TOP_K,
+    Bounded,
+    add_run_flag,
+    print0,
+    print_banner,
+    progress_bar,
+)
 from trainer.engine import Engine
 from trainer.gpt import GPT
 from trainer.report import write_section
@@ -39,23 +51,33 @@ parser = argparse.ArgumentParser(
 )
 add_run_flag(parser)
 parser.add_argument("-i", "--source", choices=STAGES, required=True, help="which stage's model")
-parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+parser.add_argument(
+    "--step", type=CHECKPOINT_STEP, default=None, help="checkpoint step (default: the latest)"
+)
 parser.add_argument(
     "-a", "--task-name", default=None, help=f"tasks separated by '|' (default: all of {'|'.join(CHAT_TASKS)})"
 )
 parser.add_argument(
-    "-x", "--max-problems", type=int, default=None, help="first N problems per task (default: all)"
+    "-x",
+    "--max-problems",
+    type=Bounded(int, 1, 1_000_000),
+    default=None,
+    help="first N problems per task (default: all)",
 )
 parser.add_argument(
-    "-b", "--batch-size", type=int, default=8, help="problems per categorical batch (default: 8)"
+    "-b", "--batch-size", type=BATCH_SIZE, default=8, help="problems per categorical batch (default: 8)"
 )
 parser.add_argument(
-    "-n", "--num-samples", type=int, default=1, help="replies per generative problem (default: 1)"
+    "-n", "--num-samples", type=SAMPLES, default=1, help="replies per generative problem (default: 1)"
 )
-parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="tokens per reply (default: 512)")
-parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (default: 0)")
 parser.add_argument(
-    "-k", "--top-k", type=int, default=50, help="sample from the k likeliest tokens (default: 50)"
+    "-m", "--max-new-tokens", type=NEW_TOKENS, default=512, help="tokens per reply (default: 512)"
+)
+parser.add_argument(
+    "-t", "--temperature", type=TEMPERATURE, default=0.0, help="sampling temperature (default: 0)"
+)
+parser.add_argument(
+    "-k", "--top-k", type=TOP_K, default=50, help="sample from the k likeliest tokens (default: 50)"
 )
 add_runtime_flags(parser)
 

@@ -24,11 +24,24 @@ import torch
 
 from trainer import checkpoint, training
 from trainer.chat_format import render_for_completion
-from trainer.common import add_run_flag, print0, progress_bar
+from trainer.common import (
+    BATCH_SIZE,
+    EVERY_N_STEPS,
+    NEW_TOKENS,
+    SAMPLES,
+    SEED,
+    STEP_COUNT,
+    TEMPERATURE,
+    TOP_K,
+    Bounded,
+    add_run_flag,
+    print0,
+    progress_bar,
+)
 from trainer.engine import Engine
 from trainer.gpt import GPT
 from trainer.report import write_section
-from trainer.runtime import Runtime, StopRequest, add_runtime_flags, init_wandb
+from trainer.runtime import Runtime, StopRequest, add_checkpoint_flags, add_runtime_flags, init_wandb
 from trainer.settings import TrainerSettings
 from trainer.tasks import Task, gsm8k
 from trainer.tokenizer import Tokenizer
@@ -38,32 +51,41 @@ parser = argparse.ArgumentParser(description="Reinforcement learning on GSM8K.")
 add_run_flag(parser)
 training.add_source_flags(parser, "sft", ("mid", "sft"))
 group = parser.add_argument_group("Rollouts")
-group.add_argument("--num-epochs", type=int, default=1, help="passes over GSM8K train (default: 1)")
 group.add_argument(
-    "--num-iterations", type=int, default=None, help="optimizer steps (default: the epochs' worth)"
+    "--num-epochs", type=Bounded(int, 1, 1000), default=1, help="passes over GSM8K train (default: 1)"
 )
 group.add_argument(
-    "--examples-per-step", type=int, default=16, help="questions per step, all ranks (default: 16)"
+    "--num-iterations", type=STEP_COUNT, default=None, help="optimizer steps (default: the epochs' worth)"
 )
-group.add_argument("--num-samples", type=int, default=16, help="replies sampled per question (default: 16)")
-group.add_argument("--device-batch-size", type=int, default=8, help="replies per forward pass (default: 8)")
-group.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply (default: 256)")
-group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-group.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (default: 50)")
+group.add_argument(
+    "--examples-per-step", type=BATCH_SIZE, default=16, help="questions per step, all ranks (default: 16)"
+)
+group.add_argument(
+    "--num-samples", type=SAMPLES, default=16, help="replies sampled per question (default: 16)"
+)
+group.add_argument(
+    "--device-batch-size", type=BATCH_SIZE, default=8, help="replies per forward pass (default: 8)"
+)
+group.add_argument("--max-new-tokens", type=NEW_TOKENS, default=256, help="tokens per reply (default: 256)")
+group.add_argument("--temperature", type=TEMPERATURE, default=1.0, help="sampling temperature (default: 1.0)")
+group.add_argument("--top-k", type=TOP_K, default=50, help="sample from the k likeliest tokens (default: 50)")
 training.add_lr_flags(parser, init_lr_frac=0.05)
 group = parser.add_argument_group("Evaluation and checkpoints")
 group.add_argument(
-    "--eval-every", type=int, default=60, help="steps between pass@k evaluations (default: 60)"
+    "--eval-every",
+    type=EVERY_N_STEPS,
+    default=60,
+    help="steps between pass@k evaluations (one runs at the end too), -1: only at the end (default: 60)",
 )
 group.add_argument(
-    "--eval-examples", type=int, default=400, help="test questions per evaluation (default: 400)"
+    "--eval-examples",
+    type=Bounded(int, 1, 100_000),
+    default=400,
+    help="test questions per evaluation (default: 400)",
 )
-group.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (default: 60)")
-group.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept (default: last 3)")
-group.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
-group.add_argument("--resume-from-step", type=int, default=None, help="continue from this checkpoint step")
+add_checkpoint_flags(group, save_every=60)
 group = add_runtime_flags(parser)
-group.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
+group.add_argument("--seed", type=SEED, default=42, help="sampling seed (default: 42)")
 
 
 @dataclass
@@ -167,8 +189,6 @@ class RLLoopState(training.LoopState):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
-    if min(args.num_samples, args.device_batch_size, args.examples_per_step) < 1:
-        parser.error("--num-samples, --device-batch-size and --examples-per-step must be ≥ 1")
     return training.run_training("chat_rl", args, train)
 
 

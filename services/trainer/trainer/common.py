@@ -1,4 +1,4 @@
-"""Small helpers every trainer program shares: run names, banners, atomic files, progress bars."""
+"""Small helpers every trainer program shares: flag types, banners, atomic files, progress bars."""
 
 import argparse
 import json
@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,55 @@ def run_name(value: str) -> str:
             f"invalid run name {value!r}: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
         )
     return value
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """argparse type for a number within bounds (None: no bound on that side), named as JSON Schema names
+    them. The API's job configs (services/jobs/jobs/specs.py) bound each flag the same; a test checks it."""
+
+    kind: type[int] | type[float]
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: float | None = None
+
+    def __call__(self, text: str) -> int | float:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {self.kind.__name__} value: {text!r}") from None
+        if not self.admits(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {self.range_text()}")
+        return value
+
+    def admits(self, value: float) -> bool:
+        return (
+            (self.minimum is None or value >= self.minimum)
+            and (self.exclusive_minimum is None or value > self.exclusive_minimum)
+            and (self.maximum is None or value <= self.maximum)
+        )
+
+    def range_text(self) -> str:
+        limits = (("≥", self.minimum), (">", self.exclusive_minimum), ("≤", self.maximum))
+        return " and ".join(f"{sign} {limit}" for sign, limit in limits if limit is not None)
+
+
+# Bounds several flags share (jobs/specs.py has them too, named alike).
+MAX_STEPS = 10_000_000
+STEP_COUNT = Bounded(int, 1, MAX_STEPS)
+EVERY_N_STEPS = Bounded(int, -1, MAX_STEPS)  # 0 or -1 (nanochat's spelling): off
+LEARNING_RATE = Bounded(float, 0, 10)  # 0 freezes the group
+FRACTION = Bounded(float, 0, 1)
+BATCH_SIZE = Bounded(int, 1, 4096)  # rows per forward pass
+SEED = Bounded(int, 0, 2**31 - 1)
+CHECKPOINT_STEP = Bounded(int, 0)
+EVAL_TOKENS = Bounded(int, 1, 2**34)
+PER_TASK = Bounded(int, -1, 1_000_000)  # problems evaluated per task; -1 (or 0): all
+# Sampling replies (chat_rl, chat_eval)
+SAMPLES = Bounded(int, 1, 1024)  # replies per question
+NEW_TOKENS = Bounded(int, 1, 65536)  # tokens per reply
+TEMPERATURE = Bounded(float, 0, 10)  # 0: greedy
+TOP_K = Bounded(int, 1, 1_000_000)
 
 
 def add_run_flag(parser: argparse.ArgumentParser) -> None:

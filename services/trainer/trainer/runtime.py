@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.common import print0
+from trainer.common import BATCH_SIZE, CHECKPOINT_STEP, EVERY_N_STEPS, SEED, STEP_COUNT, Bounded, print0
 from trainer.settings import TrainerSettings
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -43,33 +43,30 @@ GPU_PEAK_FLOPS = {
 
 
 def add_training_flags(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
-    """Flags shared by base, mid, SFT and RL training. With `inherited`, batch flags default to the
+    """Flags shared by base, mid and SFT training. With `inherited`, batch flags default to the
     source checkpoint's (a chat stage trains with the batch its base run used)."""
     group = parser.add_argument_group("Training")
-    group.add_argument("--num-iterations", type=int, default=None, help="optimizer steps (default: derived)")
+    group.add_argument(
+        "--num-iterations", type=STEP_COUNT, default=None, help="optimizer steps (default: derived)"
+    )
 
-    def batch_flag(flag: str, default: int | None, text: str) -> None:
+    def batch_flag(flag: str, bounds: Bounded, default: int | None, text: str) -> None:
         shown = "the source run's" if inherited else (f"{default:,}" if default else "derived")
         group.add_argument(
-            flag, type=int, default=None if inherited else default, help=f"{text} (default: {shown})"
+            flag, type=bounds, default=None if inherited else default, help=f"{text} (default: {shown})"
         )
 
-    batch_flag("--device-batch-size", 32, "sequences per forward pass")
-    batch_flag("--total-batch-size", None, "tokens per optimizer step")
-    batch_flag("--max-seq-len", 2048, "tokens per sequence")
+    batch_flag("--device-batch-size", BATCH_SIZE, 32, "sequences per forward pass")
+    batch_flag("--total-batch-size", Bounded(int, 16, 2**26), None, "tokens per optimizer step")
+    batch_flag("--max-seq-len", Bounded(int, 16, 65536), 2048, "tokens per sequence")
     group = parser.add_argument_group("Evaluation and checkpoints")
     group.add_argument(
-        "--eval-every", type=int, default=250, help="steps between val evaluations (default: 250)"
+        "--eval-every",
+        type=EVERY_N_STEPS,
+        default=250,
+        help="steps between val evaluations (one runs at the end too), -1: only at the end (default: 250)",
     )
-    group.add_argument("--sample-every", type=int, default=2000, help="steps between samples (default: 2000)")
-    group.add_argument(
-        "--save-every", type=int, default=1000, help="steps between checkpoints (default: 1000)"
-    )
-    group.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept (default: last 3)")
-    group.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
-    group.add_argument(
-        "--resume-from-step", type=int, default=None, help="continue from this checkpoint step"
-    )
+    add_checkpoint_flags(group, save_every=1000)
     group = add_runtime_flags(parser)
     group.add_argument(
         "--compile",
@@ -77,7 +74,27 @@ def add_training_flags(parser: argparse.ArgumentParser, inherited: bool = False)
         default=None,
         help="torch.compile the model (default: on for CUDA, off elsewhere)",
     )
-    group.add_argument("--seed", type=int, default=42, help="initialisation and sampling seed (default: 42)")
+    group.add_argument("--seed", type=SEED, default=42, help="initialisation and sampling seed (default: 42)")
+
+
+def add_checkpoint_flags(group: argparse._ArgumentGroup, save_every: int) -> None:
+    """--save-every, --keep-checkpoints and the resume flags of every training program."""
+    group.add_argument(
+        "--save-every",
+        type=EVERY_N_STEPS,
+        default=save_every,
+        help=f"steps between checkpoints (one at the end too), -1: only at the end (default: {save_every})",
+    )
+    group.add_argument(
+        "--keep-checkpoints",
+        type=Bounded(int, 0, 1000),
+        default=3,
+        help="checkpoints kept, 0: all (default: last 3)",
+    )
+    group.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    group.add_argument(
+        "--resume-from-step", type=CHECKPOINT_STEP, default=None, help="continue from this checkpoint step"
+    )
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

@@ -25,7 +25,15 @@ import torch
 from trainer import checkpoint, training
 from trainer.chat_eval import chatcore
 from trainer.chat_eval import evaluate_task as evaluate_chat_task
-from trainer.common import add_run_flag, print0, progress_bar
+from trainer.common import (
+    EVAL_TOKENS,
+    EVERY_N_STEPS,
+    FRACTION,
+    PER_TASK,
+    add_run_flag,
+    print0,
+    progress_bar,
+)
 from trainer.conversation_loader import ConversationLoader
 from trainer.engine import Engine
 from trainer.loss_eval import evaluate_bpb
@@ -80,15 +88,17 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     )
     group = training.add_lr_flags(parser, stage.init_lr_frac)
     group.add_argument(
-        "--warmup-ratio", type=float, default=0.0, help="share of the run in LR warm-up (default: 0)"
+        "--warmup-ratio", type=FRACTION, default=0.0, help="share of the run in LR warm-up (default: 0)"
     )
     group.add_argument(
         "--warmdown-ratio",
-        type=float,
+        type=FRACTION,
         default=stage.warmdown_ratio,
         help=f"share of the run in linear warm-down (default: {stage.warmdown_ratio})",
     )
-    group.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, × peak (default: 0)")
+    group.add_argument(
+        "--final-lr-frac", type=FRACTION, default=0.0, help="LR at the end, × peak (default: 0)"
+    )
     group.add_argument(
         "--load-optimizer",
         action=argparse.BooleanOptionalAction,
@@ -96,22 +106,31 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
         help="start from the source checkpoint's momentum buffers (default: on)",
     )
     add_training_flags(parser, inherited=True)
-    parser.set_defaults(eval_every=stage.eval_every, save_every=500, sample_every=0)
+    parser.set_defaults(eval_every=stage.eval_every, save_every=500)
     group = parser.add_argument_group("Chat evaluation during training")
     group.add_argument(
-        "--eval-tokens", type=int, default=20 * 2**19, help="val tokens per bpb evaluation (default: 10.5M)"
+        "--eval-tokens",
+        type=EVAL_TOKENS,
+        default=20 * 2**19,
+        help="val tokens per bpb evaluation (default: 10.5M)",
     )
     group.add_argument(
         "--chatcore-every",
-        type=int,
+        type=EVERY_N_STEPS,
         default=stage.chatcore_every,
         help=f"steps between ChatCORE evaluations, -1: off (default: {stage.chatcore_every})",
     )
     group.add_argument(
-        "--chatcore-max-cat", type=int, default=-1, help="problems per choice task, -1: all (default: -1)"
+        "--chatcore-max-cat",
+        type=PER_TASK,
+        default=-1,
+        help="problems per choice task, -1: all (default: -1)",
     )
     group.add_argument(
-        "--chatcore-max-sample", type=int, default=24, help="problems per generative task (default: 24)"
+        "--chatcore-max-sample",
+        type=PER_TASK,
+        default=24,
+        help="problems per generative task, -1: all (default: 24)",
     )
     return parser
 
@@ -141,7 +160,7 @@ def evaluate_chatcore(
         name = task.name
         limit = args.chatcore_max_cat if task.eval_type == "categorical" else args.chatcore_max_sample
         options = argparse.Namespace(
-            max_problems=None if limit < 0 else limit,
+            max_problems=limit if limit > 0 else None,  # -1 (or 0, as for CORE): all
             batch_size=batch_size,
             num_samples=1,
             max_new_tokens=256,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from trainer import dataset
-from trainer.common import add_run_flag, print_banner, progress_bar
+from trainer.common import Bounded, add_run_flag, print_banner, progress_bar
 from trainer.report import write_section
 from trainer.settings import TrainerSettings
 from trainer.tokenizer import MIN_VOCAB_SIZE, Tokenizer
@@ -20,20 +20,20 @@ add_run_flag(parser)
 # Tokenizer
 parser.add_argument(
     "--vocab-size",
-    type=int,
+    type=Bounded(int, MIN_VOCAB_SIZE, 2**17),
     default=32768,
-    help=f"vocab size including the 256 byte tokens and the 9 specials (default: 2^15; min {MIN_VOCAB_SIZE})",
+    help="vocab size including the 256 byte tokens and the 9 specials (default: 2^15)",
 )
 # Data
 parser.add_argument(
     "--max-chars",
-    type=int,
+    type=Bounded(int, 10_000, 100_000_000_000),
     default=2_000_000_000,
     help="train on at most this many characters (default: 2B, nanochat's budget)",
 )
 parser.add_argument(
     "--doc-cap",
-    type=int,
+    type=Bounded(int, 100, 1_000_000),
     default=10_000,
     help="crop each document to this many characters so a few huge ones do not dominate (default: 10,000)",
 )
@@ -61,8 +61,6 @@ def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
-    if args.vocab_size < MIN_VOCAB_SIZE:
-        parser.error(f"--vocab-size must be at least {MIN_VOCAB_SIZE}")
     settings = TrainerSettings()
     print_banner("tok_train", args, settings)
     dataset.ensure_shards_for(settings, args.max_chars)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import attention, checkpoint
-from trainer.common import print0, print_banner
+from trainer.common import CHECKPOINT_STEP, LEARNING_RATE, Bounded, print0, print_banner, run_name
 from trainer.gpt import GPT
 from trainer.optim import MuonAdamW
 from trainer.runtime import Runtime, StopRequest, setup_runtime, shutdown
@@ -230,18 +230,22 @@ def add_source_flags(parser: argparse.ArgumentParser, default: str, choices: tup
     group.add_argument(
         "--source", choices=choices, default=default, help=f"the stage to start from (default: {default})"
     )
-    group.add_argument("--source-run", default=None, help="the run to start from (default: --run)")
-    group.add_argument("--source-step", type=int, default=None, help="its checkpoint step (default: latest)")
+    group.add_argument(
+        "--source-run", type=run_name, default=None, help="the run to start from (default: --run)"
+    )
+    group.add_argument(
+        "--source-step", type=CHECKPOINT_STEP, default=None, help="its checkpoint step (default: latest)"
+    )
 
 
 def add_lr_flags(parser: argparse.ArgumentParser, init_lr_frac: float) -> argparse._ArgumentGroup:
     """A chat stage's LR flags: the recipe's LRs (default: the source run's) and the stage's fraction."""
     group = parser.add_argument_group("Optimization (LRs default to the source run's)")
     for flag in ("--matrix-lr", "--embedding-lr", "--unembedding-lr", "--scalar-lr"):
-        group.add_argument(flag, type=float, default=None)
+        group.add_argument(flag, type=LEARNING_RATE, default=None)
     group.add_argument(
         "--init-lr-frac",
-        type=float,
+        type=Bounded(float, maximum=10, exclusive_minimum=0),
         default=init_lr_frac,
         help=f"LR as a fraction of the source's (default: {init_lr_frac})",
     )
