@@ -103,6 +103,17 @@ class Process:
         wait_until(healthy, timeout, f"{self.name} at {url}")
 
 
+def fake_nvidia_smi(folder: Path, *uuids: str) -> str:
+    """A PATH on which nvidia-smi lists these GPUs (`index, uuid` lines, as the real one answers the
+    services' query): what a process started with it takes for a machine with those GPUs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "nvidia-smi"
+    listing = "".join(f"{index}, {uuid}\\n" for index, uuid in enumerate(uuids))
+    script.write_text(f"#!/bin/sh\nprintf '{listing}'\n")
+    script.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
 # Environment variables the services' settings read: tests set exactly the ones they mean to.
 SETTINGS_PREFIXES = (
     "NANOCHAT_",

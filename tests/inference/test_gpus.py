@@ -1,17 +1,61 @@
-"""On a machine with several GPUs, the model server uses the ones it is given, not the worker's."""
+"""On a machine with several GPUs the model server serves on the last one (jobs take theirs from the
+first), or on those INFERENCE_GPUS names; it numbers them as nvidia-smi does."""
 
 import os
+from pathlib import Path
 
 import pytest
 import uvicorn
 
 from inference.__main__ import main
+from tests.support import fake_nvidia_smi
 
 
-def test_the_model_server_sees_only_its_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")  # the container's view (restored after)
-    monkeypatch.setenv("INFERENCE_GPUS", "7")
+@pytest.fixture(autouse=True)
+def started_without_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() picks the GPUs and starts nothing; what it sets in the environment is undone after."""
+    for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DEV_MODE", "1")
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)  # start nothing
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)
+
+
+def gpus(monkeypatch: pytest.MonkeyPatch, folder: Path, count: int) -> None:
+    monkeypatch.setenv("PATH", fake_nvidia_smi(folder, *(f"GPU-{i}" for i in range(count))))
+
+
+def test_by_default_the_model_server_serves_on_the_last_gpu(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    gpus(monkeypatch, tmp_path, 8)
     main()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # CUDA's 7 is nvidia-smi's 7
+
+
+def test_the_model_server_sees_only_its_gpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    gpus(monkeypatch, tmp_path, 8)
+    monkeypatch.setenv("INFERENCE_GPUS", "0")
+    main()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_a_process_given_some_gpus_serves_on_the_last_of_those(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    gpus(monkeypatch, tmp_path, 8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    main()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+
+
+def test_on_one_gpu_the_model_server_serves_on_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    gpus(monkeypatch, tmp_path, 1)
+    main()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_a_machine_without_gpus_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+    main()
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ

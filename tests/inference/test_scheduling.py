@@ -113,4 +113,4 @@ def test_idle_models_are_unloaded_past_the_memory_budget(served_base: Path, monk
         assert list(pool.loaded) == ["tiny-base-000003"]  # the idle one made room
         assert first.scheduler.closed
     finally:
-        pool.close()
+        pool.unload_all()

@@ -7,7 +7,6 @@ from datetime import timedelta
 import pytest
 from jobs import queue, records
 from jobs.records import Attempt, JobRecord, JobStatus
-from pydantic import ValidationError
 from redis import Redis
 
 from worker.reaper import forget_old, reap
@@ -98,7 +97,7 @@ def test_the_program_sees_an_allow_listed_environment(monkeypatch: pytest.Monkey
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    env = child_environment(WorkerSettings())
+    env = child_environment(WorkerSettings(), None)
     assert not {"API_TOKEN", "REDIS_URL", "AWS_SECRET_ACCESS_KEY"} & set(env)
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["PATH"] and env["NANOCHAT_BASE_DIR"] == str(tmp_path)
     assert env["NANOCHAT_METRICS_PREFIX"] == "@@metrics "
@@ -109,7 +108,7 @@ def test_empty_nccl_and_gloo_settings_are_not_passed_on(monkeypatch: pytest.Monk
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "")
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth1")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/data/nanochat/cache/inductor")
-    env = child_environment(WorkerSettings())
+    env = child_environment(WorkerSettings(), None)
     assert "NCCL_SOCKET_IFNAME" not in env and env["GLOO_SOCKET_IFNAME"] == "eth1"
     assert env["TORCHINDUCTOR_CACHE_DIR"] == "/data/nanochat/cache/inductor"
 
@@ -142,14 +141,3 @@ def test_a_failure_under_torchrun_is_explained_by_the_programs_last_line(redis: 
         job_log.copy_from(io.BytesIO(output))
     assert job_log.last_line.startswith("--total-batch-size 2,048 must be a multiple")
     assert (tmp_path / "job.log").read_text().endswith("=" * 60 + "\n")  # the report is still logged
-
-
-def test_a_worker_given_gpus_hands_only_those_to_its_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # the container's view: every GPU
-    monkeypatch.setenv("WORKER_GPUS", "1,2,3")  # this worker's share; the model server has 0
-    assert child_environment(WorkerSettings())["CUDA_VISIBLE_DEVICES"] == "1,2,3"
-    monkeypatch.setenv("WORKER_GPUS", "")  # unset: the jobs see what the worker sees
-    assert child_environment(WorkerSettings())["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
-    monkeypatch.setenv("WORKER_GPUS", "all of them")
-    with pytest.raises(ValidationError, match="WORKER_GPUS"):
-        WorkerSettings()

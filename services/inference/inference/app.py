@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from inference.gpu_share import GpuBusy, GpuShare
 from inference.metrics import Metrics
 from inference.pool import ModelPool
 from inference.protocol import OpenAIError
@@ -32,6 +33,9 @@ async def warm_up(pool: ModelPool) -> None:
             "no checkpoint to serve yet under %s: /ready stays 503 until one is written and asked for",
             pool.settings.runs_dir,
         )
+        return
+    except GpuBusy as busy:
+        log.warning("training job %s holds the GPU: models load once it has ended", busy.job)
         return
     submission = Submission([served.tokenizer.bos_token_id], SamplingParams(max_tokens=1, temperature=0))
     served.scheduler.submit([submission])
@@ -87,11 +91,15 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.pool = ModelPool(settings, metrics)
-        task = asyncio.create_task(warm_up(app.state.pool))
+        gpu = GpuShare.from_settings(settings, metrics)
+        pool = app.state.pool = ModelPool(settings, metrics, gpu)
+        stop_watching = gpu.watch(lambda: pool.busy, pool.unload_all)
+        task = asyncio.create_task(warm_up(pool))
         yield
         task.cancel()
-        app.state.pool.close()
+        stop_watching()
+        pool.unload_all()
+        gpu.release()
 
     app = FastAPI(title="nanochat-stack inference", version="0.1.0", lifespan=lifespan)
     app.state.settings, app.state.metrics = settings, metrics

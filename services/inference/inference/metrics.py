@@ -26,6 +26,11 @@ class Metrics:
         self.running = Gauge(
             "inference_running_sequences", "Sequences in the running batch.", ["model"], registry=r
         )
+        self.paused = Gauge(
+            "inference_paused",
+            "1 while a training job holds the model server's GPU (models unloaded, requests get 503).",
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "inference_time_to_first_token_seconds",
             "From a request's arrival to its first token.",

@@ -2,9 +2,11 @@
 Loaded models: each with its tokenizer and its scheduler thread, loaded on first use and kept in
 least-recently-used order. When the estimated memory of the loaded models (weights plus a full KV
 cache) passes INFERENCE_MAX_MODEL_MEMORY_GB, idle models are unloaded, oldest use first; a model
-with requests in flight is never unloaded.
+with requests in flight is never unloaded. While a training job holds the GPU (gpu_share), every model
+is unloaded and none loads.
 """
 
+import gc
 import logging
 import threading
 from collections import OrderedDict
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from jobs.models import Checkpoint, resolve
 
+from inference.gpu_share import GpuShare
 from inference.metrics import Metrics
 from inference.scheduler import Scheduler
 from inference.settings import InferenceSettings
@@ -50,19 +53,23 @@ def memory_estimate(model: GPT, batch_size: int) -> int:
 
 
 class ModelPool:
-    def __init__(self, settings: InferenceSettings, metrics: Metrics) -> None:
+    def __init__(self, settings: InferenceSettings, metrics: Metrics, gpu: GpuShare | None = None) -> None:
         self.settings, self.metrics = settings, metrics
+        self.gpu = gpu or GpuShare(None, None, metrics)
         self.runtime = setup_runtime(settings.inference_device, settings.inference_dtype)
         self.loaded: OrderedDict[str, ServedModel] = OrderedDict()
         self.lock = threading.Lock()
 
     def get(self, model: str) -> ServedModel:
-        """The served model behind a model id (blocking: loads it when needed; UnknownModel if none)."""
+        """The served model behind a model id (blocking: loads it when needed; UnknownModel if none,
+        GpuBusy while a training job holds the GPU)."""
         checkpoint = resolve(self.settings.runs_dir, model, self.settings.inference_default_model)
         with self.lock:
+            self.gpu.refuse_if_busy()
             if checkpoint.id in self.loaded:
                 self.loaded.move_to_end(checkpoint.id)
                 return self.loaded[checkpoint.id]
+            self.gpu.claim()
             served = self.load(checkpoint)
             self.loaded[checkpoint.id] = served
             self.evict()
@@ -93,8 +100,17 @@ class ModelPool:
     def ready(self) -> bool:
         return any(m.scheduler.has_generated for m in list(self.loaded.values()))
 
-    def close(self) -> None:
+    @property
+    def busy(self) -> bool:
+        """Requests are running or waiting on some model."""
+        return any(m.scheduler.busy for m in list(self.loaded.values()))
+
+    def unload_all(self, reason: str = "the model was unloaded") -> None:
+        """Unload every model (what still runs fails with `reason`) and give its memory back."""
         with self.lock:
             for served in self.loaded.values():
-                served.scheduler.close()
+                served.scheduler.close(reason)
             self.loaded.clear()
+        gc.collect()  # a model kept alive by a reference cycle goes now, not at some later collection
+        if self.runtime.device.type == "cuda":
+            torch.cuda.empty_cache()  # back to the driver: a training job may take it

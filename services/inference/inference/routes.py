@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from inference.auth import require_token
 from inference.chat_template import CHAT_TEMPLATE
 from inference.completions import ChatCompletion, TextCompletion, chat_prompt, text_prompt
+from inference.gpu_share import GpuBusy
 from inference.pool import ModelPool, ServedModel
 from inference.protocol import (
     ChatCompletionRequest,
@@ -23,6 +24,7 @@ from inference.protocol import (
 public = APIRouter()
 router = APIRouter(dependencies=[Depends(require_token)])
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+GPU_BUSY_RETRY_AFTER = "60"  # a training job runs for minutes to hours
 
 
 def get_pool(request: Request) -> ModelPool:
@@ -37,6 +39,9 @@ async def served_model(pool: ModelPool, model: str) -> ServedModel:
         return await run_in_threadpool(pool.get, model)
     except UnknownModel as error:
         raise OpenAIError(404, str(error), param="model", code="model_not_found") from error
+    except GpuBusy as error:
+        retry = {"Retry-After": GPU_BUSY_RETRY_AFTER}
+        raise OpenAIError(503, str(error), type="server_error", code="gpu_busy", headers=retry) from error
 
 
 @public.get("/health")
@@ -47,7 +52,9 @@ def health() -> dict:
 
 @router.get("/ready")
 def ready(pool: PoolDep) -> JSONResponse:
-    """Readiness: a model is loaded and has generated a token."""
+    """Readiness: a model is loaded and has generated a token (not while a training job has the GPU)."""
+    if pool.gpu.job is not None:
+        return JSONResponse({"status": "paused", "job": pool.gpu.job}, status_code=503)
     if pool.ready:
         return JSONResponse({"status": "ready", "models": list(pool.loaded)})
     return JSONResponse({"status": "loading"}, status_code=503)

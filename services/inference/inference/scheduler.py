@@ -184,21 +184,26 @@ class Scheduler:
             self.metrics.waiting.labels(self.name).set(len(self.waiting))
             self.wake.notify()
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
     def close_if_idle(self) -> bool:
         with self.wake:
-            if self.waiting or self.running:
+            if self.busy:
                 return False
             self.closed = True
             self.wake.notify()
         self.thread.join(timeout=10)
         return True
 
-    def close(self) -> None:
+    def close(self, reason: str = "the model was unloaded") -> None:
+        """Stop the model thread; what still waits or runs fails with `reason`."""
         with self.wake:
             self.closed = True
             self.wake.notify()
         self.thread.join(timeout=10)
-        self.fail_all("the model was unloaded", waiting=True)
+        self.fail_all(reason, waiting=True)
 
     # -- the model thread -------------------------------------------------------------
 

@@ -29,7 +29,13 @@ class InferenceSettings(BaseSettings):
     inference_gpus: str | None = Field(
         default=None,
         pattern=r"^\d+(,\d+)*$",
-        description="GPU ids the model server may use (CUDA_VISIBLE_DEVICES; it uses the first); unset: all",
+        description="GPU ids (nvidia-smi's) the model server may use (it uses the first); unset: the last "
+        "GPU it sees",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="The workers' Redis: through it the model server makes way on its GPU for a training "
+        "job that needs it; unset: it never does.",
     )
     inference_dtype: str = Field(
         default="auto", description="Compute dtype: auto (bf16 on a GPU that has it, else fp32)."

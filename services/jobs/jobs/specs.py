@@ -314,11 +314,16 @@ class JobSpec(StrictModel):
     def nnodes(self) -> int:
         return getattr(self.config, "nnodes", 1)
 
+    @property
+    def nproc_per_node(self) -> int:
+        """Processes on each node: one GPU each."""
+        return getattr(self.config, "nproc_per_node", 1)
+
     def command(self, resume: bool = False, rendezvous: "Rendezvous | None" = None) -> list[str]:
         """What follows `python`: `-m <program> <flags>`, through torchrun for several processes, and
         for several nodes through torchrun's c10d rendezvous (each node runs this same command).
         torchrun needs `--` before the program's flags: it would take `--run` for its own `--run-path`."""
-        processes = getattr(self.config, "nproc_per_node", 1)
+        processes = self.nproc_per_node
         if self.nnodes > 1:
             if rendezvous is None:
                 raise ValueError(f"a job on {self.nnodes} nodes needs their rendezvous")

@@ -41,8 +41,9 @@ class WorkerSettings(BaseSettings):
         default=None,
         pattern=r"^\d+(,\d+)*(;\d+(,\d+)*)*$",
         validation_alias=AliasChoices("WORKER_GPUS"),
-        description="GPU ids this worker's jobs may use (CUDA_VISIBLE_DEVICES), e.g. 1,2,3; unset: all. "
-        "Sets separated by ; (0,1,2,3;4,5,6,7) give workers started alike one set each.",
+        description="GPU ids (nvidia-smi's) this worker's jobs may use, e.g. 0,1,2; unset: all. A job runs "
+        "on the first nproc_per_node of them. Sets separated by ; (0,1,2,3;4,5,6,7) give workers started "
+        "alike one set each.",
     )
     machine: str = Field(
         default="local",

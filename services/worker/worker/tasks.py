@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from jobs import models, queue, records
+from jobs import gpu_claims, models, queue, records
 from jobs.records import Attempt, JobRecord, JobStatus
 from jobs.specs import ProgramJob
 from redis import Redis
@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 
-from worker import nodes
+from worker import gpus, nodes
 from worker.reaper import LOST, requeue_lost
 from worker.settings import WorkerSettings, connect
 
@@ -193,13 +193,15 @@ def latest_step(folder: Path | None) -> int | None:
 
 
 class Lease:
-    """The job's lease (it says: a live worker runs this job) and its run/stage lock, renewed together."""
+    """The job's lease (it says: a live worker runs this job), its run/stage lock and, while its program
+    runs, its GPUs' marks, renewed together."""
 
     def __init__(self, redis: Redis, record: JobRecord, spec: ProgramJob, seconds: float) -> None:
         self.redis, self.job_id, self.attempts = redis, record.id, len(record.attempts)
         self.ttl_ms = int(seconds * 1000)
         self.lock = records.lock_key(spec.run, spec.stage) if spec.stage else None
         self.holder: str | None = None
+        self.gpus: list[str] = []
         self.renewed = time.monotonic()
 
     def acquire(self) -> bool:
@@ -216,8 +218,18 @@ class Lease:
             pipe.set(records.lease_key(self.job_id), self.attempts, px=self.ttl_ms)
             if self.lock:
                 pipe.set(self.lock, self.job_id, px=self.ttl_ms)
+            gpu_claims.hold_for_job(pipe, self.gpus, self.job_id, self.ttl_ms / 1000)
             pipe.execute()
         self.renewed = time.monotonic()
+
+    def hold_gpus(self, uuids: list[str]) -> None:
+        self.gpus = uuids
+        gpu_claims.hold_for_job(self.redis, uuids, self.job_id, self.ttl_ms / 1000)
+
+    def release_gpus(self) -> None:
+        """The program has ended: the model server may have the GPUs back."""
+        gpu_claims.release_for_job(self.redis, self.gpus, self.job_id)
+        self.gpus = []
 
     def still_ours(self, record: JobRecord | None) -> bool:
         """False once the reaper gave the job to a new attempt (this worker was thought lost)."""
@@ -235,6 +247,10 @@ def execute(
     redis: Redis, record: JobRecord, spec: ProgramJob, settings: WorkerSettings, lease: Lease, resume: bool
 ) -> Outcome | None:
     folder = run_dir(settings, spec)
+    try:
+        job_gpus = gpus.for_job(settings, spec.nproc_per_node)
+    except gpus.NotEnoughGpus as error:
+        return Outcome(JobStatus.FAILED, str(error))
     rendezvous = nodes.host(settings, record) if spec.nnodes > 1 else None
     command = [sys.executable, "-u", *spec.command(resume, rendezvous)]
     attempt = len(record.attempts)
@@ -273,10 +289,17 @@ def execute(
         lease.renew()
         return stopped_elsewhere(patience=settings.job_lease_seconds)
 
-    with JobLog(redis, record.id, folder / "logs" / f"{record.id}.log") as job_log:
-        returncode, why_stopped = run_program(
-            command, settings, job_log, reason_to_stop, keep_alive=lease.renew, on_start=recruit
-        )
+    patiently(lambda: lease.hold_gpus(job_gpus.uuids))
+    returncode = None  # stays None when the job is stopped while it waits for its GPUs
+    try:
+        with JobLog(redis, record.id, folder / "logs" / f"{record.id}.log") as job_log:
+            why_stopped = gpus.wait_for_model_server(redis, job_gpus, job_log.write, reason_to_stop)
+            if why_stopped is None:
+                returncode, why_stopped = run_program(
+                    command, settings, job_gpus.devices, job_log, reason_to_stop, lease.renew, recruit
+                )
+    finally:
+        patiently(lease.release_gpus)
     if rendezvous:
         grace = settings.cancel_grace_seconds + settings.job_lease_seconds
         patiently(
@@ -314,9 +337,17 @@ def join_job(job_id: str, attempt: int, node: int, endpoint: str, resume: bool) 
     spec = queue.spec_of(record)
     rendezvous = nodes.join(settings, job_id, attempt, endpoint)
     command = [sys.executable, "-u", *spec.command(resume, rendezvous)]
+    log_path = run_dir(settings, spec) / "logs" / f"{job_id}.node{node}.log"
+    try:
+        job_gpus = gpus.for_job(settings, spec.nproc_per_node)
+    except gpus.NotEnoughGpus as error:  # the job's log says why the first node waits for this one in vain
+        with JobLog(redis, job_id, log_path, prefix=f"[node {node}] ") as job_log:
+            job_log.write(f"not started: {error}")
+        return f"node {node} not started: {error}"
 
     def heartbeat() -> None:
         nodes.heartbeat(redis, job_id, attempt, node, settings.job_lease_seconds)
+        gpu_claims.hold_for_job(redis, job_gpus.uuids, job_id, settings.job_lease_seconds)
 
     def reason_to_stop() -> str | None:
         if shutting_down.is_set():
@@ -328,14 +359,18 @@ def join_job(job_id: str, attempt: int, node: int, endpoint: str, resume: bool) 
             return "the attempt it joined has ended"
         return "stopped on request" if current.stop_requested else None
 
-    log_path = run_dir(settings, spec) / "logs" / f"{job_id}.node{node}.log"
     heartbeat()
     nodes.mark(redis, job_id, attempt, node, nodes.JOINED)
-    why_stopped = None
+    why_stopped = returncode = None
     try:
         with JobLog(redis, job_id, log_path, prefix=f"[node {node}] ") as job_log:
-            returncode, why_stopped = run_program(command, settings, job_log, reason_to_stop, heartbeat)
+            why_stopped = gpus.wait_for_model_server(redis, job_gpus, job_log.write, reason_to_stop)
+            if why_stopped is None:
+                returncode, why_stopped = run_program(
+                    command, settings, job_gpus.devices, job_log, reason_to_stop, heartbeat
+                )
     finally:
+        patiently(lambda: gpu_claims.release_for_job(redis, job_gpus.uuids, job_id))
         # What became of it (a shutdown's mark again, in case Redis was away): not lost, no retry used.
         state = nodes.SHUT_DOWN if why_stopped == SHUTDOWN else nodes.ENDED
         patiently(lambda: nodes.mark(redis, job_id, attempt, node, state))
@@ -346,15 +381,17 @@ def join_job(job_id: str, attempt: int, node: int, endpoint: str, resume: bool) 
 def run_program(
     command: list[str],
     settings: WorkerSettings,
+    devices: str | None,
     job_log: "JobLog",
     reason_to_stop: Callable[[], str | None],
     keep_alive: Callable[[], None],
     on_start: Callable[[], None] = lambda: None,
 ) -> tuple[int, str | None]:
-    """Run a job's program, its output copied into the job's log, until it ends or `reason_to_stop`
-    (asked every POLL_SECONDS; Redis may be down meanwhile) names a reason to stop it; `keep_alive`
-    (the lease, a heartbeat) is renewed while a stopped program saves its checkpoint. Returns its exit
-    code and that reason (None when it ended by itself)."""
+    """Run a job's program on the GPUs `devices` (see child_environment), its output copied into the
+    job's log, until it ends or `reason_to_stop` (asked every POLL_SECONDS; Redis may be down
+    meanwhile) names a reason to stop it; `keep_alive` (the lease, a heartbeat) is renewed while a
+    stopped program saves its checkpoint. Returns its exit code and that reason (None when it ended by
+    itself)."""
     job_log.write(f"$ python {' '.join(command[2:])}")
     child = subprocess.Popen(
         command,
@@ -362,7 +399,7 @@ def run_program(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=child_environment(settings),
+        env=child_environment(settings, devices),
         start_new_session=True,  # its own process group: a stop reaches torchrun's children too
         preexec_fn=die_with_parent,
     )
@@ -416,8 +453,9 @@ def supervise(
     return reason
 
 
-def child_environment(settings: WorkerSettings) -> dict[str, str]:
-    """An allow-listed environment: the worker's secrets (API_TOKEN, REDIS_URL's password) stay out."""
+def child_environment(settings: WorkerSettings, devices: str | None) -> dict[str, str]:
+    """An allow-listed environment: the worker's secrets (API_TOKEN, REDIS_URL's password) stay out.
+    `devices` (the job's GPUs, gpus.for_job) become its CUDA_VISIBLE_DEVICES; None leaves the worker's."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -428,11 +466,12 @@ def child_environment(settings: WorkerSettings) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         "NANOCHAT_BASE_DIR": str(settings.base_dir.expanduser()),
         "NANOCHAT_METRICS_PREFIX": METRICS_PREFIX,
+        "CUDA_DEVICE_ORDER": gpu_claims.PCI_BUS_ID,  # CUDA's GPU ids are then nvidia-smi's, as `devices` are
     }
     if settings.data_dir is not None:
         env["NANOCHAT_DATA_DIR"] = str(settings.data_dir.expanduser())
-    if settings.gpus is not None:  # this worker's share of the machine's GPUs
-        env["CUDA_VISIBLE_DEVICES"] = settings.gpus
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
     return env
 
 
