@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,7 @@ FULL = {
         "fp16": ("--depth 12 --total-batch-size 262144 --num-iterations 10 --dtype float16", 240),
     },
     "torchrun": "--depth 4 --max-seq-len 1024 --device-batch-size 8 --total-batch-size 32768 "
-    "--num-iterations 6 --core-metric-every -1",
+    "--num-iterations 6 --eval-tokens 65536 --core-metric-every -1",
     "inference": "--models tiny d12 --concurrency 1 16 64",
 }
 SMOKE = {  # only the first run compiles: on a CPU, compiling costs half a minute a run
@@ -59,7 +60,7 @@ SMOKE = {  # only the first run compiles: on a CPU, compiling costs half a minut
         "fp16": ("--depth 2 --total-batch-size 1024 --num-iterations 3 --dtype float16", 300),
     },
     "torchrun": "--depth 2 --head-dim 64 --max-seq-len 128 --device-batch-size 2 --total-batch-size 1024 "
-    "--num-iterations 3 --core-metric-every -1",
+    "--num-iterations 3 --eval-tokens 4096 --core-metric-every -1",
     "inference": "--models tiny --concurrency 1 2 --new-tokens 8 --serial-requests 2",
 }
 
@@ -69,11 +70,18 @@ def run_part(
 ) -> tuple[bool, str]:
     """Run one part; its whole output goes to <logs>/<name>.log. Returns (exited 0, output)."""
     started = time.monotonic()
+    # Its own process group, so that a time limit also stops what it started (torchrun's processes).
+    part = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
     try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        ok, output = done.returncode == 0, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as expired:
-        ok, output = False, f"{expired.stdout or ''}\n(timed out after {timeout} s)"
+        output, _ = part.communicate(timeout=timeout)
+        ok = part.returncode == 0
+    except subprocess.TimeoutExpired:
+        os.killpg(part.pid, signal.SIGKILL)
+        output, _ = part.communicate()
+        ok, output = False, f"{output}\n(timed out after {timeout} s)"
     (logs / f"{name}.log").write_text(output)
     print(f"[{name}] {'ok' if ok else 'FAILED'} in {time.monotonic() - started:.0f}s", flush=True)
     return ok, output

@@ -2,7 +2,9 @@
 first), or on those INFERENCE_GPUS names; it numbers them as nvidia-smi does."""
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import uvicorn
@@ -12,12 +14,15 @@ from tests.support import fake_nvidia_smi
 
 
 @pytest.fixture(autouse=True)
-def started_without_serving(monkeypatch: pytest.MonkeyPatch) -> None:
-    """main() picks the GPUs and starts nothing; what it sets in the environment is undone after."""
-    for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DEV_MODE", "1")
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)
+def started_without_serving(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """main() picks the GPUs and starts nothing; what it sets in the environment is undone after (a
+    variable it sets that was not there before included: monkeypatch alone would leave it)."""
+    with mock.patch.dict(os.environ):
+        for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
+            os.environ.pop(name, None)
+        monkeypatch.setenv("DEV_MODE", "1")
+        monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)
+        yield
 
 
 def gpus(monkeypatch: pytest.MonkeyPatch, folder: Path, count: int) -> None:
