@@ -1,6 +1,7 @@
 """`make up`'s launcher starts every service as a local process, and Ctrl-C stops all of them;
 `make demo` takes a new user from nothing to a chat model."""
 
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -77,10 +78,10 @@ def test_demo_trains_a_chat_model_and_points_to_its_chat_page(data_kit: Path, tm
             )
             output = log.read_text()
             assert launcher.poll() is None, output
-            demo_lines = [line for line in output.splitlines() if line.lstrip().startswith("demo |")]
+            # The services log to the same terminal: a line of theirs may run into one of the demo's.
             for stage in ("tokenizer", "base_train", "mid_train", "chat_sft"):
-                assert any(stage in line and "finished" in line for line in demo_lines), stage
-            assert any("%" in line and "ETA" in line for line in demo_lines)  # progress while it trains
+                assert re.search(rf"demo \| {stage} +finished", output), stage
+            assert re.search(r"demo \| \w+ +started +[\d.]+% +ETA", output)  # progress while it trains
             chat_url = f"http://127.0.0.1:{ports['web']}/#/chat?model=demo-sft"
             assert chat_url in output
             token = next(line.split()[-1] for line in output.splitlines() if "API token" in line)
