@@ -29,6 +29,8 @@ def test_a_job_started_from_the_form_shows_its_log_and_chart_live(page: Page, we
     page.fill("#job-run", "job")
     depth = page.locator("[data-path='config.depth']")
     expect(depth).to_have_attribute("min", "1")  # bounds come from the schema
+    softcap_help = page.locator("label:has([data-path='config.softcap']) small")
+    expect(softcap_help).to_contain_text("> 0 … 1000")  # a strict minimum is shown as one
     for name, value in TINY_TRAINING.items():
         page.fill(f"[data-path='config.{name}']", value)
     page.click("#submit-job")

@@ -89,11 +89,18 @@ function resolve(schema, root) {
   return schema.$ref ? root.$defs[schema.$ref.split("/").at(-1)] : schema;
 }
 
+// A number's bounds as the help line shows them: "1 … 64", "> 0 … 1000" (a strict minimum), "≥ -1".
+function range(kind) {
+  const low = kind.minimum != null ? `${kind.minimum}` : kind.exclusiveMinimum != null ? `> ${kind.exclusiveMinimum}` : null;
+  if (low == null && kind.maximum == null) return null;
+  return `${low ?? "−∞"} … ${kind.maximum ?? "∞"}`;
+}
+
 // One input per field: its type, bounds and enum from the schema; empty means "the default".
 function field(name, property, path, root) {
   const options = property.anyOf ? property.anyOf.filter((o) => o.type !== "null") : [property];
   const kind = options[0] || {};
-  const help = [property.description, kind.minimum != null && `${kind.minimum} … ${kind.maximum ?? "∞"}`,
+  const help = [property.description, range(kind),
     property.default != null && typeof property.default !== "object" && `default ${property.default}`].filter(Boolean).join(" · ");
   let input;
   if (kind.enum) {
