@@ -227,7 +227,7 @@ def train(
     elif args.load_optimizer and not training.warm_start_optimizer(
         optimizer, source.folder, source.step, runtime, 0.0
     ):
-        print0("note: the source checkpoint was written by another number of processes: fresh optimizer")
+        print0("note: no optimizer state for this number of processes in the source: fresh optimizer")
     loader_args = {
         "batch_size": recipe.device_batch_size,
         "seq_len": recipe.max_seq_len,

@@ -94,16 +94,13 @@ def warm_start_optimizer(
     optimizer: MuonAdamW, folder: Path, step: int, runtime: Runtime, weight_decay: float
 ) -> bool:
     """Load a finished stage's momentum buffers into a fresh optimizer (as the reference's SFT does), keeping
-    this stage's LRs and weight decay. False when the checkpoint was written by another number of processes
-    (each holds its own optimizer shard)."""
-    if checkpoint.read_meta(folder, step)["world_size"] != runtime.world_size:
+    this stage's LRs and weight decay. False when the checkpoint holds no optimizer state for this number
+    of processes: written by another number (each holds its own shard), or imported (nanochat_import)."""
+    shard = checkpoint.step_dir(folder, step) / f"rank{runtime.rank:02d}.pt"
+    if checkpoint.read_meta(folder, step)["world_size"] != runtime.world_size or not shard.exists():
         return False
     fresh = [(g["lr"], g["base_lr"]) for g in optimizer.param_groups]
-    state = torch.load(
-        checkpoint.step_dir(folder, step) / f"rank{runtime.rank:02d}.pt",
-        map_location="cpu",
-        weights_only=True,
-    )
+    state = torch.load(shard, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])  # also brings back the old stage's group settings
     for group, (lr, base_lr) in zip(optimizer.param_groups, fresh, strict=True):
         group["lr"], group["base_lr"] = lr, base_lr
