@@ -1,12 +1,15 @@
 """
 The GPU check: what the CPU machines this project is built on cannot measure or prove, in one run on an
-NVIDIA machine (under 8 minutes on one H100/H200). bench/gpu_check.sh sets up the Python environment
+NVIDIA machine (under 10 minutes on one H100/H200). bench/gpu_check.sh sets up the Python environment
 and runs this; each part is a subprocess with its own time limit, and one that fails does not stop the
 others.
 
-  gpu-tests   pytest -m gpu: the tests that need a CUDA GPU (flash attention against a naive reference)
+  gpu-tests   pytest -m gpu: the tests that need a CUDA GPU (flash attention against a naive reference,
+              float8 GEMMs in cuBLAS's layouts)
   d12, d20    base_train through the real program (data pipeline, checkpoint, eval included): bf16,
               torch.compile'd, on the attention path the machine offers; tok/s, MFU, peak memory
+  fp8         d20 again with --fp8 (float8 matmuls, compute capability ≥ 8.9): its tok/s and MFU
+              against d20's bf16 row
   fp16        base_train d12 in fp16 with the grad scaler: the loss stays finite
   torchrun    base_train in 2 processes: NCCL across 2 GPUs, or, with one GPU, gloo on the CPU (NCCL
               then stays unchecked, and the result says so)
@@ -44,6 +47,7 @@ FULL = {
     "runs": {
         "d12": ("--depth 12 --total-batch-size 524288 --num-iterations 16", 240),
         "d20": ("--depth 20 --total-batch-size 262144 --num-iterations 14", 300),
+        "fp8": ("--depth 20 --total-batch-size 262144 --num-iterations 14 --fp8", 300),
         "fp16": ("--depth 12 --total-batch-size 262144 --num-iterations 10 --dtype float16", 240),
     },
     "torchrun": "--depth 4 --max-seq-len 1024 --device-batch-size 8 --total-batch-size 32768 "
@@ -57,6 +61,7 @@ SMOKE = {  # only the first run compiles: on a CPU, compiling costs half a minut
     "runs": {
         "d12": ("--depth 2 --total-batch-size 1024 --num-iterations 3 --compile", 300),
         "d20": ("--depth 2 --total-batch-size 1024 --num-iterations 3", 300),
+        "fp8": ("--depth 2 --total-batch-size 1024 --num-iterations 3 --fp8", 300),
         "fp16": ("--depth 2 --total-batch-size 1024 --num-iterations 3 --dtype float16", 300),
     },
     "torchrun": "--depth 2 --head-dim 64 --max-seq-len 128 --device-batch-size 2 --total-batch-size 1024 "
@@ -109,7 +114,7 @@ def base_train(
     if not ok or summary is None:
         return failure(output)
     losses = [float(loss) for loss in re.findall(r"\| loss (\S+) \|", output)]
-    keys = ("depth", "dtype", "attention", "tok_per_s", "mfu", "peak_memory_gib", "val_bpb", "device")
+    keys = ("depth", "dtype", "fp8", "attention", "tok_per_s", "mfu", "peak_memory_gib", "val_bpb", "device")
     return {"ok": bool(losses) and all(map(math.isfinite, losses)), **{k: summary.get(k) for k in keys}}
 
 
@@ -135,7 +140,9 @@ def main() -> None:
     python, on_cpu = [sys.executable], " --device cpu" if args.smoke else ""
     results: dict[str, dict] = {}
 
-    tests = "-m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_attention.py"
+    tests = (
+        "-m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_attention.py tests/trainer/test_fp8.py"
+    )
     ok, output = run_part("gpu-tests", [*python, *tests.split()], env, 300, logs)
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)}
     results["gpu-tests"] = {"ok": ok, **counts}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check (bench/gpu_check.py): one run on an NVIDIA machine measures and proves what the CPU
-# machines this project is built on cannot. Under 8 minutes on one H100/H200; a line per part, one JSON
+# machines this project is built on cannot. Under 10 minutes on one H100/H200; a line per part, one JSON
 # line at the end.
 #
 #   bench/gpu_check.sh prepare          # on a machine with PyPI: the wheels a bare CUDA Python lacks into

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer import base_train, checkpoint, scaling, training
+from trainer import base_train, checkpoint, fp8, scaling, training
 from trainer.gpt import GPT
+from trainer.runtime import Runtime
 from trainer.tokenizer import Tokenizer
 
 from conftest import copy_tokenizer, http_mirror, write_shards
@@ -138,6 +139,55 @@ def test_float16_trains_on_cpu_with_a_grad_scaler_and_resumes(env: Path) -> None
     train(env, "half", "--num-iterations 5 --eval-every 0 --resume --dtype float16")
     next_dir = checkpoint.step_dir(run_dir(env, "half") / "base", 5)
     assert torch.load(next_dir / "rank00.pt", weights_only=True)["grad_scaler"]["scale"] == 1024.0
+
+
+def test_fp8_trains_a_d4_like_bf16_resumes_bitwise_and_saves_an_ordinary_checkpoint(
+    env: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # LRs 10× the recipe's, so that 8 steps at this batch's LR scale (0.03) move the loss.
+    common = "--depth 4 --dtype bfloat16 --total-batch-size 512 --num-iterations 8 --warmup-steps 1"
+    common += " --embedding-lr 3 --unembedding-lr 0.3 --matrix-lr 0.3 --weight-decay 0"
+    common += " --eval-every 0 --save-every 4 --keep-checkpoints 0"
+    bf16 = train(env, "bf16", common)
+    float8 = train(env, "fp8", f"{common} --fp8")
+    assert "fp8: 25 of 28 linear layers train in float8" in capsys.readouterr().out
+    assert float8["fp8"] and not bf16["fp8"]
+
+    def losses(run: str) -> list[float]:
+        return [r["loss"] for r in metrics(env, run) if "loss" in r]
+
+    ours, reference = losses("fp8"), losses("bf16")
+    assert len(ours) == 8 and sum(ours[-2:]) / 2 < sum(ours[:2]) / 2 - 0.4
+    # Like bf16's, step by step, but not bf16's: the matmuls did run in float8.
+    assert ours != reference and max(abs(a - b) for a, b in zip(ours, reference, strict=True)) < 0.05
+    assert float8["val_bpb"] == pytest.approx(bf16["val_bpb"], abs=0.02)
+
+    # Dynamic scaling keeps no state: a resumed --fp8 run continues bitwise.
+    shutil.copytree(
+        checkpoint.step_dir(run_dir(env, "fp8") / "base", 4),
+        checkpoint.step_dir(run_dir(env, "fp8-resumed") / "base", 4),
+    )
+    train(env, "fp8-resumed", f"{common} --fp8 --resume")
+    straight, resumed = weights(env, "fp8", 8), weights(env, "fp8-resumed", 8)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # The checkpoint holds the ordinary fp32 weights: it loads without --fp8 (inference, the chat stages).
+    assert straight.keys() == weights(env, "bf16", 8).keys()
+    assert {t.dtype for name, t in straight.items() if "blocks" in name} == {torch.float32}
+    model, _ = checkpoint.load_model(run_dir(env, "fp8") / "base", 8, torch.device("cpu"), torch.bfloat16)
+    assert all(type(m) is not fp8.Float8Linear for m in model.modules())
+
+
+def test_a_flops_budget_sets_the_step_count_unless_num_iterations_is_given(capsys) -> None:
+    runtime = Runtime(torch.device("cpu"), torch.float32)
+    # The recipe's CPU config: d4, 34,210,512 FLOPs per token, 4,096 tokens a step.
+    flags = "--depth 4 --head-dim 64 --max-seq-len 512 --device-batch-size 8 --total-batch-size 4096"
+    flags += " --target-flops 5e12"
+    _, horizon, _ = base_train.plan(base_train.parser.parse_args(flags.split()), 8192, runtime)
+    assert horizon.num_iterations == round(5e12 / (34_210_512 * 4096)) == 36  # 35.68
+    assert "training: 36 steps (from --target-flops) × 4,096 tokens" in capsys.readouterr().out
+    args = base_train.parser.parse_args([*flags.split(), "--num-iterations", "300"])
+    _, explicit, _ = base_train.plan(args, 8192, runtime)
+    assert explicit.num_iterations == 300 and explicit.weight_decay == horizon.weight_decay
 
 
 def test_crash_while_saving_leaves_the_previous_checkpoint_usable(

@@ -71,6 +71,37 @@ def test_d20_gets_a_bigger_batch_and_less_weight_decay_whatever_its_step_count(n
     assert horizon.num_iterations == (num_iterations or 4357)
 
 
+# FLOPs per token as the reference counts them: 6 × matmul params (the scaling params and the smear
+# gate's 24) + 12·heads·head_dim·window per layer (SSSL at 2048: windows of 512, every fourth 2048).
+D20_FLOPS = 6 * (D20_PARAMS + 24) + 12 * 10 * 128 * (15 * 512 + 5 * 2048)  # = 2,886,212,784
+D12_FLOPS = 6 * (D20_REFERENCE + 24) + 12 * 6 * 128 * (9 * 512 + 3 * 2048)  # = 759,696,048
+
+
+def test_a_flops_budget_sets_the_steps_as_the_reference_rounds_them_and_moves_nothing_else() -> None:
+    assert scaling.meta_model(scaling.model_config(20, 32768, 2048)).estimate_flops() == D20_FLOPS
+    assert scaling.meta_model(scaling.model_config(12, 32768, 2048)).estimate_flops() == D12_FLOPS
+    budget = scaling.horizon(D20_PARAMS, D20_REFERENCE, 10.5, target_flops=1e19, flops_per_token=D20_FLOPS)
+    assert budget.num_iterations == round(1e19 / (D20_FLOPS * 2**20)) == 3304  # 3304.24
+    ratio_only = scaling.horizon(D20_PARAMS, D20_REFERENCE, 10.5)
+    assert ratio_only.num_iterations == 4357
+    assert (budget.total_batch_size, budget.lr_scale, budget.weight_decay, budget.planned_tokens) == (
+        ratio_only.total_batch_size,
+        ratio_only.lr_scale,
+        ratio_only.weight_decay,
+        ratio_only.planned_tokens,
+    )
+    # The ratio cancels out of D/D_ref: at the reference's default 12 the same steps, batch and λ.
+    at_12 = scaling.horizon(D20_PARAMS, D20_REFERENCE, 12, target_flops=1e19, flops_per_token=D20_FLOPS)
+    assert (at_12.num_iterations, at_12.total_batch_size) == (3304, 2**20)
+    assert at_12.weight_decay == pytest.approx(budget.weight_decay, rel=1e-9)
+    # The reference's scaling-law sweep (runs/scaling_laws.sh): d12 at 1e18 FLOPs, B = 2^19.
+    d12 = scaling.horizon(D20_REFERENCE, D20_REFERENCE, 12, target_flops=1e18, flops_per_token=D12_FLOPS)
+    assert d12.num_iterations == round(1e18 / (D12_FLOPS * 2**19)) == 2511  # 2510.67: rounded, not floored
+    # An explicit step count wins over a budget, as in the reference.
+    both = scaling.horizon(D20_PARAMS, D20_REFERENCE, 10.5, None, 300, target_flops=1e19, flops_per_token=1)
+    assert both.num_iterations == 300
+
+
 def test_trained_weight_decay_horizon_puts_the_tokens_trained_in_d() -> None:
     horizon = scaling.horizon(D4_PARAMS, D4_REFERENCE, 10.5, 4096, 300, weight_decay_horizon="trained")
     assert horizon.weight_decay == pytest.approx(

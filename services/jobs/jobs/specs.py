@@ -176,8 +176,19 @@ class BaseTrainConfig(LearningRates, TrainingFlags):
     split_docs: bool | None = Field(
         default=None, description="long documents as row-sized chunks instead of cropped (default: off)"
     )
+    fp8: bool | None = Field(
+        default=None,
+        description="training matmuls in float8, tensorwise scaling (GPUs of compute capability ≥ 8.9, or "
+        "the CPU) (default: off)",
+    )
     target_param_data_ratio: float | None = Field(
         default=None, gt=0, le=1000, description="tokens per parameter (default: 10.5)"
+    )
+    target_flops: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e30,
+        description="training FLOPs budget: sets the steps unless num_iterations is given (default: off)",
     )
     weight_decay: float | None = Field(
         default=None, ge=0, le=10, description="Muon weight decay (default: derived)"

@@ -18,7 +18,7 @@ from statistics import median
 
 import torch
 
-from trainer import checkpoint, core_eval, dataset, scaling, task_data, training
+from trainer import checkpoint, core_eval, dataset, fp8, scaling, task_data, training
 from trainer.common import (
     EVAL_TOKENS,
     EVERY_N_STEPS,
@@ -129,13 +129,29 @@ group.add_argument(
     default=False,
     help="train on long documents as BOS-started row-sized chunks instead of cropping them (default: off)",
 )
+group = parser.add_argument_group("Precision")
+group.add_argument(
+    "--fp8",
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help="the attention, MLP and lm_head matmuls of training in float8 with tensorwise dynamic scaling, as "
+    "the record speedrun (GPUs of compute capability ≥ 8.9, or the CPU); evaluation stays in --dtype "
+    "(default: off)",
+)
 group = parser.add_argument_group("Horizon")
 group.add_argument(
     "--target-param-data-ratio",
     type=Bounded(float, maximum=1000, exclusive_minimum=0),
     default=10.5,
     help="planned tokens per scaling parameter: sets batch size and weight decay, and the steps unless "
-    "--num-iterations is given (default: 10.5)",
+    "--num-iterations or --target-flops is given (default: 10.5)",
+)
+group.add_argument(
+    "--target-flops",
+    type=Bounded(float, maximum=1e30, exclusive_minimum=0),
+    default=None,
+    help="training FLOPs budget: steps = round(F / (FLOPs per token × batch)) unless --num-iterations is "
+    "given; batch size and weight decay still come from the planned horizon (default: off)",
 )
 group = parser.add_argument_group("Optimization")
 group.add_argument(
@@ -254,7 +270,8 @@ def plan(
     }
     shape = (vocab_size, args.max_seq_len, args.head_dim, args.aspect_ratio)
     config = scaling.model_config(args.depth, *shape, args.n_kv_head, **architecture)
-    num_params = scaling.scaling_params(config)
+    shapes = scaling.meta_model(config)
+    num_params, flops_per_token = shapes.num_scaling_params(), shapes.estimate_flops()
     horizon = scaling.horizon(
         num_params,
         scaling.reference_params(*shape, **architecture),
@@ -262,6 +279,8 @@ def plan(
         args.total_batch_size,
         args.num_iterations,
         args.weight_decay_horizon,
+        args.target_flops,
+        flops_per_token,
     )
     micro_tokens = args.device_batch_size * args.max_seq_len * runtime.world_size
     if horizon.total_batch_size % micro_tokens:
@@ -279,9 +298,13 @@ def plan(
         f"horizon: N {num_params:,} scaling params | planned D {horizon.planned_tokens:,} tokens "
         f"(ratio {args.target_param_data_ratio}) | reference d12 D_ref {horizon.reference_tokens:,.0f}"
     )
+    steps_from = (
+        "--num-iterations" if args.num_iterations else "--target-flops" if args.target_flops else "ratio"
+    )
     print0(
-        f"training: {horizon.num_iterations:,} steps × {horizon.total_batch_size:,} tokens = "
-        f"{horizon.tokens:,} tokens (D/N {horizon.tokens / num_params:.2f})"
+        f"training: {horizon.num_iterations:,} steps (from {steps_from}) × {horizon.total_batch_size:,} "
+        f"tokens = {horizon.tokens:,} tokens (D/N {horizon.tokens / num_params:.2f}) | "
+        f"{flops_per_token * horizon.tokens:.3e} FLOPs ({flops_per_token:.3e} per token)"
     )
     print0(
         f"batch: {horizon.total_batch_size:,} tokens/step = {accumulation} accumulation step(s) × "
@@ -323,9 +346,18 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     model.init_weights()
     model.set_compute_dtype(runtime.dtype)
     model.to(runtime.device)
+    if args.fp8:  # before compiling; the weights stay the model's fp32 masters
+        fp8.check_device(runtime.device)
+        converted, linears = fp8.convert(model)
+        print0(
+            f"fp8: {converted} of {linears} linear layers train in float8 (tensorwise dynamic scaling); "
+            "the rest are too small"
+        )
     optimizer = build_optimizer(model, args, horizon)
     train_model = compile_model(model, args.compile, runtime)
     scaler = grad_scaler(runtime)
+    # Counted from the parameters, so float8 layers count too: the reference counts Linear modules by
+    # class, which drops its converted ones, so its MFU (and --target-flops steps) under --fp8 are off.
     flops_per_token = model.estimate_flops()
     peak, peak_source = peak_flops(runtime)
     print0(f"FLOPs per token {flops_per_token:.3e} | peak {peak:.3e} FLOP/s per device ({peak_source})")
@@ -492,6 +524,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         "crop_fraction": round(train_loader.crop_fraction, 4),
         "data_passes": train_loader.epoch + 1,  # begun: 1 when no document was read twice
         **training.runtime_summary(runtime),
+        "fp8": args.fp8,
     }
     print0(
         f"training time {loop.training_time / 60:.2f} min (the steps after the first {UNTIMED_STEPS}, as the "

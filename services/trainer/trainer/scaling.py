@@ -8,8 +8,10 @@ overridden by its own flag; the training program prints them all at start.
   compute-optimal); D_ref the same for a d12 built like the run's model (only the depth differs);
 - batch B = 2^round(log2(B_ref·(D/D_ref)^0.383)), Power Lines' optimal batch growth (B_ref = 2^19
   tokens at the reference d12);
-- every learning rate × √(B/B_ref); Muon weight decay λ = 0.28·√(B/B_ref)·(D_ref/D).
-D is the planned horizon: --num-iterations changes how long a run trains, never B or λ.
+- every learning rate × √(B/B_ref); Muon weight decay λ = 0.28·√(B/B_ref)·(D_ref/D);
+- steps: --num-iterations, else a FLOPs budget's round(F / (FLOPs per token · B)), else D // B (the
+  reference's order of precedence).
+D is the planned horizon: a step count or a FLOPs budget changes how long a run trains, never B or λ.
 """
 
 import math
@@ -50,10 +52,14 @@ def model_config(
     )
 
 
-def scaling_params(config: GPTConfig) -> int:
-    """N without allocating the model (built on the meta device)."""
+def meta_model(config: GPTConfig) -> GPT:
+    """The model's shapes without its memory (built on the meta device), for counting."""
     with torch.device("meta"):
-        return GPT(config).num_scaling_params()
+        return GPT(config)
+
+
+def scaling_params(config: GPTConfig) -> int:
+    return meta_model(config).num_scaling_params()
 
 
 def reference_params(
@@ -87,20 +93,29 @@ def horizon(
     total_batch_size: int | None = None,
     num_iterations: int | None = None,
     weight_decay_horizon: str = "planned",
+    target_flops: float | None = None,
+    flops_per_token: int | None = None,
 ) -> Horizon:
     """The training horizon of a model with num_params scaling params; explicit batch/steps win.
 
-    D is the planned horizon ratio × N: an explicit step count shortens or lengthens the run but moves
-    neither B nor λ. weight_decay_horizon="trained" is our option (not the reference's) to put the
-    tokens actually trained in λ's D instead, as T_epoch = B/(η·λ·D) constant asks for a run that
-    stops early (https://arxiv.org/abs/2405.13698).
+    D is the planned horizon ratio × N: an explicit step count or a FLOPs budget (target_flops, with
+    the model's flops_per_token) shortens or lengthens the run but moves neither B nor λ.
+    weight_decay_horizon="trained" is our option (not the reference's) to put the tokens actually
+    trained in λ's D instead, as T_epoch = B/(η·λ·D) constant asks for a run that stops early
+    (https://arxiv.org/abs/2405.13698).
     """
     assert weight_decay_horizon in ("planned", "trained"), f"unknown horizon {weight_decay_horizon!r}"
     planned = int(ratio * num_params)
     reference = ratio * reference_num_params
     optimal_batch = REFERENCE_BATCH * (planned / reference) ** BATCH_EXPONENT  # Power Lines
     batch = total_batch_size or 2 ** round(math.log2(optimal_batch))
-    steps = num_iterations or max(1, planned // batch)
+    if num_iterations:
+        steps = num_iterations
+    elif target_flops:
+        assert flops_per_token, "a FLOPs budget needs the model's FLOPs per token"
+        steps = max(1, round(target_flops / (flops_per_token * batch)))
+    else:
+        steps = max(1, planned // batch)
     lr_scale = math.sqrt(batch / REFERENCE_BATCH)
     decay_tokens = planned if weight_decay_horizon == "planned" else steps * batch
     weight_decay = BASE_WEIGHT_DECAY * lr_scale * reference / decay_tokens
