@@ -21,8 +21,10 @@ from conftest import copy_tokenizer, http_mirror, write_shards
 from support import PYTHON, service_env, wait_until
 
 # A depth-2 model on 128-token rows: each step is a few hundredths of a second on a CPU.
-TINY = "--depth 2 --head-dim 64 --max-seq-len 128 --device-batch-size 4 --total-batch-size 1024 "
-TINY += "--eval-tokens 4096 --sample-every 0 --core-metric-every -1 --warmup-steps 5"
+SHAPE = (
+    "--depth 2 --head-dim 64 --max-seq-len 128 --device-batch-size 4 --total-batch-size 1024 --warmup-steps 5"
+)
+TINY = f"{SHAPE} --eval-tokens 4096 --sample-every 0 --core-metric-every -1"
 
 
 def run_dir(base: Path, run: str) -> Path:
@@ -299,6 +301,42 @@ def test_a_flag_out_of_its_bounds_is_refused_with_them(argv: list[str], message:
     with pytest.raises(SystemExit) as exit_info:
         base_train.parser.parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_minus_one_turns_every_evaluation_off_the_last_step_included(
+    env: Path, capsys: pytest.CaptureFixture
+) -> None:
+    summary = train(
+        env, "quiet", "--num-iterations 3 --eval-every -1 --sample-every -1 --core-metric-every -1"
+    )
+    out = capsys.readouterr().out
+    assert "evaluation: val bpb off | CORE off | samples off" in out
+    assert not re.search(r"val bpb \d|sample \||CORE \d|eval budget", out), out
+    assert summary["steps"] == 3 and summary["val_bpb"] is None and summary["core"] is None
+    assert not [r for r in metrics(env, "quiet") if "val_bpb" in r or "core" in r]
+
+
+def test_off_cuda_evaluations_are_sized_to_the_run_and_printed(
+    env: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """4 steps of 1,024 tokens: val bpb at 0, 2 and 4 may read 4,096 / 3 tokens each, CORE at the end 4,096
+    tokens over the kit's 20 tasks (one example each); a given flag wins over the sized default."""
+    copy_tokenizer(env, "sized")
+    flags = "--num-iterations 4 --eval-every 2 --core-metric-every 0 --sample-every -1"
+    summary = base_train.main(["--run", "sized", *SHAPE.split(), *flags.split()])
+    out = capsys.readouterr().out
+    assert "val bpb every 2 steps from step 0 and at the last: 3 in 4 steps | CORE at the last step" in out
+    assert (
+        "eval budget: --eval-tokens 1,365 (sized to this cpu run: the 1,365 tokens trained per evaluation"
+        in out
+    )
+    assert "eval budget: --core-metric-max-per-task 1 (sized to this cpu run" in out
+    assert [r["step"] for r in metrics(env, "sized") if "val_bpb" in r] == [0, 2, 4]
+    assert [r["step"] for r in metrics(env, "sized") if "core" in r] == [4]
+    assert summary["core"] is not None
+    given = "--num-iterations 2 --eval-every 0 --eval-tokens 2048 --core-metric-every -1 --sample-every -1"
+    base_train.main(["--run", "sized", *SHAPE.split(), *given.split()])
+    assert "eval budget: --eval-tokens 2,048 (given)" in capsys.readouterr().out
 
 
 def test_optimizer_groups_scale_every_lr_by_the_batch_but_smear_and_backout() -> None:

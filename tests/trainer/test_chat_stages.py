@@ -2,6 +2,7 @@
 only, and the whole pipeline tok → base → mid → sft → rl runs end to end, then chats."""
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from test_base_train import run_until_sigterm
 
-from trainer import base_train, chat_rl, chat_sft, checkpoint, mid_train, tok_train
+from trainer import base_train, chat_rl, chat_sft, checkpoint, mid_train, supervised, tok_train
 from trainer.chat_format import render_conversation
 from trainer.tokenizer import Tokenizer
 
@@ -159,6 +160,53 @@ def test_sft_learns_the_assistant_tokens_and_leaves_the_user_tokens_alone(env: P
     after = assistant_and_user_loss(model.eval(), tokenizer, held_out)
     assert after[0] < before[0] - 2.0, (before, after)  # the reply is learned
     assert before[1] - after[1] < (before[0] - after[0]) / 3, (before, after)  # the questions much less
+
+
+def test_minus_one_turns_every_chat_evaluation_off_the_last_step_included(
+    env: Path, data_kit: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    flags = "--source base --num-iterations 2 --eval-every -1 --chatcore-every -1"
+    mixture = ["--mixture", str(small_mixture(tmp_path, data_kit))]
+    summary = chat_sft.main(["--run", "sft-quiet", "--source-run", "c", *flags.split(), *mixture])
+    out = capsys.readouterr().out
+    assert "evaluation: val bpb off | ChatCORE off" in out
+    assert not re.search(r"val bpb \d|ARC-Easy|eval budget", out), out
+    assert summary["steps"] == 2 and summary["val_bpb"] is None and summary["chatcore"] is None
+    assert not [r for r in records(env, "sft-quiet", "sft") if "val_bpb" in r or "chatcore" in r]
+
+
+def test_off_cuda_chat_evaluations_are_sized_to_the_run_and_a_flag_wins(
+    env: Path, data_kit: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 steps of 1,024 tokens, each evaluation at the end only: val bpb may read 2,048 tokens, ChatCORE's
+    five tasks 2,048 tokens of work (one 512-token reply per generative task at least); a given
+    --chatcore-max-cat wins."""
+    asked = {}
+
+    def evaluate(task, model, engine, tokenizer, runtime, options) -> float:  # what ChatCORE asks of a task
+        asked[task.name] = (options.max_problems, options.max_new_tokens)
+        return 0.5
+
+    monkeypatch.setattr(supervised, "evaluate_chat_task", evaluate)
+    flags = "--source base --num-iterations 2 --eval-every 0 --chatcore-every 0 --chatcore-max-cat 3"
+    mixture = ["--mixture", str(small_mixture(tmp_path, data_kit))]
+    summary = chat_sft.main(["--run", "sft-sized", "--source-run", "c", *flags.split(), *mixture])
+    out = capsys.readouterr().out
+    assert "evaluation: val bpb at the last step | ChatCORE at the last step" in out
+    assert (
+        "eval budget: --eval-tokens 2,048 (sized to this cpu run: the 2,048 tokens trained per evaluation"
+        in out
+    )
+    assert "eval budget: --chatcore-max-cat 3 (given)" in out
+    assert "eval budget: --chatcore-max-sample 1 (sized to this cpu run" in out
+    assert asked == {
+        "ARC-Easy": (3, 512),
+        "ARC-Challenge": (3, 512),
+        "MMLU": (3, 512),
+        "GSM8K": (1, 512),
+        "HumanEval": (1, 512),
+    }
+    assert summary["val_bpb"] is not None and summary["chatcore"] is not None
 
 
 def test_pipeline_tok_base_mid_sft_rl_then_chat(tmp_path: Path, data_kit: Path, monkeypatch) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from trainer import core_eval
 from trainer.core_eval import CoreTask
+from trainer.gpt import GPT, GPTConfig
 from trainer.tokenizer import Tokenizer
 
 MC = CoreTask("mc", "multiple_choice", "mc.jsonl", 1, "\nAnswer: ", 0.25)
@@ -58,9 +59,41 @@ def test_examples_are_shuffled_with_seed_1337_before_max_per_task(tmp_path: Path
     assert chosen == ["row 0", "row 3", "row 7", "row 2"]  # Random(1337) puts 0, 3, 7, 2 first
 
 
-def test_a_prompt_longer_than_the_context_loses_its_oldest_tokens() -> None:
-    rows, starts, ends = core_eval.crop_left([list(range(10)), list(range(6))], [7, 4], [10, 6], max_len=8)
-    assert rows == [list(range(2, 10)), list(range(6))] and starts == [5, 4] and ends == [8, 6]
+def test_a_prompt_longer_than_the_context_is_scored_whole(tiny_tokenizer: Tokenizer) -> None:
+    """As the reference scores its GPT: never cropped; the choice with the lowest mean continuation loss
+    over the whole prompt, each scored on its own, is the model's answer."""
+    torch.manual_seed(0)
+    config = GPTConfig(
+        sequence_len=16, vocab_size=tiny_tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64
+    )
+    gpt = GPT(config)
+    gpt.init_weights()
+    torch.nn.init.normal_(gpt.lm_head.weight, std=1.0)  # choices far apart in loss
+    seen: list[torch.Tensor] = []
+
+    def model(input_ids: torch.Tensor) -> torch.Tensor:
+        seen.append(input_ids)
+        return gpt(input_ids)
+
+    item = {"query": "kamito neru sapolide " * 8 + "?", "choices": ["grafu", "berqua shtka", "de"], "gold": 0}
+    rows, starts, ends = core_eval.tokenize_prompts(
+        tiny_tokenizer, MC.task_type, core_eval.render_prompts(MC, item, [])
+    )
+    assert min(len(row) for row in rows) > 2 * config.sequence_len
+    with torch.no_grad():
+        losses = []
+        for row, start, end in zip(rows, starts, ends, strict=True):
+            logits = gpt(torch.tensor([row]))[0]
+            target = torch.tensor(row[start:end])
+            losses.append(torch.nn.functional.cross_entropy(logits[start - 1 : end - 1], target).item())
+    best = losses.index(min(losses))
+    for gold in range(3):
+        examples = [{**item, "gold": gold}]
+        right = core_eval.score_example(model, tiny_tokenizer, MC, examples, 0, torch.device("cpu"))
+        assert right == (gold == best), (gold, losses)
+    width = max(len(row) for row in rows)
+    assert all(ids.shape == (3, width) for ids in seen)  # every token of every prompt, none cropped
+    assert [seen[0][i, : len(row)].tolist() for i, row in enumerate(rows)] == rows
 
 
 def write_bundle(folder: Path) -> list[CoreTask]:
@@ -119,14 +152,14 @@ def test_core_of_an_oracle_is_one_and_of_a_constant_scorer_zero(
     assert [t.random_baseline for t in tasks] == [0.25, 0.5, 0.0]
     device = torch.device("cpu")
     oracle = core_eval.evaluate_core(
-        Oracle(tiny_tokenizer, tmp_path, tasks), tiny_tokenizer, tmp_path, 512, device
+        Oracle(tiny_tokenizer, tmp_path, tasks), tiny_tokenizer, tmp_path, device
     )
     assert oracle["core"] == 1.0 and all(r["centered"] == 1.0 for r in oracle["tasks"].values())
 
     def constant(input_ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros(*input_ids.shape, tiny_tokenizer.vocab_size)
 
-    constant_results = core_eval.evaluate_core(constant, tiny_tokenizer, tmp_path, 512, device)
+    constant_results = core_eval.evaluate_core(constant, tiny_tokenizer, tmp_path, device)
     assert {label: r["accuracy"] for label, r in constant_results["tasks"].items()} == {
         "mc": 0.25,  # always the first choice: right a quarter of the time
         "schema": 0.5,

@@ -55,6 +55,15 @@ def test_base_eval_reports_core_bpb_and_samples(env: Path) -> None:
     assert (report(env) / "val_bpb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_off_cuda_base_eval_reads_per_split_half_the_tokens_the_model_trained_on(
+    env: Path, capsys: pytest.CaptureFixture
+) -> None:
+    summary = base_eval.main(["--run", "e", "--eval", "bpb", "--device-batch-size", "4"])
+    out = capsys.readouterr().out  # the model trained 6 steps × 1,024 tokens
+    assert "eval budget: --split-tokens 3,072 (sized to this cpu run: as many tokens as the model" in out
+    assert summary["val_bpb"] > 0 and summary["train_bpb"] > 0
+
+
 def test_base_eval_refuses_unknown_evals(env: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         base_eval.main(["--run", "e", "--eval", "core,vibes"])

@@ -79,6 +79,20 @@ def test_kv_cache_decoding_matches_the_full_forward(pattern: str) -> None:
     assert torch.allclose(torch.cat([prefill, *steps], dim=1), full, atol=1e-4)
 
 
+def test_the_rotary_table_covers_ten_times_the_context_and_grows_for_a_longer_input() -> None:
+    """Prompts longer than the context (CORE's few-shot ones) run uncropped: the reference's 10× table,
+    extended with the same values where the reference would stop."""
+    model = randomized(tiny_config(sequence_len=16, window_pattern="L")).eval()
+    table = model.cos.clone()
+    assert table.shape[1] == 160
+    idx = torch.randint(0, 1000, (1, 200))
+    with torch.no_grad():
+        within = model(idx[:, :160])
+        longer = model(idx)
+    assert model.cos.shape[1] == 200 and torch.equal(model.cos[:, :160], table)
+    assert longer.shape == (1, 200, 1000) and torch.allclose(longer[:, :160], within, atol=1e-5)
+
+
 def test_flops_per_token_counts_matmuls_and_windowed_attention() -> None:
     config = tiny_config(window_pattern="SL")
     model = GPT(config)

@@ -29,7 +29,7 @@ FLAGS_NOT_EXPOSED = {
 # Bounds several flags share, under the names trainer/common.py gives them.
 MAX_STEPS = 10_000_000
 StepCount = Annotated[int, Field(ge=1, le=MAX_STEPS)]
-EveryNSteps = Annotated[int, Field(ge=-1, le=MAX_STEPS)]  # 0 or -1 (nanochat's spelling): off
+EveryNSteps = Annotated[int, Field(ge=-1, le=MAX_STEPS)]  # and at the end; 0: only at the end; -1: off
 LearningRate = Annotated[float, Field(ge=0, le=10)]  # 0 freezes the group
 Fraction = Annotated[float, Field(ge=0, le=1)]
 BatchSize = Annotated[int, Field(ge=1, le=4096)]  # rows per forward pass
@@ -41,6 +41,8 @@ Samples = Annotated[int, Field(ge=1, le=1024)]  # replies per question
 NewTokens = Annotated[int, Field(ge=1, le=65536)]  # tokens per reply
 Temperature = Annotated[float, Field(ge=0, le=10)]  # 0: greedy
 TopK = Annotated[int, Field(ge=1, le=1_000_000)]
+# An evaluation budget's default (trainer/eval_budget.py).
+SIZED = " (default: the reference's on CUDA, sized to the run elsewhere)"
 
 
 class StrictModel(BaseModel):
@@ -90,7 +92,7 @@ class StepFlags(ModelProgramOptions):
     num_iterations: StepCount | None = Field(default=None, description="optimizer steps (default: derived)")
     device_batch_size: BatchSize | None = Field(default=None, description="rows per forward pass")
     eval_every: EveryNSteps | None = Field(
-        default=None, description="steps between evals (one runs at the end too), -1: only at the end"
+        default=None, description="steps between evals (and one at the end), 0: only at the end, -1: off"
     )
     save_every: EveryNSteps | None = Field(
         default=None, description="steps between checkpoints (one at the end too), -1: only at the end"
@@ -203,15 +205,15 @@ class BaseTrainConfig(LearningRates, TrainingFlags):
         default=None, description="share of steps in warm-down (default: 0.65)"
     )
     final_lr_frac: Fraction | None = Field(default=None, description="LR at the end, × peak (default: 0.05)")
-    eval_tokens: EvalTokens | None = Field(default=None, description="val tokens per bpb eval")
+    eval_tokens: EvalTokens | None = Field(default=None, description=f"val tokens per bpb eval{SIZED}")
     core_metric_every: EveryNSteps | None = Field(
-        default=None, description="steps between CORE evals (and at the end), -1: off"
+        default=None, description="steps between CORE evals (and at the end), 0: only at the end, -1: off"
     )
     core_metric_max_per_task: PerTask | None = Field(
-        default=None, description="CORE examples per task, -1: all"
+        default=None, description=f"CORE examples per task, -1: all{SIZED}"
     )
     sample_every: EveryNSteps | None = Field(
-        default=None, description="steps between samples (one at the end too), -1: only at the end"
+        default=None, description="steps between samples (and at the end), 0: only at the end, -1: off"
     )
 
 
@@ -238,13 +240,15 @@ class SupervisedConfig(TrainingFlags, ChatSourceFlags):
     warmdown_ratio: Fraction | None = Field(default=None, description="share of the run in warm-down")
     final_lr_frac: Fraction | None = Field(default=None, description="LR at the end, × peak")
     load_optimizer: bool | None = Field(default=None, description="start from the source's momentum")
-    eval_tokens: EvalTokens | None = Field(default=None, description="val tokens per bpb eval")
+    eval_tokens: EvalTokens | None = Field(default=None, description=f"val tokens per bpb eval{SIZED}")
     chatcore_every: EveryNSteps | None = Field(
-        default=None, description="steps between ChatCORE evals (and at the end), -1: off"
+        default=None, description="steps between ChatCORE evals (and at the end), 0: only at the end, -1: off"
     )
-    chatcore_max_cat: PerTask | None = Field(default=None, description="problems per choice task, -1: all")
+    chatcore_max_cat: PerTask | None = Field(
+        default=None, description=f"problems per choice task, -1: all{SIZED}"
+    )
     chatcore_max_sample: PerTask | None = Field(
-        default=None, description="problems per generative task, -1: all"
+        default=None, description=f"problems per generative task, -1: all{SIZED}"
     )
 
 
@@ -264,13 +268,13 @@ class ChatRLConfig(StepFlags, ChatSourceFlags):
 class BaseEvalConfig(ModelProgramOptions):
     step: CheckpointStep | None = Field(default=None, description="checkpoint (default: latest)")
     eval: str | None = Field(default=None, pattern=r"^(core|bpb|sample)(,(core|bpb|sample))*$")
-    max_per_task: PerTask | None = Field(default=None, description="CORE examples per task, -1: all")
+    max_per_task: PerTask | None = Field(default=None, description=f"CORE examples per task, -1: all{SIZED}")
     core_tasks: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.ya?ml$",
         description="CORE task list in the eval bundle (default: core.yaml)",
     )
-    split_tokens: EvalTokens | None = Field(default=None, description="tokens per split for bpb")
+    split_tokens: EvalTokens | None = Field(default=None, description=f"tokens per split for bpb{SIZED}")
     device_batch_size: BatchSize | None = None
 
 

@@ -18,7 +18,7 @@ from statistics import median
 
 import torch
 
-from trainer import checkpoint, core_eval, dataset, fp8, scaling, task_data, training
+from trainer import checkpoint, core_eval, dataset, eval_budget, fp8, scaling, task_data, training
 from trainer.common import (
     EVAL_TOKENS,
     EVERY_N_STEPS,
@@ -61,6 +61,9 @@ from trainer.training import (
 )
 
 PHASE = "base"
+# The reference's evaluation budgets (nanochat 92d63d4, scripts/base_train.py): the defaults on CUDA.
+REFERENCE_EVAL_TOKENS = 80 * 2**19
+REFERENCE_CORE_PER_TASK = 500
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -192,26 +195,26 @@ group = parser.add_argument_group("Evaluation")
 group.add_argument(
     "--eval-tokens",
     type=EVAL_TOKENS,
-    default=20 * 2**19,
-    help="val tokens per bpb evaluation (default: 10.5M)",
+    default=None,
+    help="val tokens per bpb evaluation (default: the reference's 41.9M on CUDA, sized to the run elsewhere)",
 )
 group.add_argument(
     "--core-metric-every",
     type=EVERY_N_STEPS,
     default=2000,
-    help="steps between CORE evaluations (and one at the end), -1: off (default: 2000)",
+    help="steps between CORE evaluations (and one at the end), 0: only at the end, -1: off (default: 2000)",
 )
 group.add_argument(
     "--core-metric-max-per-task",
     type=PER_TASK,
-    default=500,
-    help="CORE examples per task, -1: all (default: 500)",
+    default=None,
+    help="CORE examples per task, -1: all (default: the reference's 500 on CUDA, sized to the run elsewhere)",
 )
 group.add_argument(
     "--sample-every",
     type=EVERY_N_STEPS,
     default=2000,
-    help="steps between samples (taken at the end too), -1: only at the end (default: 2000)",
+    help="steps between samples (and at the end), 0: only at the end, -1: off (default: 2000)",
 )
 add_training_flags(parser)
 
@@ -325,6 +328,38 @@ def core_bundle(settings: TrainerSettings) -> tuple[Path, str]:
         raise SystemExit(message) from error
 
 
+def evaluation_budget(
+    args: argparse.Namespace,
+    horizon: scaling.Horizon,
+    core_tasks: tuple[Path, str] | None,
+    device: torch.device,
+) -> tuple[int | None, int | None]:
+    """Val tokens per bpb evaluation and CORE examples per task (None: that evaluation is off): as given,
+    the reference's on CUDA, else sized to this run (eval_budget.py). Printed with the cadences."""
+    steps, batch_tokens = horizon.num_iterations, horizon.total_batch_size
+    val_bpb = eval_budget.cadence(args.eval_every, steps, at_start=True)
+    core = eval_budget.cadence(args.core_metric_every, steps)
+    samples = eval_budget.cadence(args.sample_every, steps)
+    print0(f"evaluation: val bpb {val_bpb} | CORE {core} | samples {samples}")
+    eval_tokens = eval_budget.val_tokens(
+        args.eval_every, args.eval_tokens, REFERENCE_EVAL_TOKENS, steps, batch_tokens, device
+    )
+    if core_tasks is None:
+        return eval_tokens, None
+    tokens = eval_budget.tokens_per_evaluation(args.core_metric_every, steps, batch_tokens)
+    task_count = len(core_eval.load_tasks(*core_tasks))
+    core_per_task = eval_budget.pick(
+        "--core-metric-max-per-task",
+        args.core_metric_max_per_task,
+        REFERENCE_CORE_PER_TASK,
+        eval_budget.core_examples(tokens, task_count),
+        f"the {tokens:,} tokens trained per evaluation over {task_count} tasks of "
+        f"~{eval_budget.CORE_EXAMPLE_TOKENS:,} tokens an example",
+        device,
+    )
+    return eval_tokens, core_per_task
+
+
 @dataclass
 class BaseLoopState(LoopState):
     core: float | None = None
@@ -397,8 +432,8 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     )
     data_pass = train_loader.epoch  # a new pass over the data is logged and recorded when it begins
     val_shards = dataset.list_shards(settings, "val")
-    eval_steps = max(1, args.eval_tokens // (horizon.total_batch_size // accumulation))
-    core_tasks = core_bundle(settings) if args.core_metric_every > 0 else None
+    core_tasks = core_bundle(settings) if args.core_metric_every >= 0 else None
+    eval_tokens, core_per_task = evaluation_budget(args, horizon, core_tasks, runtime.device)
     wandb_run = init_wandb(settings, args.run, {**vars(args), "model": config.to_dict()}, runtime)
     total = horizon.num_iterations
     bar = progress_bar(total=total, initial=start_step, unit="step") if sys.stderr.isatty() else None
@@ -411,34 +446,27 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         stopping = runtime.any(stop.requested)
         # The checkpoint we resumed from was written after this step's evaluation and sampling.
         done_before_checkpoint = resuming and step == start_step
-        if not done_before_checkpoint and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+        if not done_before_checkpoint and eval_budget.due(args.eval_every, step, last, at_start=True):
             model.eval()  # the training model, compiled when training is: the reference evaluates so
             val_loader = PackingLoader(tokenizer, val_shards, **loader_args)
+            eval_steps = max(1, eval_tokens // (horizon.total_batch_size // accumulation))
             val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
             model.train()
             loop.record_eval(val_bpb)
             log(f"step {step}/{total} | val bpb {val_bpb:.4f}")
             metrics.write({"step": step, "val_bpb": val_bpb})
             wandb_run.log({"val/bpb": val_bpb}, step=step)
-        sample_now = last or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0)
+        sample_now = eval_budget.due(args.sample_every, step, last)
         if runtime.is_master and not done_before_checkpoint and sample_now:
             model.eval()
             for line in sample(model, tokenizer):
                 log(f"  sample | {line}")
             model.train()
-        core_now = last or (step > 0 and step % max(1, args.core_metric_every) == 0)
-        if core_tasks is not None and not done_before_checkpoint and core_now:
+        if not done_before_checkpoint and eval_budget.due(args.core_metric_every, step, last):
             model.eval()  # the uncompiled model: CORE's prompts change shape all the time
             bundle, core_config = core_tasks
             results = core_eval.evaluate_core(
-                model,
-                tokenizer,
-                bundle,
-                config.sequence_len,
-                runtime.device,
-                core_config,
-                args.core_metric_max_per_task,
-                log,
+                model, tokenizer, bundle, runtime.device, core_config, core_per_task, log
             )
             model.train()
             loop.core = results["core"]

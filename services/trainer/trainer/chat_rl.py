@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from trainer import checkpoint, training
+from trainer import checkpoint, eval_budget, training
 from trainer.chat_format import render_for_completion
 from trainer.common import (
     BATCH_SIZE,
@@ -75,7 +75,7 @@ group.add_argument(
     "--eval-every",
     type=EVERY_N_STEPS,
     default=60,
-    help="steps between pass@k evaluations (one runs at the end too), -1: only at the end (default: 60)",
+    help="steps between pass@k evaluations (and one at the end), 0: only at the end, -1: off (default: 60)",
 )
 group.add_argument(
     "--eval-examples",
@@ -225,7 +225,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     for step in range(start_step, total + 1):
         last, stopping = step == total, runtime.any(stop.requested)
         done_before_checkpoint = resuming and step == start_step
-        if not done_before_checkpoint and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+        if not done_before_checkpoint and eval_budget.due(args.eval_every, step, last, at_start=True):
             model.eval()
             passk = pass_at_k(engine, test_task, runtime, args)
             loop.pass_at_1 = passk[0]

@@ -65,7 +65,7 @@ class Bounded:
 # Bounds several flags share (jobs/specs.py has them too, named alike).
 MAX_STEPS = 10_000_000
 STEP_COUNT = Bounded(int, 1, MAX_STEPS)
-EVERY_N_STEPS = Bounded(int, -1, MAX_STEPS)  # 0 or -1 (nanochat's spelling): off
+EVERY_N_STEPS = Bounded(int, -1, MAX_STEPS)  # and at the end; 0: only at the end; -1: off (eval_budget.py)
 LEARNING_RATE = Bounded(float, 0, 10)  # 0 freezes the group
 FRACTION = Bounded(float, 0, 1)
 BATCH_SIZE = Bounded(int, 1, 4096)  # rows per forward pass

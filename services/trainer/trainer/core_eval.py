@@ -13,8 +13,9 @@ each task's rows are shuffled with Random(1337) before --max-per-task keeps the 
 idx gets the few-shot rows Random(1234 + idx).sample(every other index, k). Centred accuracy is
 (acc − b)/(1 − b) with b the random baseline of eval_meta_data.csv (given there in percent).
 
-Unlike nanochat's own GPT, a prompt longer than the model's context is cropped from the left (nanochat
-only crops for models that declare a maximum length); at a 2,048-token context it rarely matters.
+A prompt longer than the model's context is scored whole, never cropped, as nanochat scores its own GPT:
+the rotary table covers 10× the context (and grows past it, where nanochat's would stop: gpt.py), and
+the full-context layers see the last context-length tokens, as in training.
 """
 
 import csv
@@ -135,18 +136,6 @@ def tokenize_prompts(
     return [with_continuation], [len(without)], [len(with_continuation)]
 
 
-def crop_left(
-    rows: list[list[int]], starts: list[int], ends: list[int], max_len: int
-) -> tuple[list[list[int]], list[int], list[int]]:
-    """Rows longer than the model's context lose their oldest tokens; the positions shift with them."""
-    cropped = [max(0, len(row) - max_len) for row in rows]
-    return (
-        [row[c:] for row, c in zip(rows, cropped, strict=True)],
-        [s - c for s, c in zip(starts, cropped, strict=True)],
-        [e - c for e, c in zip(ends, cropped, strict=True)],
-    )
-
-
 # -- scoring ------------------------------------------------------------------------------
 
 
@@ -157,14 +146,12 @@ def score_example(
     task: CoreTask,
     examples: list[dict],
     idx: int,
-    max_len: int,
     device: torch.device,
 ) -> bool:
     """Whether the model gets example idx right."""
     item = examples[idx]
     fewshot = [examples[i] for i in fewshot_indices(idx, len(examples), task.num_fewshot)]
     rows, starts, ends = tokenize_prompts(tokenizer, task.task_type, render_prompts(task, item, fewshot))
-    rows, starts, ends = crop_left(rows, starts, ends, max_len)
     width = max(len(row) for row in rows)
     padded = [row + [tokenizer.bos_token_id] * (width - len(row)) for row in rows]  # padding is never scored
     input_ids = torch.tensor(padded, dtype=torch.long, device=device)
@@ -184,7 +171,6 @@ def evaluate_task(
     tokenizer: Tokenizer,
     task: CoreTask,
     examples: list[dict],
-    max_len: int,
     device: torch.device,
 ) -> float:
     """Accuracy over the examples; with torch.distributed each rank scores every world_size-th one."""
@@ -194,7 +180,7 @@ def evaluate_task(
     for idx in progress_bar(
         range(rank, len(examples), world_size), desc=task.label, unit="example", leave=False
     ):
-        correct[idx] = float(score_example(model, tokenizer, task, examples, idx, max_len, device))
+        correct[idx] = float(score_example(model, tokenizer, task, examples, idx, device))
     if distributed:
         dist.all_reduce(correct)
     return correct.mean().item()
@@ -209,7 +195,6 @@ def evaluate_core(
     model: Model,
     tokenizer: Tokenizer,
     bundle: Path,
-    max_len: int,
     device: torch.device,
     config: str = "core.yaml",
     max_per_task: int = -1,
@@ -219,7 +204,7 @@ def evaluate_core(
     results = {}
     for task in load_tasks(bundle, config):
         examples = load_examples(bundle, task, max_per_task)
-        accuracy = evaluate_task(model, tokenizer, task, examples, max_len, device)
+        accuracy = evaluate_task(model, tokenizer, task, examples, device)
         results[task.label] = {
             "accuracy": accuracy,
             "centered": centered(accuracy, task.random_baseline),

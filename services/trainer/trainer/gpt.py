@@ -175,7 +175,8 @@ class GPT(nn.Module):
         self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
         self.compute_dtype = torch.float32
         self.window_sizes = config.window_sizes()
-        self.rotary_len = config.sequence_len * 10  # room to sample well past the training length
+        # Room to sample and score well past the training length: 10× the context, as the reference.
+        self.rotary_len = config.sequence_len * 10
         cos, sin = self.rotary_tables(self.rotary_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -215,8 +216,13 @@ class GPT(nn.Module):
         embedding_dtype = torch.float32 if dtype == torch.float16 else dtype
         self.wte.to(embedding_dtype)
         self.value_embeds.to(embedding_dtype)
-        cos, sin = self.rotary_tables(self.rotary_len)
-        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.set_rotary_len(self.rotary_len)
+
+    def set_rotary_len(self, length: int) -> None:
+        """Rotary tables for `length` positions, in the compute dtype (a longer table keeps every row)."""
+        self.rotary_len = length
+        cos, sin = self.rotary_tables(length)
+        self.cos, self.sin = cos.to(self.compute_dtype), sin.to(self.compute_dtype)
 
     def rotary_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         head_dim = self.config.head_dim
@@ -249,7 +255,8 @@ class GPT(nn.Module):
         """Logits (B, T, vocab) in fp32, or with targets the cross-entropy loss (ignore index −1)."""
         T = idx.size(1)
         if kv_cache is None:
-            assert self.rotary_len >= T, f"sequence of {T} tokens exceeds {self.rotary_len}"
+            if self.rotary_len < T:  # a long CORE prompt to a small-context model; the reference stops here
+                self.set_rotary_len(T)
             cos, sin = self.cos[:, :T], self.sin[:, :T]
         else:  # each row continues from its own length
             positions = kv_cache.start(T)

@@ -64,7 +64,8 @@ def add_training_flags(parser: argparse.ArgumentParser, inherited: bool = False)
         "--eval-every",
         type=EVERY_N_STEPS,
         default=250,
-        help="steps between val evaluations (one runs at the end too), -1: only at the end (default: 250)",
+        help="steps between val evaluations (and one at the end), 0: only at the end, -1: off "
+        "(default: %(default)s)",
     )
     add_checkpoint_flags(group, save_every=1000)
     group = add_runtime_flags(parser)
@@ -83,7 +84,7 @@ def add_checkpoint_flags(group: argparse._ArgumentGroup, save_every: int) -> Non
         "--save-every",
         type=EVERY_N_STEPS,
         default=save_every,
-        help=f"steps between checkpoints (one at the end too), -1: only at the end (default: {save_every})",
+        help="steps between checkpoints (one at the end too), -1: only at the end (default: %(default)s)",
     )
     group.add_argument(
         "--keep-checkpoints",

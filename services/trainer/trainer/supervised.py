@@ -22,7 +22,7 @@ from statistics import median
 
 import torch
 
-from trainer import checkpoint, training
+from trainer import checkpoint, eval_budget, training
 from trainer.chat_eval import chatcore
 from trainer.chat_eval import evaluate_task as evaluate_chat_task
 from trainer.common import (
@@ -74,6 +74,15 @@ STAGES = {
         "sft", "chat_sft", "Fine-tune a chat model on a task mixture.", "mid", True, 0.8, 0.5, 200, 200
     ),
 }
+# The reference's val tokens per bpb evaluation, the defaults on CUDA: its mid_train's (nanochat 348fbb3)
+# and its chat_sft's (92d63d4).
+REFERENCE_EVAL_TOKENS = {"mid": 20 * 2**19, "sft": 40 * 2**19}
+# ChatCORE during SFT as the reference computes it (nanochat 92d63d4, scripts/chat_sft.py): every
+# multiple-choice problem and 24 generative ones per task (the defaults on CUDA), replies of up to 512
+# tokens.
+REFERENCE_CHATCORE_MAX_CAT = -1
+REFERENCE_CHATCORE_MAX_SAMPLE = 24
+CHATCORE_NEW_TOKENS = 512
 
 
 def build_parser(stage: Stage) -> argparse.ArgumentParser:
@@ -108,29 +117,32 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     add_training_flags(parser, inherited=True)
     parser.set_defaults(eval_every=stage.eval_every, save_every=500)
     group = parser.add_argument_group("Chat evaluation during training")
+    reference_tokens = REFERENCE_EVAL_TOKENS[stage.name]
     group.add_argument(
         "--eval-tokens",
         type=EVAL_TOKENS,
-        default=20 * 2**19,
-        help="val tokens per bpb evaluation (default: 10.5M)",
+        default=None,
+        help=f"val tokens per bpb evaluation (default: the reference's {reference_tokens / 1e6:.1f}M on "
+        "CUDA, sized to the run elsewhere)",
     )
     group.add_argument(
         "--chatcore-every",
         type=EVERY_N_STEPS,
         default=stage.chatcore_every,
-        help=f"steps between ChatCORE evaluations, -1: off (default: {stage.chatcore_every})",
+        help="steps between ChatCORE evaluations (and one at the end), 0: only at the end, -1: off "
+        f"(default: {stage.chatcore_every})",
     )
     group.add_argument(
         "--chatcore-max-cat",
         type=PER_TASK,
-        default=-1,
-        help="problems per choice task, -1: all (default: -1)",
+        default=None,
+        help="problems per choice task, -1: all (default: all on CUDA, sized to the run elsewhere)",
     )
     group.add_argument(
         "--chatcore-max-sample",
         type=PER_TASK,
-        default=24,
-        help="problems per generative task, -1: all (default: 24)",
+        default=None,
+        help="problems per generative task, -1: all (default: 24 on CUDA, sized to the run elsewhere)",
     )
     return parser
 
@@ -151,19 +163,58 @@ def muon_momentum(step: int) -> float:
     return (1 - frac) * 0.85 + frac * 0.95
 
 
+def evaluation_budget(
+    stage: Stage, args: argparse.Namespace, steps: int, batch_tokens: int, device: torch.device
+) -> tuple[int | None, tuple[int, int] | None]:
+    """Val tokens per bpb evaluation and ChatCORE's (multiple-choice, generative) problems per task (None:
+    that evaluation is off): as given, the reference's on CUDA, else sized to this run (eval_budget.py).
+    Printed with the cadences."""
+    print0(
+        f"evaluation: val bpb {eval_budget.cadence(args.eval_every, steps, at_start=True)} | "
+        f"ChatCORE {eval_budget.cadence(args.chatcore_every, steps)}"
+    )
+    eval_tokens = eval_budget.val_tokens(
+        args.eval_every, args.eval_tokens, REFERENCE_EVAL_TOKENS[stage.name], steps, batch_tokens, device
+    )
+    if args.chatcore_every < 0:
+        return eval_tokens, None
+    tokens = eval_budget.tokens_per_evaluation(args.chatcore_every, steps, batch_tokens)
+    tasks = len(PUBLISHED_CHATCORE_TASKS)
+    choice, generative = eval_budget.chatcore_problems(tokens, tasks, CHATCORE_NEW_TOKENS)
+    why = f"the {tokens:,} tokens trained per evaluation over {tasks} tasks"
+    max_cat = eval_budget.pick(
+        "--chatcore-max-cat",
+        args.chatcore_max_cat,
+        REFERENCE_CHATCORE_MAX_CAT,
+        choice,
+        f"{why} of ~{eval_budget.CHOICE_PROBLEM_TOKENS} tokens a problem",
+        device,
+    )
+    max_sample = eval_budget.pick(
+        "--chatcore-max-sample",
+        args.chatcore_max_sample,
+        REFERENCE_CHATCORE_MAX_SAMPLE,
+        generative,
+        f"{why} of ~{CHATCORE_NEW_TOKENS} new tokens × {eval_budget.GENERATED_TOKEN_COST} a problem",
+        device,
+    )
+    return eval_tokens, (max_cat, max_sample)
+
+
 def evaluate_chatcore(
-    model, tokenizer: Tokenizer, tasks: list[Task], runtime: Runtime, args, batch_size: int
+    model, tokenizer: Tokenizer, tasks: list[Task], runtime: Runtime, limits: tuple[int, int], batch_size: int
 ) -> dict[str, float]:
-    """ChatCORE on the first problems of each task (greedy), as the reference does during SFT."""
+    """ChatCORE on the first problems of each task (greedy), as the reference does during SFT; `limits`:
+    problems per multiple-choice task and per generative task (-1: all)."""
     engine, accuracies, baselines = Engine(model, tokenizer), {}, {}
     for task in tasks:
         name = task.name
-        limit = args.chatcore_max_cat if task.eval_type == "categorical" else args.chatcore_max_sample
+        limit = limits[0] if task.eval_type == "categorical" else limits[1]
         options = argparse.Namespace(
             max_problems=limit if limit > 0 else None,  # -1 (or 0, as for CORE): all
             batch_size=batch_size,
             num_samples=1,
-            max_new_tokens=256,
+            max_new_tokens=CHATCORE_NEW_TOKENS,
             temperature=0.0,
             top_k=50,
         )
@@ -239,10 +290,18 @@ def train(
     train_loader = ConversationLoader(tokenizer, train_mixture, state=loader_state, **loader_args)
     metrics = MetricsLog(out_dir / "metrics.jsonl", runtime, start_step)
     start_step = start_step or 0
-    eval_steps = max(1, args.eval_tokens // micro_tokens)
+    steps = args.num_iterations
+    if steps is None:
+        steps = eval_budget.epoch_steps(
+            tokenizer, train_mixture, recipe.max_seq_len + 1, recipe.total_batch_size
+        )
+        print0(f"one pass over the mixture: about {steps:,} steps")
+    eval_tokens, chatcore_limits = evaluation_budget(
+        stage, args, steps, recipe.total_batch_size, runtime.device
+    )
     # Read once: every ChatCORE evaluation uses the same problems.
     chat_tasks = (
-        [CHAT_TASKS[name](settings) for name in PUBLISHED_CHATCORE_TASKS] if args.chatcore_every > 0 else []
+        [CHAT_TASKS[name](settings) for name in PUBLISHED_CHATCORE_TASKS] if args.chatcore_every >= 0 else []
     )
     flops_per_token = model.estimate_flops()
     peak, _ = peak_flops(runtime)
@@ -263,19 +322,20 @@ def train(
     while True:
         last, stopping = finished(step), runtime.any(stop.requested)
         done_before_checkpoint = resuming and step == start_step
-        if not done_before_checkpoint and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+        if not done_before_checkpoint and eval_budget.due(args.eval_every, step, last, at_start=True):
             model.eval()
             val_loader = ConversationLoader(tokenizer, val_mixture, **loader_args)
-            val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
+            val_bpb = evaluate_bpb(train_model, val_loader, max(1, eval_tokens // micro_tokens), token_bytes)
             model.train()
             loop.record_eval(val_bpb)
             log(f"step {step} | val bpb {val_bpb:.4f}")
             metrics.write({"step": step, "val_bpb": val_bpb})
             wandb_run.log({"val/bpb": val_bpb}, step=step)
-        chatcore_now = args.chatcore_every > 0 and (last or (step > 0 and step % args.chatcore_every == 0))
-        if chatcore_now and not done_before_checkpoint:
+        if not done_before_checkpoint and eval_budget.due(args.chatcore_every, step, last):
             model.eval()  # the uncompiled model: prompts change shape all the time
-            scores = evaluate_chatcore(model, tokenizer, chat_tasks, runtime, args, recipe.device_batch_size)
+            scores = evaluate_chatcore(
+                model, tokenizer, chat_tasks, runtime, chatcore_limits, recipe.device_batch_size
+            )
             model.train()
             loop.chatcore = scores["chatcore"]
             log(f"step {step} | " + " | ".join(f"{name} {value:.4f}" for name, value in scores.items()))
