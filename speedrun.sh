@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The reference recipe on one 8-GPU node: the stack with Docker, then the d20 pipeline (shards,
-# tokenizer, base pretraining on 8 processes, midtraining, SFT, RL, the evals and the report card),
-# followed here to its end.
+# The reference's record speedrun on one 8-GPU node (nanochat 92d63d4 runs/speedrun.sh): the stack with
+# Docker, then the current recipe's pipeline (shards, tokenizer, base d24 at 8 tokens per parameter on 8
+# processes, SFT from base, the evals and the report card), followed here to its end.
 set -euo pipefail
 cd "$(dirname "$0")"
 # shellcheck source=scripts/lib/common.sh
@@ -12,12 +12,13 @@ usage() {
 Usage: ./speedrun.sh [--run=NAME]
 
 Needs 8 NVIDIA GPUs, Docker with the NVIDIA Container Toolkit, and API_TOKEN in .env. Starts the stack
-(docker compose up), submits the "d20 8×GPU speedrun" preset (services/web/web/static/presets.json)
-and follows every stage's log. Watch it in the web UI too: http://localhost:8080/#/jobs.
+(docker compose up), submits the "d24 8×GPU speedrun" preset (services/web/web/static/presets.json)
+and follows every stage's log. Watch it in the web UI too: http://localhost:8080/#/jobs. The classic
+recipe (base d20 → mid → SFT → RL) is the "d20 classic 8×GPU" preset, or ./train.sh all --depth=20.
 USAGE
 }
 
-run=d20
+run=d24
 case "${1:-}" in
   -h | --help) usage; exit 0 ;;
   --run=*) run="${1#--run=}" ;;
@@ -27,6 +28,6 @@ esac
 need_gpus 8
 need_docker
 compose up -d --build --wait
-spec=$(python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))["d20 8×GPU speedrun"]["spec"]; s["run"]=sys.argv[2]; print(json.dumps(s))' \
+spec=$(python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))["d24 8×GPU speedrun"]["spec"]; s["run"]=sys.argv[2]; print(json.dumps(s))' \
   services/web/web/static/presets.json "$run")
 run_job "$spec"

@@ -10,9 +10,11 @@ usage() {
   cat <<'USAGE'
 Usage: ./train.sh base|mid|sft|rl|all [--run=NAME] [--FLAG=VALUE ...]
 
+The classic recipe's stages (nanochat 348fbb3, the seed's four):
   base   base pretraining (base_train)      mid   midtraining (mid_train)
-  sft    chat SFT (chat_sft)                rl    RL on GSM8K (chat_rl)
-  all    the whole pipeline: tokenizer, base, mid, sft, rl, evals (the flags go to base_train)
+  sft    light chat SFT from mid            rl    RL on GSM8K (chat_rl)
+  all    the whole classic pipeline: tokenizer, base, mid, sft, rl, evals (the flags go to base_train)
+The current recipe (base, then SFT from base) is ./speedrun.sh's; its SFT alone: ./train.sh sft --recipe=current.
 
 Flags are the program's own, in nanochat's spelling or ours: --depth=20 --num_iterations=100
 --device-batch-size=16, plus the runner's: --nproc_per_node=8 (GPUs per worker), --nnodes=2 (workers
@@ -59,7 +61,11 @@ for flag in flags:
         run = text
     else:
         config[name.replace("-", "_")] = typed(text)
-print(json.dumps({"kind": kind, "run": run, "config": {"base_train": config} if kind == "pipeline" else config}))
+if kind == "pipeline":
+    config = {"recipe": "classic", "base_train": config}
+elif kind in ("chat_sft", "chat_rl"):
+    config.setdefault("recipe", "classic")
+print(json.dumps({"kind": kind, "run": run, "config": config}))
 PY
 )
 run_job "$spec"

@@ -1,6 +1,7 @@
-"""A tiny pipeline through the API, all real processes: tokenizer → base → mid → sft → rl → evals.
-Base training is stopped on the way (later stages are canceled, no process is left), then retried:
-it resumes from its checkpoint and the pipeline runs to the end."""
+"""Tiny pipelines of both recipes through the API, all real processes. The classic one (tokenizer → base →
+mid → sft → rl → evals) is stopped in base training on the way (later stages are canceled, no process is
+left), then retried: it resumes from its checkpoint and runs to the end. The current one (tokenizer →
+base → sft from base → chat eval) runs straight through."""
 
 import json
 import os
@@ -15,25 +16,21 @@ from conftest import Stack, start_stack
 from sse import read_events
 from support import wait_until
 
-CHAT = {
-    "eval_tokens": 1024,
-    "chatcore_every": -1,
-    "num_iterations": 2,
-    "eval_every": 0,
-    "mixture": "small.yaml",
-}
+CHAT = {"eval_tokens": 1024, "chatcore_every": -1, "eval_every": 0, "mixture": "small.yaml"}
+TOKENIZER = {"vocab_size": 1024, "max_chars": 2_000_000}
+BASE = {
+    "depth": 2, "head_dim": 64, "max_seq_len": 128, "device_batch_size": 4, "total_batch_size": 512,
+    "eval_every": 0, "eval_tokens": 2048, "sample_every": 0, "core_metric_every": -1, "dtype": "float32",
+}  # fmt: skip
 PIPELINE = {
     "kind": "pipeline",
     "run": "pipe",
     "config": {
-        "tokenizer": {"vocab_size": 1024, "max_chars": 2_000_000},
-        "base_train": {
-            "depth": 2, "head_dim": 64, "max_seq_len": 128, "device_batch_size": 4, "total_batch_size": 512,
-            "num_iterations": 40, "eval_every": 0, "eval_tokens": 2048, "sample_every": 0, "save_every": 5,
-            "core_metric_every": -1, "dtype": "float32",
-        },
-        "mid_train": CHAT,
-        "chat_sft": CHAT,
+        "recipe": "classic",
+        "tokenizer": TOKENIZER,
+        "base_train": {**BASE, "num_iterations": 40, "save_every": 5},
+        "mid_train": {**CHAT, "num_iterations": 2},
+        "chat_sft": CHAT,  # one pass: 250 conversations // 32 a step = 7 steps
         "chat_rl": {
             "examples_per_step": 2, "num_samples": 4, "device_batch_size": 2, "max_new_tokens": 12,
             "eval_every": 2, "eval_examples": 2, "num_iterations": 2,
@@ -56,7 +53,7 @@ def pipe_stack(redis_url: str, data_kit: Path, tmp_path_factory: pytest.TempPath
         "train:\n"
         "  - {source: smoltalk, split: train, rows: 100}\n"
         "  - {source: gsm8k, split: train, rows: 100}\n"
-        "  - {source: identity, rows: 50}\n"
+        "  - {source: identity-template, rows: 50}\n"
         "val:\n"
         "  - {source: smoltalk, split: test, rows: 20}\n"
     )
@@ -122,6 +119,8 @@ def test_a_pipeline_stopped_in_base_training_and_retried_runs_to_the_end(pipe_st
         assert [a["end_reason"] for a in base["attempts"]] == ["stopped on request", "finished"]
         assert base["attempts"][1]["resumed_from_step"] == stopped_at
         assert base["result"]["steps"] == 40
+        sft = client.get(f"/jobs/{stages['chat_sft']['id']}").json()["result"]
+        assert (sft["recipe"], sft["source"], sft["steps"]) == ("classic", "pipe/mid step 2", 250 // 32)
         for kind in STAGES:
             stage = client.get(f"/jobs/{stages[kind]['id']}").json()
             assert stage["status"] == "finished" and stage["result"], kind
@@ -137,3 +136,33 @@ def test_a_pipeline_stopped_in_base_training_and_retried_runs_to_the_end(pipe_st
         p.name for p in report.iterdir()
     }
     assert (pipe_stack.base_dir / "runs" / "pipe" / "rl").is_dir()  # the checkpoints stay
+
+
+def test_the_current_recipe_runs_tokenizer_base_sft_and_the_chat_eval(pipe_stack: Stack) -> None:
+    spec = {
+        "kind": "pipeline",
+        "run": "now",
+        "config": {
+            "tokenizer": TOKENIZER,
+            "base_train": {**BASE, "num_iterations": 4},
+            "chat_sft": {**CHAT, "num_iterations": 2},
+            "skip": ["base_eval"],
+            "chat_eval": {"source": "sft", "task_name": "ARC-Easy", "max_problems": 2},
+        },
+    }
+    with pipe_stack.client() as client:
+        pipeline = client.post("/jobs", json=spec)
+        assert pipeline.status_code == 201, pipeline.text
+        pipeline_id = pipeline.json()["id"]
+        wait_until(
+            lambda: client.get(f"/jobs/{pipeline_id}").json()["status"] in ("finished", "failed", "canceled"),
+            300,
+            "the pipeline",
+        )
+        assert client.get(f"/jobs/{pipeline_id}").json()["status"] == "finished"
+        jobs = client.get("/jobs", params={"run": "now"}).json()["jobs"]
+        stages = {job["kind"]: job["id"] for job in jobs if job["pipeline_id"]}
+        assert set(stages) == {"tokenizer", "base_train", "chat_sft", "chat_eval"}
+        sft = client.get(f"/jobs/{stages['chat_sft']}").json()["result"]
+    assert (sft["recipe"], sft["source"], sft["steps"]) == ("current", "now/base step 4", 2)
+    assert not (pipe_stack.base_dir / "runs" / "now" / "mid").exists()

@@ -79,7 +79,7 @@ def test_demo_trains_a_chat_model_and_points_to_its_chat_page(data_kit: Path, tm
             output = log.read_text()
             assert launcher.poll() is None, output
             # The services log to the same terminal: a line of theirs may run into one of the demo's.
-            for stage in ("tokenizer", "base_train", "mid_train", "chat_sft"):
+            for stage in ("tokenizer", "base_train", "chat_sft"):
                 assert re.search(rf"demo \| {stage} +finished", output), stage
             assert re.search(r"demo \| \w+ +started +[\d.]+% +ETA", output)  # progress while it trains
             chat_url = f"http://127.0.0.1:{ports['web']}/#/chat?model=demo-sft"

@@ -93,7 +93,11 @@ def test_several_nodes_meet_in_the_rendezvous_each_node_is_given() -> None:
         ("tokenizer", {"time_limit": 1}),
         ("pipeline", {"skip": list(STAGE_KINDS)}),
         ("pipeline", {"skip": ["warmup"]}),
-        ("pipeline", {"skip": ["mid_train", "chat_sft"]}),  # chat_rl would start from the base model
+        ("pipeline", {"recipe": "classic", "skip": ["mid_train", "chat_sft"]}),  # RL from the base model
+        ("pipeline", {"mid_train": {"num_iterations": 5}}),  # the current recipe has no mid
+        ("pipeline", {"recipe": "classic", "chat_sft": {"recipe": "current"}}),  # one recipe a pipeline
+        ("pipeline", {"recipe": "nightly"}),
+        ("chat_sft", {"recipe": "nightly"}),
         ("pipeline", {"skip": ["tokenizer", "base_train", "mid_train", "chat_sft", "chat_rl", "base_eval"]}),
     ],
 )
@@ -118,8 +122,8 @@ EVERY_FLAG = {
         "dtype": "float32",
     },
     "mid_train": {
-        "source": "base", "source_run": "other", "source_step": 5, "matrix_lr": 0.01, "embedding_lr": 0.2,
-        "unembedding_lr": 0.004, "scalar_lr": 0.5, "init_lr_frac": 0.5, "warmup_ratio": 0.1,
+        "source": "base", "source_run": "other", "source_step": 5, "matrix_lr": 0.01, "embedding_lr": 0.25,
+        "unembedding_lr": 0.005, "scalar_lr": 0.4, "init_lr_frac": 0.5, "warmup_ratio": 0.1,
         "warmdown_ratio": 0.3, "final_lr_frac": 0.1, "load_optimizer": False, "eval_tokens": 4096,
         "chatcore_every": 10, "chatcore_max_cat": 5, "chatcore_max_sample": -1, "num_iterations": 3,
         "mixture": "mixtures/mine.yaml",
@@ -127,11 +131,11 @@ EVERY_FLAG = {
         "seed": 3, "total_batch_size": 1024, "max_seq_len": 128, "compile": True, "dtype": "bfloat16",
     },
     "chat_rl": {
-        "source": "mid", "source_step": 4, "init_lr_frac": 0.1, "num_epochs": 2, "examples_per_step": 4,
-        "num_samples": 2, "max_new_tokens": 16, "temperature": 0.7, "top_k": 5, "eval_examples": 8,
-        "num_iterations": 3, "device_batch_size": 2, "eval_every": 5, "save_every": 7, "keep_checkpoints": 2,
-        "resume": True, "seed": 3, "dtype": "float32", "source_run": "other", "matrix_lr": 0.01,
-        "embedding_lr": 0.2, "unembedding_lr": 0.004, "scalar_lr": 0.5,
+        "source": "mid", "source_step": 4, "init_lr_frac": 0.1, "recipe": "classic", "num_epochs": 2,
+        "examples_per_step": 4, "num_samples": 2, "max_new_tokens": 16, "temperature": 0.7, "top_k": 5,
+        "eval_examples": 8, "num_iterations": 3, "device_batch_size": 2, "eval_every": 5, "save_every": 7,
+        "keep_checkpoints": 2, "resume": True, "seed": 3, "dtype": "float32", "source_run": "other",
+        "matrix_lr": 0.01, "embedding_lr": 0.25, "unembedding_lr": 0.005, "scalar_lr": 0.4,
     },
     "base_eval": {
         "step": 5, "eval": "core,bpb", "max_per_task": 5, "core_tasks": "core_offline.yaml",
@@ -142,13 +146,14 @@ EVERY_FLAG = {
         "num_samples": 2, "max_new_tokens": 16, "temperature": 0.5, "top_k": 7, "dtype": "float32",
     },
 }  # fmt: skip
-EVERY_FLAG["chat_sft"] = {**EVERY_FLAG["mid_train"], "source": "mid"}
+EVERY_FLAG["chat_sft"] = {
+    **EVERY_FLAG["mid_train"], "source": "mid", "recipe": "classic", "examples_per_step": 16
+}  # fmt: skip
 
 
 def program_parser(kind: str) -> argparse.ArgumentParser:
     if kind in ("mid_train", "chat_sft"):
-        supervised = importlib.import_module("trainer.supervised")
-        return supervised.build_parser(supervised.STAGES["mid" if kind == "mid_train" else "sft"])
+        return importlib.import_module("trainer.supervised").build_parser(kind)
     program = JOB_SPEC.validate_python({"kind": kind}).program
     return importlib.import_module(program).parser
 
@@ -222,18 +227,32 @@ def test_a_spec_with_every_field_set_parses_back_through_the_program_to_the_same
 
 def test_a_pipeline_chains_the_stages_each_from_the_last_one_that_runs() -> None:
     spec = JOB_SPEC.validate_python(
-        {
-            "kind": "pipeline",
-            "run": "p",
-            "config": {"skip": ["mid_train", "chat_rl"], "base_train": {"depth": 2}},
-        }
+        {"kind": "pipeline", "run": "p", "config": {"skip": ["chat_eval"], "base_train": {"depth": 2}}}
     )
-    stages = spec.stages()
-    assert [s.kind for s in stages] == ["tokenizer", "base_train", "chat_sft", "base_eval", "chat_eval"]
+    stages = spec.stages()  # the current recipe: no mid, no RL unless asked for
+    assert [s.kind for s in stages] == ["tokenizer", "base_train", "chat_sft", "base_eval"]
     assert {s.run for s in stages} == {"p"}
     assert stages[1].config.depth == 2
-    assert stages[2].config.source == "base"  # mid is skipped
-    assert stages[4].config.source == "sft"
+    assert stages[2].config.source == "base" and stages[2].config.recipe == "current"
+    assert "--recipe current" in " ".join(stages[2].command())
+
+
+def test_the_classic_pipeline_is_the_seeds_four_stages_and_rl_is_optional_in_either() -> None:
+    def kinds(config: dict) -> list[str]:
+        spec = JOB_SPEC.validate_python({"kind": "pipeline", "run": "p", "config": config})
+        return [s.kind for s in spec.stages()]
+
+    classic = JOB_SPEC.validate_python(
+        {"kind": "pipeline", "run": "p", "config": {"recipe": "classic"}}
+    ).stages()
+    assert [s.kind for s in classic] == [
+        "tokenizer", "base_train", "mid_train", "chat_sft", "chat_rl", "base_eval", "chat_eval"
+    ]  # fmt: skip
+    sft, rl, chat_eval = classic[3], classic[4], classic[6]
+    assert (sft.config.source, sft.config.recipe) == ("mid", "classic")
+    assert (rl.config.source, rl.config.recipe) == ("sft", "classic") and chat_eval.config.source == "rl"
+    assert "chat_rl" in kinds({"rl": True}) and "chat_rl" not in kinds({"recipe": "classic", "rl": False})
+    assert kinds({"recipe": "classic", "skip": ["mid_train"]})[2:4] == ["chat_sft", "chat_rl"]
 
 
 def test_the_schema_names_every_kind_with_defaults_and_bounds() -> None:

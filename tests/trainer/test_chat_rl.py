@@ -1,7 +1,9 @@
 """The RL step: groups of sampled replies, advantages against the group mean, and a policy-gradient
-update that makes rewarded replies likelier."""
+update that makes rewarded replies likelier; only what the policy sampled is trained on, never the stop
+token that ended a reply."""
 
 import argparse
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -37,9 +39,8 @@ def test_one_policy_gradient_step_moves_the_mean_reward_its_way(
     assert torch.allclose(group.advantages.sum(), torch.zeros(()), atol=1e-5)
 
     before = letter_probability(model, tiny_tokenizer, prompt)
-    lrs = {"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5}
-    recipe = training.Recipe(64, 8, 512, lr_scale=0.1, **lrs)
-    optimizer = training.build_optimizer(model.train(), recipe, weight_decay=0.0)
+    lrs = training.LearningRates(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5)
+    optimizer = training.build_optimizer(model.train(), lrs, weight_decay=0.0, lr_frac=0.1)
     policy_gradient_backward(model, group, batch_size=8, normalizer=4)
     optimizer.step()
     after = letter_probability(model.eval(), tiny_tokenizer, prompt)
@@ -47,28 +48,33 @@ def test_one_policy_gradient_step_moves_the_mean_reward_its_way(
     assert (after - before if rewarded else before - after) > 0.003, (before, after)
 
 
-class ScriptedEngine:
-    """Replays fixed replies, as the engine returns them: what the policy sampled and what the tool forced."""
+class ScriptedEngine(Engine):
+    """Replays fixed token streams as the model would sample them, stop token included (and what the tool
+    forced marked); the engine's own complete() makes replies of them."""
 
-    def __init__(self, tokenizer: Tokenizer, replies: list[list[GeneratedToken]]) -> None:
-        self.tokenizer, self.replies, self.device = tokenizer, replies, torch.device("cpu")
-        self.stop_tokens = Engine(random_model(tokenizer.vocab_size), tokenizer).stop_tokens
+    def __init__(self, tokenizer: Tokenizer, streams: list[list[GeneratedToken]]) -> None:
+        super().__init__(random_model(tokenizer.vocab_size), tokenizer)
+        self.streams = streams
 
-    def complete(self, prompt: list[int], num_samples: int, **kwargs) -> list[list[GeneratedToken]]:
-        return self.replies[:num_samples]
+    def generate(self, prompt: list[int], num_samples: int = 1, **kwargs) -> Iterator[list]:
+        streams = self.streams[:num_samples]
+        for i in range(max(len(stream) for stream in streams)):
+            yield [stream[i] if i < len(stream) else None for stream in streams]
 
 
-def test_only_sampled_tokens_are_trained_on(tiny_tokenizer: Tokenizer) -> None:
+def test_only_sampled_tokens_are_trained_on_not_the_stop_token(tiny_tokenizer: Tokenizer) -> None:
     special, encode = tiny_tokenizer.encode_special, tiny_tokenizer.encode
+    stop = special("<|assistant_end|>")
     sampled = [special("<|python_start|>"), *encode("2+3"), special("<|python_end|>")]
     forced = [special("<|output_start|>"), *encode("5"), special("<|output_end|>")]
-    answer = [*encode(" #### 5"), special("<|assistant_end|>")]
+    answer = encode(" #### 5")
     tool_reply = [
         *(GeneratedToken(t, False) for t in sampled),
         *(GeneratedToken(t, True) for t in forced),
-        *(GeneratedToken(t, False) for t in answer),
+        *(GeneratedToken(t, False) for t in [*answer, stop]),
     ]
-    short_reply = [GeneratedToken(t, False) for t in [*encode(" #### 4"), special("<|assistant_end|>")]]
+    short = encode(" #### 4")
+    short_reply = [GeneratedToken(t, False) for t in [*short, stop]]
     engine = ScriptedEngine(tiny_tokenizer, [tool_reply, short_reply])
     prompt = [tiny_tokenizer.bos_token_id, *encode("2+3?")]
     args = argparse.Namespace(
@@ -79,6 +85,6 @@ def test_only_sampled_tokens_are_trained_on(tiny_tokenizer: Tokenizer) -> None:
     assert group.rewards.tolist() == [1.0, 0.0] and group.advantages.tolist() == [0.5, -0.5]
     p = len(prompt) - 1  # targets[i] is token i + 1
     expected = [-1] * p + sampled + [-1] * len(forced) + answer
-    assert group.targets[0].tolist() == expected
-    short = [t.id for t in short_reply]
+    assert group.targets[0].tolist() == expected  # the reply's sampled tokens, and no stop token
     assert group.targets[1].tolist() == [-1] * p + short + [-1] * (len(expected) - p - len(short))
+    assert stop not in group.targets.flatten().tolist()

@@ -94,3 +94,37 @@ def test_spelling_bee_counts_letters_and_checks_with_the_calculator(
     assert again.conversations == task.conversations  # seeded: the same test set every time
     train = tasks.spelling_bee(kit_settings, size=20, split="train")
     assert train.conversations != task.conversations
+
+
+# What nanochat 348fbb3's tasks/spellingbee.py generates for train index 1 from the same word list (run
+# from a checkout of that commit): SpellingBee(split="train").get_example(1), SimpleSpelling(...)(1).
+REFERENCE_SPELLING_BEE_1 = [
+    {"role": "user", "content": "how many times is 'o' in 'cottonize'"},
+    {
+        "role": "assistant",
+        "content": [
+            {
+                "type": "text",
+                "text": "We are asked to find the number 'o' in the word 'cottonize'. Let me try a manual "
+                "approach first.\n\nFirst spell the word out:\ncottonize:c,o,t,t,o,n,i,z,e\n\nThen count "
+                "the occurrences of 'o':\n1:c\n2:o hit! count=1\n3:t\n4:t\n5:o hit! count=2\n6:n\n7:i\n8:z"
+                "\n9:e\n\nThis gives us 2.",
+            },
+            {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
+            {"type": "python", "text": "'cottonize'.count('o')"},
+            {"type": "python_output", "text": "2"},
+            {"type": "text", "text": "\n\nPython gives us 2.\n\nMy final answer is:\n\n#### 2"},
+        ],
+    },
+]
+REFERENCE_SIMPLE_SPELLING_1 = [
+    {"role": "user", "content": "Spell the word: undangerously"},
+    {"role": "assistant", "content": "undangerously:u,n,d,a,n,g,e,r,o,u,s,l,y"},
+]
+
+
+def test_spelling_rows_are_the_references_own(kit_settings: TrainerSettings) -> None:
+    assert tasks.spelling_bee(kit_settings, 2, "train")[1]["messages"] == REFERENCE_SPELLING_BEE_1
+    assert tasks.simple_spelling(kit_settings, 2, "train")[1]["messages"] == REFERENCE_SIMPLE_SPELLING_1
+    test_split = tasks.simple_spelling(kit_settings, 2, "test")
+    assert test_split[1]["messages"] != REFERENCE_SIMPLE_SPELLING_1  # test seeds are offset

@@ -53,9 +53,10 @@ def test_a_preset_fills_the_form_with_the_tiny_demo_pipeline(page: Page, web_sta
     page.click("#new-job-button")
     page.select_option("#job-preset", "tiny CPU demo pipeline")
     expect(page.locator("#job-kind")).to_have_value("pipeline")
+    expect(page.locator("[data-path='config.recipe']")).to_have_value("current")
     expect(page.locator("[data-path='config.base_train.depth']")).to_have_value("2")
-    expect(page.locator("[data-skip=chat_rl]")).to_be_checked()
-    expect(page.locator("[data-skip=mid_train]")).not_to_be_checked()
+    expect(page.locator("[data-skip=chat_eval]")).to_be_checked()
+    expect(page.locator("[data-skip=chat_sft]")).not_to_be_checked()
 
 
 def test_a_models_report_card_and_chat_with_it(page: Page, web_stack: WebStack) -> None:

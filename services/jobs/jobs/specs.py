@@ -17,6 +17,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 RunName = Annotated[str, Field(pattern=NAME_PATTERN, description="run folder name")]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 ChatStage = Literal["mid", "sft", "rl"]
+RecipeName = Literal["current", "classic"]  # nanochat 92d63d4 and 348fbb3 (README: "Chat stages")
 
 # The programs' flags that no job sets, and why. Every other flag is a config field.
 FLAGS_NOT_EXPOSED = {
@@ -113,8 +114,8 @@ class TrainingFlags(StepFlags):
 
 
 class LearningRates(StrictModel):
-    """The recipe's LRs before batch scaling (base_train: 0.02, 0.3, 0.008, 0.5; the chat stages: the
-    source run's)."""
+    """The recipe's LRs (base_train: 0.02, 0.3, 0.008, 0.5 before its batch factor; the current SFT: the
+    base run's, scalar 0.5; mid, the classic SFT and RL: 0.02, 0.2, 0.004, 0.5)."""
 
     matrix_lr: LearningRate | None = Field(default=None, description="Muon LR of the matrices")
     embedding_lr: LearningRate | None = Field(default=None, description="AdamW LR of the token embeddings")
@@ -127,7 +128,7 @@ class ChatSourceFlags(LearningRates):
 
     source_run: RunName | None = Field(default=None, description="run to start from (default: this run)")
     source_step: CheckpointStep | None = Field(default=None, description="its checkpoint (default: latest)")
-    init_lr_frac: float | None = Field(default=None, gt=0, le=10, description="LR × the source's")
+    init_lr_frac: float | None = Field(default=None, gt=0, le=10, description="every LR × this")
 
 
 class TokenizerConfig(RunnerOptions):
@@ -184,7 +185,7 @@ class BaseTrainConfig(LearningRates, TrainingFlags):
         "the CPU) (default: off)",
     )
     target_param_data_ratio: float | None = Field(
-        default=None, gt=0, le=1000, description="tokens per parameter (default: 10.5)"
+        default=None, gt=0, le=1000, description="tokens per parameter (default: 12)"
     )
     target_flops: float | None = Field(
         default=None,
@@ -218,7 +219,7 @@ class BaseTrainConfig(LearningRates, TrainingFlags):
 
 
 class SupervisedConfig(TrainingFlags, ChatSourceFlags):
-    """mid_train and chat_sft."""
+    """mid_train's flags, which chat_sft has too."""
 
     source: Literal["base", "mid", "sft"] | None = Field(
         default=None, description="stage to start from (default: the stage before)"
@@ -252,10 +253,21 @@ class SupervisedConfig(TrainingFlags, ChatSourceFlags):
     )
 
 
+class ChatSFTConfig(SupervisedConfig):
+    recipe: RecipeName | None = Field(
+        default=None,
+        description="current: from the base model; classic: light SFT from mid (default: current)",
+    )
+    examples_per_step: int | None = Field(
+        default=None, ge=1, le=65536, description="conversations per step, one a row (classic; default: 32)"
+    )
+
+
 class ChatRLConfig(StepFlags, ChatSourceFlags):
     source: Literal["mid", "sft"] | None = Field(
         default=None, description="stage to start from (default: the stage before)"
     )
+    recipe: RecipeName | None = Field(default=None, description="whose optimizer settings (default: current)")
     num_epochs: int | None = Field(default=None, ge=1, le=1000, description="passes over GSM8K train")
     examples_per_step: BatchSize | None = Field(default=None, description="questions per step")
     num_samples: Samples | None = Field(default=None, description="replies per question")
@@ -392,7 +404,7 @@ class ChatSFTJob(JobSpec):
     program: ClassVar[str] = "trainer.chat_sft"
     stage: ClassVar[str | None] = "sft"
     kind: Literal["chat_sft"]
-    config: SupervisedConfig = SupervisedConfig()
+    config: ChatSFTConfig = ChatSFTConfig()
 
 
 class ChatRLJob(JobSpec):
@@ -423,15 +435,30 @@ StageKind = Literal["tokenizer", "base_train", "mid_train", "chat_sft", "chat_rl
 STAGE_KINDS: tuple[str, ...] = get_args(StageKind)  # a pipeline's order
 
 
-class PipelineConfig(StrictModel):
-    """Each stage's config (defaults when left out); stages in `skip` are not run. The chat stages
-    start from the latest earlier stage that runs, unless their config names a source."""
+# The stages each recipe runs, in order (chat_rl where `rl` asks for it).
+RECIPE_STAGES: dict[str, tuple[str, ...]] = {
+    "current": ("tokenizer", "base_train", "chat_sft", "chat_rl", "base_eval", "chat_eval"),
+    "classic": STAGE_KINDS,
+}
 
+
+class PipelineConfig(StrictModel):
+    """The recipe and each stage's config (defaults when left out); stages in `skip` are not run. The chat
+    stages start from the latest earlier stage that runs, unless their config names a source."""
+
+    recipe: RecipeName = Field(
+        default="current",
+        description="current (nanochat 92d63d4): tokenizer → base → SFT from base → evals; classic (348fbb3, "
+        "the seed's `train.sh all`): tokenizer → base → mid → SFT → RL → evals",
+    )
+    rl: bool | None = Field(
+        default=None, description="RL on GSM8K after SFT (default: classic yes, current no)"
+    )
     skip: list[StageKind] = Field(default_factory=list, description="stages not to run")
     tokenizer: TokenizerConfig = TokenizerConfig()
     base_train: BaseTrainConfig = BaseTrainConfig()
     mid_train: SupervisedConfig = SupervisedConfig()
-    chat_sft: SupervisedConfig = SupervisedConfig()
+    chat_sft: ChatSFTConfig = ChatSFTConfig()
     chat_rl: ChatRLConfig = ChatRLConfig()
     base_eval: BaseEvalConfig = BaseEvalConfig()
     chat_eval: ChatEvalConfig | None = Field(default=None, description="default: the last chat stage's model")
@@ -442,10 +469,27 @@ class PipelineConfig(StrictModel):
             raise ValueError("every stage is skipped: nothing to run")
         return self
 
+    @model_validator(mode="after")
+    def one_recipe(self) -> "PipelineConfig":
+        if self.recipe == "current" and "mid_train" in self.model_fields_set:
+            raise ValueError("the current recipe has no midtraining: a mid_train config needs recipe classic")
+        for kind in ("chat_sft", "chat_rl"):
+            named = getattr(self, kind).recipe
+            if named not in (None, self.recipe):
+                raise ValueError(f"{kind} names recipe {named!r} in a {self.recipe!r} pipeline")
+        return self
+
+    def kinds(self) -> list[str]:
+        """The recipe's stages that run, in order."""
+        rl = self.rl if self.rl is not None else self.recipe == "classic"
+        return [
+            kind for kind in RECIPE_STAGES[self.recipe] if kind not in self.skip and (kind != "chat_rl" or rl)
+        ]
+
 
 class PipelineJob(JobSpec):
-    """tokenizer → base_train → mid_train → chat_sft → chat_rl → base_eval → chat_eval, each stage a
-    job of its own that starts when the one before it has finished."""
+    """The stages of a recipe (PipelineConfig), each a job of its own that starts when the one before it
+    has finished."""
 
     program: ClassVar[str] = ""
     kind: Literal["pipeline"]
@@ -460,9 +504,7 @@ class PipelineJob(JobSpec):
     def stages(self) -> list[ProgramJob]:
         """The jobs to run, in order."""
         config, chosen, latest_chat = self.config, [], "base"
-        for kind in STAGE_KINDS:
-            if kind in config.skip:
-                continue
+        for kind in config.kinds():
             stage_config = getattr(config, kind)
             if kind == "chat_eval" and stage_config is None:
                 if latest_chat == "base":
@@ -471,6 +513,8 @@ class PipelineJob(JobSpec):
             values = stage_config.model_dump()
             if kind in ("mid_train", "chat_sft", "chat_rl") and values["source"] is None:
                 values["source"] = latest_chat  # validated: chat_rl cannot start from base
+            if kind in ("chat_sft", "chat_rl"):
+                values["recipe"] = config.recipe
             chosen.append(JOB_SPEC.validate_python({"kind": kind, "run": self.run, "config": values}))
             latest_chat = {"mid_train": "mid", "chat_sft": "sft", "chat_rl": "rl"}.get(kind, latest_chat)
         return chosen

@@ -40,6 +40,7 @@ from trainer.common import (
 )
 from trainer.engine import Engine
 from trainer.gpt import GPT
+from trainer.optim import MuonAdamW
 from trainer.report import write_section
 from trainer.runtime import Runtime, StopRequest, add_checkpoint_flags, add_runtime_flags, init_wandb
 from trainer.settings import TrainerSettings
@@ -69,7 +70,14 @@ group.add_argument(
 group.add_argument("--max-new-tokens", type=NEW_TOKENS, default=256, help="tokens per reply (default: 256)")
 group.add_argument("--temperature", type=TEMPERATURE, default=1.0, help="sampling temperature (default: 1.0)")
 group.add_argument("--top-k", type=TOP_K, default=50, help="sample from the k likeliest tokens (default: 50)")
-training.add_lr_flags(parser, init_lr_frac=0.05)
+lr_defaults = {**{name: getattr(training.CHAT_LRS, name) for name in training.LR_NAMES}, "init_lr_frac": 0.05}
+training.add_lr_flags(parser, {name: (value, str(value)) for name, value in lr_defaults.items()})
+parser.add_argument(
+    "--recipe",
+    choices=("current", "classic"),
+    default="current",
+    help="whose optimizer settings: current (92d63d4) or classic (348fbb3) (default: current)",
+)
 group = parser.add_argument_group("Evaluation and checkpoints")
 group.add_argument(
     "--eval-every",
@@ -121,13 +129,11 @@ def sample_group(
             temperature=args.temperature,
             top_k=args.top_k,
             seed=seed + batch_start,
-            keep_stop=True,
         )
         for reply in replies:
             sequences.append(prompt + [t.id for t in reply])
             masks.append([0] * len(prompt) + [int(not t.forced) for t in reply])
-            text = [t.id for t in reply if t.id not in engine.stop_tokens]
-            rewards.append(float(reward(tokenizer.decode(text))))
+            rewards.append(float(reward(tokenizer.decode([t.id for t in reply]))))
             lengths.append(len(reply))
     width = max(len(s) for s in sequences)
     pad = tokenizer.bos_token_id
@@ -181,6 +187,21 @@ def pass_at_k(engine: Engine, task: Task, runtime: Runtime, args: argparse.Names
     return (passed / count.clamp(min=1)).tolist()
 
 
+def build_optimizer(model: GPT, args: argparse.Namespace) -> MuonAdamW:
+    """The flags' LRs × --init-lr-frac (no batch factor, nothing inherited), no Muon weight decay, the
+    optimizer settings of --recipe's version."""
+    lrs = training.LearningRates(args.matrix_lr, args.embedding_lr, args.unembedding_lr, args.scalar_lr)
+    return training.build_optimizer(model, lrs, 0.0, lr_frac=args.init_lr_frac, version=args.recipe)
+
+
+def apply_lr(optimizer: MuonAdamW, step: int, total: int) -> float:
+    """Linear decay from the initial LRs to 0 over the run; returns the multiplier."""
+    lrm = 1.0 - step / total
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lrm
+    return lrm
+
+
 @dataclass
 class RLLoopState(training.LoopState):
     pass_at_1: float | None = None
@@ -201,9 +222,8 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     start_step = resume_step(args, out_dir)
     resuming = start_step is not None
     weights_from = (out_dir, start_step) if resuming else (source.folder, source.step)
-    model, meta = checkpoint.load_model(*weights_from, runtime.device, runtime.dtype)
-    recipe = training.Recipe(**meta["recipe"]).override(args)
-    optimizer = training.build_optimizer(model, recipe, weight_decay=0.0, lr_frac=args.init_lr_frac)
+    model, _ = checkpoint.load_model(*weights_from, runtime.device, runtime.dtype)
+    optimizer = build_optimizer(model, args)
     scaler = grad_scaler(runtime)
     loop = RLLoopState()
     if resuming:
@@ -216,7 +236,8 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     total = args.num_iterations or len(train_task) // args.examples_per_step * args.num_epochs
     print0(
         f"source: {source.folder} step {source.step} | {total} steps × {args.examples_per_step} questions × "
-        f"{args.num_samples} samples | LR {args.init_lr_frac} × the source's"
+        f"{args.num_samples} samples | LRs {args.init_lr_frac} × (matrix {args.matrix_lr}, embedding "
+        f"{args.embedding_lr}, unembedding {args.unembedding_lr}, scalar {args.scalar_lr})"
     )
     metrics = MetricsLog(out_dir / "metrics.jsonl", runtime, start_step)
     wandb_run = init_wandb(settings, f"{args.run}-rl", vars(args), runtime)
@@ -241,7 +262,6 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
                 "args": vars(args),
                 "source": {"folder": str(source.folder), "step": source.step},
                 "loop_state": asdict(loop),
-                "recipe": asdict(recipe),
             }
             saved = checkpoint.save(
                 out_dir, step, model, optimizer, {}, meta, runtime, args.keep_checkpoints, scaler
@@ -270,9 +290,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
             rewards.append(group.rewards.mean().item())
             lengths += group.lengths
             loop.cursor += 1
-        lrm = 1.0 - step / total
-        for group_settings in optimizer.param_groups:
-            group_settings["lr"] = group_settings["base_lr"] * lrm
+        lrm = apply_lr(optimizer, step, total)
         training.optimizer_step(optimizer, scaler, runtime)
         dt = time.time() - t0
         loop.record_step(step, dt)

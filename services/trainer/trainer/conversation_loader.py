@@ -1,13 +1,16 @@
 """
-Chat batches: conversations rendered with their loss mask (chat_format) and packed into rows of
-seq_len+1 tokens, each row starting with a conversation's BOS:
+Chat batches: conversations rendered with their loss mask (chat_format) and laid out in rows that each
+start with a conversation's BOS, in one of the reference's two ways:
 
-- a row is filled with the largest buffered conversation that still fits (the earliest of equals);
-- when none fits, the row is either padded (`pad=True`, SFT: no answer is ever cut; padding is not
-  trained on) or filled with the start of the shortest one, the rest of it dropped (`pad=False`,
-  midtraining: packed like pretraining);
-- targets are the next tokens where the mask marks the assistant's tokens, −1 (ignored) elsewhere;
-- a conversation longer than a row keeps its first seq_len+1 tokens.
+- packed (the current SFT, the classic mid): rows of seq_len+1 tokens, each filled with the largest
+  buffered conversation that still fits (the earliest of equals); when none fits, the rest of the row is
+  padding, so no conversation is ever cut;
+- one conversation a row (`one_per_row`, the classic SFT): each row holds one conversation, padded to the
+  longest of its batch.
+
+Targets are the next tokens where the mask allows, −1 (ignored) on padding and elsewhere: the mask is the
+assistant's tokens (chat_format), or every token of the conversations (`learn_all`, the classic mid).
+A conversation longer than seq_len keeps its first seq_len tokens (the reference renders at most 2048).
 
 Rank r takes conversations r, r+W, r+2W, … of the mixture, looping over epochs. `progress` is the share
 of the mixture consumed (over all ranks). `state_dict()` names the cursor and the buffered conversations
@@ -30,7 +33,8 @@ class ConversationLoader:
         mixture: Mixture,
         batch_size: int,
         seq_len: int,
-        pad: bool,
+        learn_all: bool = False,
+        one_per_row: bool = False,
         rank: int = 0,
         world_size: int = 1,
         device: str | torch.device = "cpu",
@@ -38,18 +42,19 @@ class ConversationLoader:
         state: dict[str, Any] | None = None,
     ) -> None:
         self.tokenizer, self.mixture = tokenizer, mixture
-        self.batch_size, self.row_len, self.pad = batch_size, seq_len + 1, pad
+        self.batch_size, self.seq_len, self.row_len = batch_size, seq_len, seq_len + 1
+        self.learn_all, self.one_per_row = learn_all, one_per_row
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.buffer_size = buffer_size
+        self.buffer_size = 1 if one_per_row else buffer_size  # one a row: simply the next conversation
         self.cursor = rank  # the next conversation to buffer
-        self.consumed = 0  # conversations this rank has packed
+        self.consumed = 0  # conversations this rank has laid out
         self.buffer: list[tuple[int, list[int], list[int]]] = []  # (index, ids, mask), oldest first
         if state is not None:
             self.load_state_dict(state)
 
     def render(self, index: int) -> tuple[int, list[int], list[int]]:
-        ids, mask = render_conversation(self.tokenizer, self.mixture[index]["messages"], self.row_len)
-        return index, ids, mask
+        ids, mask = render_conversation(self.tokenizer, self.mixture[index]["messages"], self.seq_len)
+        return index, ids, [1] * len(ids) if self.learn_all else mask
 
     def refill(self) -> None:
         while len(self.buffer) < self.buffer_size:
@@ -57,34 +62,42 @@ class ConversationLoader:
             self.cursor += self.world_size
 
     def pack_row(self) -> tuple[list[int], list[int]]:
+        """A row of row_len tokens: whole conversations, best fit first, then padding."""
         ids: list[int] = []
         mask: list[int] = []
         while len(ids) < self.row_len:
             self.refill()
             remaining = self.row_len - len(ids)
             fitting = [i for i, (_, row, _) in enumerate(self.buffer) if len(row) <= remaining]
-            if fitting:
-                chosen = max(fitting, key=lambda i: (len(self.buffer[i][1]), -i))
-            elif self.pad:
+            if not fitting:  # pad: "we can't just throw it away" (the reference)
                 ids += [self.tokenizer.bos_token_id] * remaining
                 mask += [0] * remaining
                 break
-            else:
-                chosen = min(range(len(self.buffer)), key=lambda i: (len(self.buffer[i][1]), i))
+            chosen = max(fitting, key=lambda i: (len(self.buffer[i][1]), -i))
             _, row, row_mask = self.buffer.pop(chosen)
-            ids += row[:remaining]
-            mask += row_mask[:remaining]
+            ids += row
+            mask += row_mask
             self.consumed += 1
+        return ids, mask
+
+    def next_conversation(self) -> tuple[list[int], list[int]]:
+        self.refill()
+        _, ids, mask = self.buffer.pop(0)
+        self.consumed += 1
         return ids, mask
 
     def __iter__(self) -> "ConversationLoader":
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each batch_size × seq_len; targets −1 where nothing is to be learned."""
-        rows = [self.pack_row() for _ in range(self.batch_size)]
-        ids = torch.tensor([row for row, _ in rows], dtype=torch.long)
-        mask = torch.tensor([row_mask for _, row_mask in rows], dtype=torch.bool)
+        """(inputs, targets), each batch_size × (row length − 1); targets −1 where nothing is learned."""
+        rows = [
+            self.next_conversation() if self.one_per_row else self.pack_row() for _ in range(self.batch_size)
+        ]
+        width = max(len(row) for row, _ in rows)
+        pad = self.tokenizer.bos_token_id
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row, _ in rows], dtype=torch.long)
+        mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows], dtype=torch.bool)
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], -1)
         return ids[:, :-1].to(self.device), targets.to(self.device)
 

@@ -239,14 +239,12 @@ class Engine:
         elif row.expression is not None:
             row.expression.append(token)
 
-    def complete(
-        self, prompt: list[int], num_samples: int = 1, keep_stop: bool = False, **kwargs
-    ) -> list[list[GeneratedToken]]:
-        """Each row's generated tokens; its stop token only with keep_stop (RL trains on it)."""
+    def complete(self, prompt: list[int], num_samples: int = 1, **kwargs) -> list[list[GeneratedToken]]:
+        """Each row's generated tokens, without the stop token that ended it."""
         completions: list[list[GeneratedToken]] = [[] for _ in range(num_samples)]
         for column in self.generate(prompt, num_samples, **kwargs):
             for completion, token in zip(completions, column, strict=True):
-                if token is not None and (keep_stop or token.id not in self.stop_tokens):
+                if token is not None and token.id not in self.stop_tokens:
                     completion.append(token)
         return completions
 

@@ -1,7 +1,7 @@
 """
-Midtraining: the base model learns the chat format, multiple choice, the calculator tool, who it is and
-letter counting from a task mixture (mid.yaml), loss on the assistant's tokens only. The loop is in
-supervised.py.
+Midtraining, the classic recipe's second stage (nanochat 348fbb3): the base model learns the chat format,
+multiple choice, the calculator tool, who it is, spelling and letter counting from a task mixture
+(mid.yaml), every token of it learned. The loop is in supervised.py.
 
     python -m trainer.mid_train --run demo                       # from runs/demo/base, latest step
     python -m trainer.mid_train --run demo --num-iterations 100 --mixture my_mixture.yaml
@@ -12,7 +12,7 @@ from trainer import supervised
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return supervised.main("mid", argv)
+    return supervised.main("mid_train", argv)
 
 
 if __name__ == "__main__":

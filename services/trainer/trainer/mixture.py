@@ -1,24 +1,30 @@
 """
 Task mixtures for the chat stages, declared as data. A mixture file (YAML) lists the train and val
-entries of a stage; mid.yaml and sft.yaml beside this file are the defaults:
+entries of a stage; the recipes' own are beside this file (sft.yaml: the current SFT; mid.yaml and
+sft_classic.yaml: the classic mid and SFT):
 
     train:
       - {source: smoltalk, split: train}
       - {source: mmlu, split: auxiliary_train, epochs: 3, optional: true}
       - {source: gsm8k, split: train, epochs: 4}
-      - {source: identity, rows: 1000}                  # identity.yaml, or path: my_identity.yaml
-      - {source: spelling, rows: 80000}
+      - {source: identity, epochs: 2}                   # the reference's 1,000 identity conversations
+      - {source: simple-spelling, rows: 200000}
+      - {source: spelling-bee, rows: 80000}
       - {source: jsonl, path: my_conversations.jsonl, epochs: 2}
     val:
       - {source: smoltalk, split: test}
 
 Sources: smoltalk (chat conversations), mmlu, arc-easy, arc-challenge (multiple choice), gsm8k (with
-calculator calls), spelling (synthetic letter counting), identity (synthetic conversations about who the
-model is, from a template file) and jsonl (CustomJSON: one conversation a line, either
-{"messages": [...]} or a bare list of {"role", "content"} messages). `rows: N` keeps an entry's first N
-conversations (the synthetic sources generate N), `epochs: E` repeats it (a fraction keeps a prefix),
-`optional: true` skips an entry whose data is missing instead of failing. Relative paths are relative to
-the mixture file. All entries are shuffled together (random.Random(seed)), so sources interleave.
+calculator calls), simple-spelling and spelling-bee (synthetic spelling and letter counting, generated
+as the reference does), identity (the reference's synthetic conversations about who the model is),
+identity-template (ours: conversations generated from a template of facts, identity.yaml or `path`) and
+jsonl (CustomJSON: one conversation a line, either {"messages": [...]} or a bare list of
+{"role", "content"} messages). Datasets come in the order of their seed-42 shuffle, as the reference's
+tasks do. `rows: N` keeps an entry's first N conversations (the synthetic sources generate N: a count,
+as the reference's sizes are, so on a small data kit they outweigh the real data), `epochs: E` repeats
+it (a fraction keeps a prefix), `optional: true` skips an entry whose data is missing instead of
+failing. Relative paths are relative to the mixture file. All entries are shuffled together
+(random.Random(seed), the reference's TaskMixture order at seed 42), so sources interleave.
 """
 
 import json
@@ -51,10 +57,6 @@ class Mixture:
 
     def describe(self) -> str:
         return ", ".join(f"{label} {count:,}" for label, count in self.parts) + f" = {len(self):,}"
-
-
-def default_mixture(stage: str) -> Path:
-    return DEFAULTS_DIR / f"{stage}.yaml"
 
 
 def load_mixture(settings: TrainerSettings, path: Path, split: str, seed: int = 42) -> Mixture:
@@ -97,6 +99,9 @@ def repeat(rows: list[Conversation], epochs: float) -> list[Conversation]:
     return rows * whole + rows[: round((epochs - whole) * len(rows))]
 
 
+SYNTHETIC = ("simple-spelling", "spelling-bee", "identity-template")  # generated: `rows` is how many
+
+
 def entry_conversations(settings: TrainerSettings, entry: Any, folder: Path) -> list[Conversation]:
     if not isinstance(entry, dict) or "source" not in entry:
         raise ValueError(f"an entry is a mapping with a 'source', got {entry!r}")
@@ -104,28 +109,34 @@ def entry_conversations(settings: TrainerSettings, entry: Any, folder: Path) -> 
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}; an entry may have {sorted(ENTRY_KEYS)}")
     source, split, rows = entry["source"], entry.get("split", "train"), entry.get("rows")
-    if source in ("spelling", "identity") and rows is None:
+    if source in SYNTHETIC and rows is None:
         raise ValueError(f"a {source} entry needs rows: N (how many conversations to generate)")
     if source == "smoltalk":
-        conversations = [
-            {"messages": row["messages"]} for row in task_data.task_rows(settings, "smoltalk", split)
-        ]
+        rows_of_split = tasks.shuffled(task_data.task_rows(settings, "smoltalk", split))
+        conversations = [{"messages": row["messages"]} for row in rows_of_split]
     elif source == "mmlu":
         conversations = tasks.mmlu(settings, split).conversations
     elif source in ("arc-easy", "arc-challenge"):
         conversations = tasks.arc(settings, source.split("-")[1].capitalize(), split).conversations
     elif source == "gsm8k":
         conversations = tasks.gsm8k(settings, split).conversations
-    elif source == "spelling":
+    elif source == "simple-spelling":
+        return tasks.simple_spelling(settings, rows, split)
+    elif source == "spelling-bee":
         return tasks.spelling_bee(settings, rows, split).conversations
     elif source == "identity":
+        conversations = read_jsonl(task_data.identity_path(settings))
+    elif source == "identity-template":
         return identity_conversations(resolve(entry.get("path", "identity.yaml"), folder), rows)
     elif source == "jsonl":
         if "path" not in entry:
             raise ValueError("a jsonl entry needs path: FILE")
         conversations = read_jsonl(resolve(entry["path"], folder))
     else:
-        known = "smoltalk, mmlu, arc-easy, arc-challenge, gsm8k, spelling, identity, jsonl"
+        known = (
+            "smoltalk, mmlu, arc-easy, arc-challenge, gsm8k, simple-spelling, spelling-bee, identity, "
+            "identity-template, jsonl"
+        )
         raise ValueError(f"unknown source {source!r}; known: {known}")
     return conversations if rows is None else conversations[:rows]
 
@@ -160,7 +171,8 @@ def read_jsonl(path: Path) -> list[Conversation]:
 
 
 def identity_conversations(path: Path, rows: int, seed: int = 0) -> list[Conversation]:
-    """Synthetic conversations about the model itself from a template file (see identity.yaml): each picks
+    """Our identity-template source: conversations about the model itself from a template file that you
+    edit to say who your model is (see identity.yaml); each picks
     a topic, one of its questions and one of its answers, with the file's facts filled in; some start
     with a greeting turn."""
     if not path.exists():

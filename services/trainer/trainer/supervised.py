@@ -1,21 +1,31 @@
 """
-Fine-tuning on conversations, the loop behind the two supervised chat stages:
+Fine-tuning on conversations: the loop behind the supervised chat stages of both reference recipes.
 
-- mid (trainer.mid_train): from the base model; conversations packed like pretraining (a row is
-  topped up with the start of a conversation), full LR, linear warm-down over the last 20%;
-- sft (trainer.chat_sft): from the mid model; conversations packed without cutting any (rows padded),
-  LR × 0.8, warm-down over the last 50% to 0, ChatCORE measured during training.
+- current (nanochat 92d63d4) sft, `trainer.chat_sft`: from the base model; SmolTalk + MMLU ×3 + GSM8K ×4
+  (sft.yaml) in best-fit packed rows, padded rather than cut; the assistant's tokens learned; the base
+  run's batch and raw matrix/embedding/unembedding LRs (without its batch factor; scalar LR 0.5), every
+  LR × 0.8, linear warm-down over the last 50% to 0; Muon momentum 0.85 → 0.95 over 300 steps; the
+  optimizer's momentum warm-started from the base checkpoint; ChatCORE measured as it trains.
+- classic (nanochat 348fbb3) mid, `trainer.mid_train`: from the base model; mid.yaml (with SimpleSpelling
+  and SpellingBee), packed and padded the same way but every token learned; its own LRs (CHAT_LRS) at
+  1.0×, constant, then a linear decay to 0 over the last 20%; the same momentum ramp; a fresh optimizer.
+- classic sft, `trainer.chat_sft --recipe classic`: from the mid model; a light mixture (sft_classic.yaml),
+  one conversation a row padded to the longest of its batch, 32 conversations a step (4 a forward pass);
+  the assistant's tokens learned; CHAT_LRS × 0.02 decaying linearly to 0 over len(mixture) // 32 steps;
+  Muon momentum 0.95; a fresh optimizer; MMLU and ARC-Easy measured as it trains.
 
-Both learn only the assistant's tokens (chat_format's mask), start from the source stage's batch and
-LRs (RECIPE.md: inherited from the base run; flags override), warm-start the optimizer's momentum from
-the source checkpoint, use no Muon weight decay (pretraining decays it to 0), and by default train one
-pass over their task mixture (mixture.py). Checkpoints resume exactly, as in base_train.
+All three use no Muon weight decay and the optimizer settings of their reference version (GROUP_SETTINGS
+in training.py), train one pass over their mixture by default, and checkpoint and resume exactly, as
+base_train does. Batch sizes default to the source run's: the current SFT's, as the reference's; the
+reference's mid has defaults of its own (2048 × 32 rows, 2^19 tokens), its base run's, which a pipeline
+passes where the base run's differ. Flags override everything.
 """
 
 import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import median
@@ -30,6 +40,7 @@ from trainer.common import (
     EVERY_N_STEPS,
     FRACTION,
     PER_TASK,
+    Bounded,
     add_run_flag,
     print0,
     progress_bar,
@@ -37,7 +48,8 @@ from trainer.common import (
 from trainer.conversation_loader import ConversationLoader
 from trainer.engine import Engine
 from trainer.loss_eval import evaluate_bpb
-from trainer.mixture import default_mixture, load_mixture
+from trainer.mixture import DEFAULTS_DIR, load_mixture
+from trainer.optim import MuonAdamW
 from trainer.report import write_section
 from trainer.runtime import (
     Runtime,
@@ -50,101 +62,242 @@ from trainer.runtime import (
 from trainer.settings import TrainerSettings
 from trainer.tasks import CHAT_TASKS, PUBLISHED_CHATCORE_TASKS, Task
 from trainer.tokenizer import Tokenizer
-from trainer.training import MetricsLog, format_duration, grad_scaler, resume_step, rounded, summary_times
+from trainer.training import (
+    CHAT_LRS,
+    INHERITED_LRS,
+    LR_NAMES,
+    MetricsLog,
+    Recipe,
+    format_duration,
+    grad_scaler,
+    resume_step,
+    rounded,
+    summary_times,
+)
+
+RECIPES = ("current", "classic")
 
 
 @dataclass(frozen=True)
 class Stage:
+    """A supervised chat stage as one reference version computes it. The fields named in FLAG_DEFAULTS
+    are the defaults of the program's flags of the same name."""
+
+    recipe: str  # "current" (92d63d4) or "classic" (348fbb3); also its optimizer's GROUP_SETTINGS
     name: str  # its folder under the run, and the report's stage name
     program: str  # its module and report section
-    description: str
-    source: str  # the stage it starts from by default
-    pad: bool  # pad rows instead of cropping a conversation into them
+    learn_all: bool  # every token learned (the classic mid), else the assistant's only
+    one_per_row: bool  # one conversation a row (the classic SFT), else best-fit packed and padded
+    inherit_lrs: bool  # the source run's INHERITED_LRS (the current SFT), else CHAT_LRS
+    momentum_ramp: bool  # Muon momentum 0.85 → 0.95 over 300 steps, else setup_optimizer's 0.95
+    chatcore_tasks: tuple[str, ...]  # what --chatcore-every measures
+    source: str
+    mixture: str  # a file beside mixture.py
     init_lr_frac: float
     warmdown_ratio: float
+    load_optimizer: bool  # warm-start the momentum buffers from the source checkpoint
+    device_batch_size: int | None  # None: the source run's
+    examples_per_step: int | None  # conversations per optimizer step (one a row only)
     eval_every: int
+    eval_tokens: int  # the reference's val tokens per evaluation: the default on CUDA
     chatcore_every: int
+    chatcore_max_cat: int  # the reference's problems per choice task: the default on CUDA
 
 
-STAGES = {
-    "mid": Stage(
-        "mid", "mid_train", "Midtrain a base model on conversations.", "base", False, 1.0, 0.2, 150, -1
-    ),
-    "sft": Stage(
-        "sft", "chat_sft", "Fine-tune a chat model on a task mixture.", "mid", True, 0.8, 0.5, 200, 200
-    ),
-}
-# The reference's val tokens per bpb evaluation, the defaults on CUDA: its mid_train's (nanochat 348fbb3)
-# and its chat_sft's (92d63d4).
-REFERENCE_EVAL_TOKENS = {"mid": 20 * 2**19, "sft": 40 * 2**19}
-# ChatCORE during SFT as the reference computes it (nanochat 92d63d4, scripts/chat_sft.py): every
-# multiple-choice problem and 24 generative ones per task (the defaults on CUDA), replies of up to 512
-# tokens.
-REFERENCE_CHATCORE_MAX_CAT = -1
+FLAG_DEFAULTS = (
+    "source", "mixture", "init_lr_frac", "warmdown_ratio", "load_optimizer", "device_batch_size",
+    "examples_per_step", "eval_every", "chatcore_every",
+)  # fmt: skip
+# ChatCORE during SFT as the reference computes it (nanochat 92d63d4, scripts/chat_sft.py): 24 generative
+# problems per task on CUDA, replies of up to 512 tokens.
 REFERENCE_CHATCORE_MAX_SAMPLE = 24
 CHATCORE_NEW_TOKENS = 512
+STAGES = [
+    Stage(
+        "current", "sft", "chat_sft",
+        learn_all=False, one_per_row=False, inherit_lrs=True, momentum_ramp=True,
+        chatcore_tasks=tuple(PUBLISHED_CHATCORE_TASKS),
+        source="base", mixture="sft.yaml", init_lr_frac=0.8, warmdown_ratio=0.5, load_optimizer=True,
+        device_batch_size=None, examples_per_step=None, eval_every=200, eval_tokens=40 * 2**19,
+        chatcore_every=200, chatcore_max_cat=-1,
+    ),
+    Stage(
+        "classic", "mid", "mid_train",
+        learn_all=True, one_per_row=False, inherit_lrs=False, momentum_ramp=True,
+        chatcore_tasks=tuple(PUBLISHED_CHATCORE_TASKS),
+        source="base", mixture="mid.yaml", init_lr_frac=1.0, warmdown_ratio=0.2, load_optimizer=False,
+        device_batch_size=None, examples_per_step=None, eval_every=150, eval_tokens=20 * 2**19,
+        chatcore_every=-1, chatcore_max_cat=-1,
+    ),
+    Stage(  # its val loss reads 100 batches of 4 conversations: counted at the reference's 2048-token crop
+        "classic", "sft", "chat_sft",
+        learn_all=False, one_per_row=True, inherit_lrs=False, momentum_ramp=False,
+        chatcore_tasks=("MMLU", "ARC-Easy"),
+        source="mid", mixture="sft_classic.yaml", init_lr_frac=0.02, warmdown_ratio=1.0, load_optimizer=False,
+        device_batch_size=4, examples_per_step=32, eval_every=100, eval_tokens=100 * 4 * 2048,
+        chatcore_every=200, chatcore_max_cat=1024,
+    ),
+]  # fmt: skip
+DESCRIPTIONS = {
+    "mid_train": "Midtrain a base model on conversations (the classic recipe).",
+    "chat_sft": "Fine-tune a chat model: the current recipe from the base model, or the classic one from "
+    "the mid model.",
+}
 
 
-def build_parser(stage: Stage) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=stage.description)
+def program_stages(program: str) -> list[Stage]:
+    return [stage for stage in STAGES if stage.program == program]
+
+
+def per_recipe(program: str, value_of: Callable[[Stage], object]) -> tuple[object, str]:
+    """A flag's argparse default and how its help shows it: the value when the program's recipes agree
+    on it, else None (filled in once --recipe is known) and each recipe's; None itself is the source
+    run's."""
+
+    def shown(value: object) -> str:
+        return "the source run's" if value is None else str(value)
+
+    values = {stage.recipe: value_of(stage) for stage in program_stages(program)}
+    if len(set(values.values())) == 1:
+        value = next(iter(values.values()))
+        return value, shown(value)
+    return None, ", ".join(f"{recipe} {shown(value)}" for recipe, value in values.items())
+
+
+def stage_default(program: str, name: str) -> tuple[object, str]:
+    return per_recipe(program, lambda stage: getattr(stage, name))
+
+
+def stage_lr(name: str) -> Callable[[Stage], float | None]:
+    """A stage's default for an LR flag: None where it inherits the source run's."""
+    return lambda stage: None if stage.inherit_lrs and name in INHERITED_LRS else getattr(CHAT_LRS, name)
+
+
+def build_parser(program: str) -> argparse.ArgumentParser:
+    """mid_train's or chat_sft's flags; chat_sft's --recipe picks the defaults the others leave open."""
+    parser = argparse.ArgumentParser(description=DESCRIPTIONS[program])
     add_run_flag(parser)
-    training.add_source_flags(parser, stage.source, ("base", "mid", "sft"))
+    if program == "chat_sft":
+        parser.add_argument(
+            "--recipe",
+            choices=RECIPES,
+            default="current",
+            help="the reference version: current (92d63d4, from the base model) or classic (348fbb3, light "
+            "SFT from the mid model) (default: current)",
+        )
+    default, shown = stage_default(program, "source")
+    training.add_source_flags(parser, default, ("base", "mid", "sft"), shown)
     group = parser.add_argument_group("Data")
     group.add_argument(
         "--mixture",
         default=None,
-        help=f"task mixture file (default: {default_mixture(stage.name).name} beside mixture.py)",
+        help=f"task mixture file (default: {stage_default(program, 'mixture')[1]} beside mixture.py)",
     )
-    group = training.add_lr_flags(parser, stage.init_lr_frac)
+    if program == "chat_sft":
+        group.add_argument(
+            "--examples-per-step",
+            type=Bounded(int, 1, 65536),
+            default=None,
+            help="conversations per optimizer step when they go one a row (default: classic 32; the current "
+            "recipe's batch is --total-batch-size tokens)",
+        )
+    lr_defaults = {name: per_recipe(program, stage_lr(name)) for name in LR_NAMES}
+    group = training.add_lr_flags(
+        parser, {**lr_defaults, "init_lr_frac": stage_default(program, "init_lr_frac")}
+    )
     group.add_argument(
         "--warmup-ratio", type=FRACTION, default=0.0, help="share of the run in LR warm-up (default: 0)"
     )
+    default, shown = stage_default(program, "warmdown_ratio")
     group.add_argument(
         "--warmdown-ratio",
         type=FRACTION,
-        default=stage.warmdown_ratio,
-        help=f"share of the run in linear warm-down (default: {stage.warmdown_ratio})",
+        default=default,
+        help=f"share of the run in linear warm-down (default: {shown})",
     )
     group.add_argument(
         "--final-lr-frac", type=FRACTION, default=0.0, help="LR at the end, × peak (default: 0)"
     )
+    default, shown = stage_default(program, "load_optimizer")
     group.add_argument(
         "--load-optimizer",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="start from the source checkpoint's momentum buffers (default: on)",
+        default=default,
+        help=f"start from the source checkpoint's momentum buffers (default: {shown})",
     )
     add_training_flags(parser, inherited=True)
-    parser.set_defaults(eval_every=stage.eval_every, save_every=500)
+    for name in ("device_batch_size", "eval_every"):
+        set_default(parser, name, *stage_default(program, name))
+    set_default(parser, "save_every", 500, "500")
     group = parser.add_argument_group("Chat evaluation during training")
-    reference_tokens = REFERENCE_EVAL_TOKENS[stage.name]
+    shown = stage_default(program, "eval_tokens")[1]
     group.add_argument(
         "--eval-tokens",
         type=EVAL_TOKENS,
         default=None,
-        help=f"val tokens per bpb evaluation (default: the reference's {reference_tokens / 1e6:.1f}M on "
-        "CUDA, sized to the run elsewhere)",
+        help=f"val tokens per bpb evaluation (default: the reference's on CUDA, {shown}; sized to the run "
+        "elsewhere)",
+    )
+    default, shown = stage_default(program, "chatcore_every")
+    tasks = "; ".join(
+        f"{stage.recipe}: {', '.join(stage.chatcore_tasks)}" for stage in program_stages(program)
     )
     group.add_argument(
         "--chatcore-every",
         type=EVERY_N_STEPS,
-        default=stage.chatcore_every,
-        help="steps between ChatCORE evaluations (and one at the end), 0: only at the end, -1: off "
-        f"(default: {stage.chatcore_every})",
+        default=default,
+        help=f"steps between evaluations of the chat tasks ({tasks}) and one at the end, 0: only at the end, "
+        f"-1: off (default: {shown})",
     )
+    shown = stage_default(program, "chatcore_max_cat")[1]
     group.add_argument(
         "--chatcore-max-cat",
         type=PER_TASK,
         default=None,
-        help="problems per choice task, -1: all (default: all on CUDA, sized to the run elsewhere)",
+        help=f"problems per choice task, -1: all (default: the reference's on CUDA, {shown}; sized to the "
+        "run elsewhere)",
     )
     group.add_argument(
         "--chatcore-max-sample",
         type=PER_TASK,
         default=None,
-        help="problems per generative task, -1: all (default: 24 on CUDA, sized to the run elsewhere)",
+        help=f"problems per generative task, -1: all (default: {REFERENCE_CHATCORE_MAX_SAMPLE} on CUDA, "
+        "sized to the run elsewhere)",
     )
     return parser
+
+
+def set_default(parser: argparse.ArgumentParser, name: str, default: object, shown: str) -> None:
+    """A shared training flag's default for this program, and its help to match."""
+    parser.set_defaults(**{name: default})
+    (action,) = [action for action in parser._actions if action.dest == name]
+    action.help = f"{action.help.rpartition(' (default: ')[0]} (default: {shown})"
+
+
+def resolve_stage(program: str, args: argparse.Namespace) -> Stage:
+    """The stage of args.recipe, its defaults written into the flags left unset."""
+    (stage,) = [s for s in program_stages(program) if s.recipe == getattr(args, "recipe", s.recipe)]
+    for name in FLAG_DEFAULTS:
+        if getattr(args, name, None) is None:
+            value = getattr(stage, name)
+            setattr(args, name, str(DEFAULTS_DIR / value) if name == "mixture" else value)
+    if stage.one_per_row and args.total_batch_size is not None:
+        raise SystemExit("--total-batch-size: this recipe's SFT counts its batch in --examples-per-step")
+    if not stage.one_per_row and args.examples_per_step is not None:
+        raise SystemExit("--examples-per-step: this stage's batch is --total-batch-size tokens")
+    return stage
+
+
+def stage_recipe(stage: Stage, source: Recipe, args: argparse.Namespace) -> Recipe:
+    """The batch and LRs a stage trains with: the source run's batch; the source run's raw INHERITED_LRS
+    (the current SFT) or CHAT_LRS; never a batch factor (the reference's chat stages have none); flags
+    override each."""
+    lrs = {}
+    for name in LR_NAMES:
+        own = stage_lr(name)(stage)
+        lrs[name] = getattr(source, name) if own is None else own
+    batch = {"max_seq_len": source.max_seq_len, "total_batch_size": source.total_batch_size}
+    return Recipe(**batch, device_batch_size=source.device_batch_size, lr_scale=1.0, **lrs).override(args)
 
 
 def lr_multiplier(progress: float, args: argparse.Namespace) -> float:
@@ -158,34 +311,47 @@ def lr_multiplier(progress: float, args: argparse.Namespace) -> float:
 
 
 def muon_momentum(step: int) -> float:
-    """0.85 → 0.95 over the first 300 steps (the reference's chat stages)."""
+    """0.85 → 0.95 over the first 300 steps (the reference's mid and current SFT)."""
     frac = min(step / 300, 1.0)
     return (1 - frac) * 0.85 + frac * 0.95
+
+
+def apply_schedules(
+    stage: Stage, optimizer: MuonAdamW, step: int, progress: float, args: argparse.Namespace
+) -> float:
+    """Set every group's LR (and Muon's momentum, where the stage ramps it) for `step`; returns the LR
+    multiplier."""
+    lrm = lr_multiplier(progress, args)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lrm
+        if group["kind"] == "muon" and stage.momentum_ramp:
+            group["momentum"] = muon_momentum(step)
+    return lrm
 
 
 def evaluation_budget(
     stage: Stage, args: argparse.Namespace, steps: int, batch_tokens: int, device: torch.device
 ) -> tuple[int | None, tuple[int, int] | None]:
-    """Val tokens per bpb evaluation and ChatCORE's (multiple-choice, generative) problems per task (None:
-    that evaluation is off): as given, the reference's on CUDA, else sized to this run (eval_budget.py).
-    Printed with the cadences."""
+    """Val tokens per bpb evaluation and the chat tasks' (multiple-choice, generative) problems per task
+    (None: that evaluation is off): as given, the reference's on CUDA, else sized to this run
+    (eval_budget.py). Printed with the cadences."""
     print0(
         f"evaluation: val bpb {eval_budget.cadence(args.eval_every, steps, at_start=True)} | "
-        f"ChatCORE {eval_budget.cadence(args.chatcore_every, steps)}"
+        f"chat tasks {eval_budget.cadence(args.chatcore_every, steps)}"
     )
     eval_tokens = eval_budget.val_tokens(
-        args.eval_every, args.eval_tokens, REFERENCE_EVAL_TOKENS[stage.name], steps, batch_tokens, device
+        args.eval_every, args.eval_tokens, stage.eval_tokens, steps, batch_tokens, device
     )
     if args.chatcore_every < 0:
         return eval_tokens, None
     tokens = eval_budget.tokens_per_evaluation(args.chatcore_every, steps, batch_tokens)
-    tasks = len(PUBLISHED_CHATCORE_TASKS)
+    tasks = len(stage.chatcore_tasks)
     choice, generative = eval_budget.chatcore_problems(tokens, tasks, CHATCORE_NEW_TOKENS)
     why = f"the {tokens:,} tokens trained per evaluation over {tasks} tasks"
     max_cat = eval_budget.pick(
         "--chatcore-max-cat",
         args.chatcore_max_cat,
-        REFERENCE_CHATCORE_MAX_CAT,
+        stage.chatcore_max_cat,
         choice,
         f"{why} of ~{eval_budget.CHOICE_PROBLEM_TOKENS} tokens a problem",
         device,
@@ -204,8 +370,8 @@ def evaluation_budget(
 def evaluate_chatcore(
     model, tokenizer: Tokenizer, tasks: list[Task], runtime: Runtime, limits: tuple[int, int], batch_size: int
 ) -> dict[str, float]:
-    """ChatCORE on the first problems of each task (greedy), as the reference does during SFT; `limits`:
-    problems per multiple-choice task and per generative task (-1: all)."""
+    """The chat tasks on their first problems (greedy), as the reference does during SFT; ChatCORE too
+    when they are its five. `limits`: problems per multiple-choice task and per generative task (-1: all)."""
     engine, accuracies, baselines = Engine(model, tokenizer), {}, {}
     for task in tasks:
         name = task.name
@@ -220,7 +386,8 @@ def evaluate_chatcore(
         )
         accuracies[name] = evaluate_chat_task(task, model, engine, tokenizer, runtime, options)
         baselines[name] = task.baseline
-    return {**accuracies, "chatcore": chatcore(accuracies, baselines, PUBLISHED_CHATCORE_TASKS)}
+    score = chatcore(accuracies, baselines, PUBLISHED_CHATCORE_TASKS)
+    return accuracies if score is None else {**accuracies, "chatcore": score}
 
 
 @dataclass
@@ -229,9 +396,9 @@ class ChatLoopState(training.LoopState):
     progress: float = 0.0  # share of the mixture done; never decreases, drives the LR schedule
 
 
-def main(stage_name: str, argv: list[str] | None = None) -> dict:
-    stage = STAGES[stage_name]
-    args = build_parser(stage).parse_args(argv)
+def main(program: str, argv: list[str] | None = None) -> dict:
+    args = build_parser(program).parse_args(argv)
+    stage = resolve_stage(program, args)
     return training.run_training(stage.program, args, lambda *context: train(stage, *context))
 
 
@@ -246,28 +413,43 @@ def train(
     resuming = start_step is not None
     weights_from = (out_dir, start_step) if resuming else (source.folder, source.step)
     model, meta = checkpoint.load_model(*weights_from, runtime.device, runtime.dtype)
-    recipe = training.Recipe(**meta["recipe"]).override(args)  # a resumed stage keeps its own
-    micro_tokens = recipe.device_batch_size * recipe.max_seq_len * runtime.world_size
-    if recipe.total_batch_size % micro_tokens or recipe.max_seq_len > model.config.sequence_len:
+    # A resumed stage keeps the recipe it started with.
+    recipe = Recipe(**meta["recipe"]).override(args) if resuming else stage_recipe(stage, source.recipe, args)
+    rows_per_pass = recipe.device_batch_size * runtime.world_size
+    if stage.one_per_row:
+        micro_batch, per_step, unit = rows_per_pass, args.examples_per_step, "conversations"
+    else:
+        micro_batch, per_step, unit = rows_per_pass * recipe.max_seq_len, recipe.total_batch_size, "tokens"
+    if per_step % micro_batch or recipe.max_seq_len > model.config.sequence_len:
         raise SystemExit(
-            f"batch {recipe.total_batch_size:,} tokens must be a multiple of device batch × seq len × "
-            f"processes = {micro_tokens:,}, and seq len ≤ the model's {model.config.sequence_len:,}"
+            f"batch {per_step:,} {unit} must be a multiple of {micro_batch:,} per forward pass of every "
+            f"process, and seq len ≤ the model's {model.config.sequence_len:,}"
         )
-    accumulation = recipe.total_batch_size // micro_tokens
-    optimizer = training.build_optimizer(model, recipe, weight_decay=0.0, lr_frac=args.init_lr_frac)
+    accumulation = per_step // micro_batch
+    optimizer = training.build_optimizer(
+        model, recipe.learning_rates(), weight_decay=0.0, lr_frac=args.init_lr_frac, version=stage.recipe
+    )
     scaler = grad_scaler(runtime)
-    train_model = compile_model(model, args.compile, runtime)
+    if stage.one_per_row and args.compile:
+        print0("note: rows change length every step, so this stage runs uncompiled (as the reference's)")
+    train_model = compile_model(model, False if stage.one_per_row else args.compile, runtime)
 
-    mixture_path = Path(args.mixture) if args.mixture else default_mixture(stage.name)
+    mixture_path = Path(args.mixture)
     train_mixture = load_mixture(settings, mixture_path, "train", seed=args.seed)
     val_mixture = load_mixture(settings, mixture_path, "val", seed=args.seed)
-    print0(f"source: {source.folder} step {source.step} | mixture {mixture_path}")
+    if stage.one_per_row and args.num_iterations is None:  # the reference's step count
+        args.num_iterations = max(1, len(train_mixture) // args.examples_per_step)
+    print0(
+        f"{stage.recipe} recipe, {stage.name} | source: {source.folder} step {source.step} | "
+        f"mixture {mixture_path}"
+    )
     print0(f"train: {train_mixture.describe()} conversations")
     print0(f"val: {val_mixture.describe()} conversations")
     print0(
-        f"batch: {recipe.total_batch_size:,} tokens/step = {accumulation} × {micro_tokens:,} | "
-        f"LR {args.init_lr_frac} × the source's (scale {recipe.lr_scale:.4f}) | runtime {runtime.device} × "
-        f"{runtime.world_size}, {runtime.dtype}"
+        f"batch: {per_step:,} {unit}/step = {accumulation} × {micro_batch:,} | learned: "
+        f"{'every token' if stage.learn_all else 'the assistant'} | LRs {args.init_lr_frac} × "
+        f"(matrix {recipe.matrix_lr}, embedding {recipe.embedding_lr}, unembedding {recipe.unembedding_lr}, "
+        f"scalar {recipe.scalar_lr}) | runtime {runtime.device} × {runtime.world_size}, {runtime.dtype}"
     )
 
     loader_state, loop = None, ChatLoopState()
@@ -276,13 +458,14 @@ def train(
         loop = ChatLoopState(**checkpoint.read_meta(out_dir, start_step)["loop_state"])
         print0(f"resumed from {checkpoint.step_dir(out_dir, start_step)}")
     elif args.load_optimizer and not training.warm_start_optimizer(
-        optimizer, source.folder, source.step, runtime, 0.0
+        optimizer, source.folder, source.step, runtime
     ):
         print0("note: no optimizer state for this number of processes in the source: fresh optimizer")
     loader_args = {
         "batch_size": recipe.device_batch_size,
         "seq_len": recipe.max_seq_len,
-        "pad": stage.pad,
+        "learn_all": stage.learn_all,
+        "one_per_row": stage.one_per_row,
         "rank": runtime.rank,
         "world_size": runtime.world_size,
         "device": runtime.device,
@@ -296,12 +479,12 @@ def train(
             tokenizer, train_mixture, recipe.max_seq_len + 1, recipe.total_batch_size
         )
         print0(f"one pass over the mixture: about {steps:,} steps")
-    eval_tokens, chatcore_limits = evaluation_budget(
-        stage, args, steps, recipe.total_batch_size, runtime.device
-    )
-    # Read once: every ChatCORE evaluation uses the same problems.
+    # Tokens a step trains on (for one conversation a row, at most: rows are padded to the longest).
+    batch_tokens = per_step if unit == "tokens" else per_step * recipe.max_seq_len
+    eval_tokens, chatcore_limits = evaluation_budget(stage, args, steps, batch_tokens, runtime.device)
+    # Read once: every evaluation uses the same problems.
     chat_tasks = (
-        [CHAT_TASKS[name](settings) for name in PUBLISHED_CHATCORE_TASKS] if args.chatcore_every >= 0 else []
+        [CHAT_TASKS[name](settings) for name in stage.chatcore_tasks] if args.chatcore_every >= 0 else []
     )
     flops_per_token = model.estimate_flops()
     peak, _ = peak_flops(runtime)
@@ -325,7 +508,8 @@ def train(
         if not done_before_checkpoint and eval_budget.due(args.eval_every, step, last, at_start=True):
             model.eval()
             val_loader = ConversationLoader(tokenizer, val_mixture, **loader_args)
-            val_bpb = evaluate_bpb(train_model, val_loader, max(1, eval_tokens // micro_tokens), token_bytes)
+            eval_steps = max(1, eval_tokens // (rows_per_pass * recipe.max_seq_len))
+            val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
             model.train()
             loop.record_eval(val_bpb)
             log(f"step {step} | val bpb {val_bpb:.4f}")
@@ -337,7 +521,7 @@ def train(
                 model, tokenizer, chat_tasks, runtime, chatcore_limits, recipe.device_batch_size
             )
             model.train()
-            loop.chatcore = scores["chatcore"]
+            loop.chatcore = scores.get("chatcore")
             log(f"step {step} | " + " | ".join(f"{name} {value:.4f}" for name, value in scores.items()))
             metrics.write({"step": step, **scores})
             wandb_run.log(scores, step=step)
@@ -345,6 +529,7 @@ def train(
             loop.wall_time = wall_before + time.time() - invocation_start
             meta = {
                 "phase": stage.name,
+                "recipe_version": stage.recipe,
                 "args": vars(args),
                 "source": {"folder": str(source.folder), "step": source.step},
                 "val_bpb": loop.val_bpb,
@@ -369,11 +554,7 @@ def train(
         runtime.synchronize()
         t0 = time.time()
         progress = step / args.num_iterations if args.num_iterations is not None else loop.progress
-        lrm = lr_multiplier(progress, args)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = muon_momentum(step)
+        lrm = apply_schedules(stage, optimizer, step, progress, args)
         loss = runtime.mean(
             training.train_step(train_model, train_loader, optimizer, accumulation, scaler, runtime)
         )
@@ -383,26 +564,22 @@ def train(
         loop.progress = max(loop.progress, runtime.mean(train_loader.progress))
         step_times.append(dt)
         loop.record_step(step - 1, dt)
-        tok_per_s = recipe.total_batch_size / dt
-        mfu = flops_per_token * tok_per_s / (peak * runtime.world_size)
+        tok_per_s = per_step / dt if unit == "tokens" else None
+        mfu = flops_per_token * tok_per_s / (peak * runtime.world_size) if tok_per_s else None
         done = step / args.num_iterations if args.num_iterations is not None else loop.progress
         eta = format_duration((1 - done) / max(done, 1e-9) * (wall_before + time.time() - invocation_start))
+        speed = (
+            f"tok/s {tok_per_s:,.0f} | mfu {100 * mfu:.1f}%" if tok_per_s else f"rows/s {per_step / dt:,.1f}"
+        )
         log(
-            f"step {step} ({100 * done:.1f}%) | loss {loss:.4f} | lrm {lrm:.2f} | dt {dt:.2f}s | "
-            f"tok/s {tok_per_s:,.0f} | mfu {100 * mfu:.1f}% | eta {eta}"
+            f"step {step} ({100 * done:.1f}%) | loss {loss:.4f} | lrm {lrm:.2f} | dt {dt:.2f}s | {speed} | "
+            f"eta {eta}"
         )
-        metrics.write(
-            {
-                "step": step,
-                "loss": loss,
-                "lrm": lrm,
-                "dt": dt,
-                "tok_per_s": tok_per_s,
-                "mfu": mfu,
-                "progress": done,
-            }
+        record = {"step": step, "loss": loss, "lrm": lrm, "dt": dt, "progress": done}
+        metrics.write({**record, **({"tok_per_s": tok_per_s, "mfu": mfu} if tok_per_s else {})})
+        wandb_run.log(
+            {"train/loss": loss, "train/lrm": lrm, **({"train/mfu": mfu} if mfu else {})}, step=step
         )
-        wandb_run.log({"train/loss": loss, "train/lrm": lrm, "train/mfu": mfu}, step=step)
         if bar is not None:
             bar.n = min(100, round(100 * done))
             bar.refresh()
@@ -412,13 +589,14 @@ def train(
     wandb_run.finish()
     if stopping and not last:
         training.exit_stopped(runtime, step)
-    tok_per_s = recipe.total_batch_size / median(step_times) if step_times else None
+    tok_per_s = per_step / median(step_times) if step_times and unit == "tokens" else None
     summary = {
+        "recipe": stage.recipe,
         "source": f"{source.folder.parent.name}/{source.folder.name} step {source.step}",
         "steps": step,
         "conversations": len(train_mixture),
         "epochs": round(loop.progress, 3),
-        "total_batch_size": recipe.total_batch_size,
+        "total_batch_size" if unit == "tokens" else "examples_per_step": per_step,
         "val_bpb": rounded(loop.val_bpb),
         "min_val_bpb": rounded(loop.min_val_bpb),
         "chatcore": rounded(loop.chatcore),

@@ -1,8 +1,9 @@
 """
-The task datasets (chat SFT, GSM8K, MMLU, ARC, HumanEval), the CORE eval bundle and the word list,
-in the data kit's layout under the data root. A local kit (NANOCHAT_DATA_DIR) is read as it is;
-otherwise a missing file is downloaded once into $NANOCHAT_BASE_DIR/data/ (Hugging Face datasets
-through `datasets`, the bundle and the word list over HTTP) and read from there ever after.
+The task datasets (chat SFT, GSM8K, MMLU, ARC, HumanEval), the CORE eval bundle, the word list and the
+reference's identity conversations, in the data kit's layout under the data root. A local kit
+(NANOCHAT_DATA_DIR) is read as it is; otherwise a missing file is downloaded once into
+$NANOCHAT_BASE_DIR/data/ (Hugging Face datasets through `datasets`, the rest over HTTP) and read from
+there ever after.
 """
 
 import shutil
@@ -19,6 +20,8 @@ from trainer.settings import TrainerSettings
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+# nanochat's 1,000 synthetic conversations about who the model is (dev/gen_synthetic_data.py made them).
+IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 
 
 @dataclass(frozen=True)
@@ -106,9 +109,19 @@ def eval_bundle_dir(settings: TrainerSettings, url: str = EVAL_BUNDLE_URL) -> Pa
 
 def words(settings: TrainerSettings, url: str = WORDS_URL) -> list[str]:
     """The English word list (one lower-case word a line; the file has CRLF line ends)."""
-    path = settings.data_root / "words" / "words_alpha.txt"
+    return downloaded_file(settings, "words/words_alpha.txt", url).read_text(encoding="utf-8").split()
+
+
+def identity_path(settings: TrainerSettings, url: str = IDENTITY_URL) -> Path:
+    """The reference's identity conversations (CustomJSON: a list of messages a line)."""
+    return downloaded_file(settings, "identity/identity_conversations.jsonl", url)
+
+
+def downloaded_file(settings: TrainerSettings, relative: str, url: str) -> Path:
+    """A file of the data kit, fetched from `url` once when it is missing and downloads are allowed."""
+    path = settings.data_root / relative
     if not path.exists():
         if not settings.downloads_allowed:
             raise FileNotFoundError(f"{path} is not in the local data kit")
         fetch(url, path)
-    return path.read_text(encoding="utf-8").split()
+    return path

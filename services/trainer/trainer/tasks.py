@@ -8,7 +8,8 @@ and how a reply is graded. Rows are shuffled with numpy's default_rng(42), which
   is the number after "####".
 - HumanEval: generative; the reply's program runs against the task's tests in the sandbox.
 - SpellingBee: generative, synthetic; count a letter in a word from the word list, spelled out and then
-  checked with the calculator's str.count.
+  checked with the calculator's str.count (and SimpleSpelling, spelling a word, for training mixtures);
+  both generated exactly as nanochat 348fbb3 does.
 """
 
 import random
@@ -180,62 +181,131 @@ def grade_program(conversation: Conversation, reply: str) -> bool:
     return run_program(program, timeout=5.0).passed
 
 
-# -- SpellingBee ---------------------------------------------------------------------------------
+# -- SpellingBee and SimpleSpelling --------------------------------------------------------------
+# As nanochat 348fbb3 generates them (tasks/spellingbee.py): the same words, questions, replies and
+# random draws for a given seed, so a mixture's spelling rows and the SpellingBee eval are the reference's.
 
-SPELLING_TEMPLATES = [
-    "How many {letter} are in {word}",
-    "How many times does {letter} appear in {word}",
-    "Count the {letter} in {word}",
-    "How many letters {letter} does the word {word} have",
-    "In {word}, how many {letter} are there",
-    "Number of {letter} in {word}",
-    "{word}: how many {letter}",
-    "What is the count of {letter} in the word {word}",
-    "¿Cuántas {letter} hay en {word}",
-    "Combien de {letter} y a-t-il dans {word}",
-    "Wie viele {letter} hat {word}",
-    "{word}里有几个{letter}",
-]
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+QUOTES = ["", "'", '"']
 TEST_SEED_OFFSET = 10_000_000  # more than the word list's 370k words: train and test seeds never meet
+SPELLING_QUESTIONS = [
+    "How many {letter} are in the word {word}",
+    "How many {letter} are in {word}",
+    "Count the number of {letter} in {word}",
+    "How many times does {letter} appear in {word}",
+    "What's the count of {letter} in {word}",
+    "In the word {word}, how many {letter} are there",
+    "How many letter {letter} are in the word {word}",
+    "Count how many {letter} appear in {word}",
+    "Tell me the number of {letter} in {word}",
+    "How many occurrences of {letter} are in {word}",
+    "Find the count of {letter} in {word}",
+    "Can you count the {letter} letters in {word}",
+    "What is the frequency of {letter} in {word}",
+    "How many {letter}s are in {word}",
+    "How many {letter}'s are in {word}",
+    "Count all the {letter} in {word}",
+    "How many times is {letter} in {word}",
+    "Number of {letter} in {word}",
+    "Total count of {letter} in {word}",
+    "How many {letter} does {word} have",
+    "How many {letter} does {word} contain",
+    "What's the number of {letter} in {word}",
+    "{word} has how many {letter}",
+    "In {word}, count the {letter}",
+    "How many {letter} appear in {word}",
+    "Count the {letter} in {word}",
+    "Give me the count of {letter} in {word}",
+    "How many instances of {letter} in {word}",
+    "Show me how many {letter} are in {word}",
+    "Calculate the number of {letter} in {word}",
+    "¿Cuántas {letter} hay en {word}?",
+    "¿Cuántas veces aparece {letter} en {word}?",
+    "Cuenta las {letter} en {word}",
+    "¿Cuántas letras {letter} tiene {word}?",
+    "{word}中有多少个{letter}",
+    "{word}里有几个{letter}",
+    "数一下{word}中的{letter}",
+    "{word}这个词里有多少{letter}",
+    "{word}에 {letter}가 몇 개 있나요",
+    "{word}에서 {letter}의 개수는",
+    "{word}에 {letter}가 몇 번 나오나요",
+    "{word}라는 단어에 {letter}가 몇 개",
+    "Combien de {letter} dans {word}",
+    "Combien de fois {letter} apparaît dans {word}",
+    "Compte les {letter} dans {word}",
+    "Wie viele {letter} sind in {word}",
+    "Wie oft kommt {letter} in {word} vor",
+    "Zähle die {letter} in {word}",
+    "{word}に{letter}は何個ありますか",
+    "{word}の中に{letter}がいくつ",
+    "{word}に{letter}が何回出てくる",
+]
 
 
-def spelling_conversation(words: list[str], seed: int) -> Conversation:
-    """One synthetic letter-counting conversation; the reply spells the word out, counts along, checks
-    the count with the calculator and ends with '#### N'."""
+def spelling_seed(index: int, split: str) -> int:
+    return index if split == "train" else TEST_SEED_OFFSET + index
+
+
+def spelling_bee_conversation(words: list[str], seed: int) -> Conversation:
+    """Count a letter in a word: the reply spells the word out, counts along, checks the count with the
+    calculator and ends with '#### N'. The random draws come in the reference's order."""
     rng = random.Random(seed)
     word = rng.choice(words)
-    letter = rng.choice(word) if rng.random() < 0.9 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+    letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(LETTERS)  # 10%: maybe absent
     count = word.count(letter)
-    template = rng.choice(SPELLING_TEMPLATES)
-    quote = rng.choice(["", "'", '"'])
-    question = template.format(letter=f"{quote}{letter}{quote}", word=f"{quote}{word}{quote}")
-    question = (question.lower() if rng.random() < 0.3 else question) + ("?" if rng.random() < 0.5 else "")
+    template = rng.choice(SPELLING_QUESTIONS)
+    if rng.random() < 0.3:
+        template = template.lower()  # people who do not press shift
+    letter_quote, word_quote = rng.choice(QUOTES), rng.choice(QUOTES)
+    question = template.format(
+        letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}"
+    )
+    if rng.random() < 0.5:
+        question += "?"
     # No space between a position and its letter ("3:r"): " r" and "r" are different tokens.
-    steps, running = [], 0
+    counted, running = "", 0
     for position, char in enumerate(word, 1):
         running += char == letter
-        steps.append(f"{position}:{char}" + (f" hit! count={running}" if char == letter else ""))
-    spelled = "\n".join(steps)
-    reasoning = (
-        f"Counting '{letter}' in '{word}'. Spelled out:\n{word}:{','.join(word)}\n\n{spelled}\n\n"
-        f"That makes {running}. Checking with Python:\n\n"
+        counted += f"{position}:{char}" + (f" hit! count={running}" if char == letter else "") + "\n"
+    manual = (
+        f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach "
+        f"first.\n\nFirst spell the word out:\n{word}:{','.join(word)}\n\nThen count the occurrences of "
+        f"'{letter}':\n{counted}\nThis gives us {running}."
     )
     parts = [
-        {"type": "text", "text": reasoning},
+        {"type": "text", "text": manual},
+        {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
         {"type": "python", "text": f"'{word}'.count('{letter}')"},
         {"type": "python_output", "text": str(count)},
-        {"type": "text", "text": f"\n\nPython agrees: {count}.\n\n#### {count}"},
+        {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
     ]
     messages = [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]
     return {"messages": messages, "answer": str(count)}
 
 
 def spelling_bee(settings: TrainerSettings, size: int = 256, split: str = "test") -> Task:
+    """SpellingBee: `size` letter-counting problems (the reference evaluates 256 of the test split)."""
     words = task_data.words(settings)
-    offset = TEST_SEED_OFFSET if split == "test" else 0
-    return Task(
-        "SpellingBee", "generative", 0.0, [spelling_conversation(words, offset + i) for i in range(size)]
-    )
+    conversations = [spelling_bee_conversation(words, spelling_seed(i, split)) for i in range(size)]
+    return Task("SpellingBee", "generative", 0.0, conversations)
+
+
+def simple_spelling(settings: TrainerSettings, size: int, split: str = "train") -> list[Conversation]:
+    """SimpleSpelling: 'Spell the word: apple' → 'apple:a,p,p,l,e', the part of SpellingBee that is hard
+    for a small model (how a token maps to its letters), over-represented on purpose in midtraining.
+    Words are drawn from the list shuffled with Random(42), another order than SpellingBee's."""
+    words = list(task_data.words(settings))
+    random.Random(42).shuffle(words)
+    conversations = []
+    for index in range(size):
+        word = random.Random(spelling_seed(index, split)).choice(words)
+        messages = [
+            {"role": "user", "content": f"Spell the word: {word}"},
+            {"role": "assistant", "content": f"{word}:{','.join(word)}"},
+        ]
+        conversations.append({"messages": messages})
+    return conversations
 
 
 GRADERS = {

@@ -30,14 +30,34 @@ UNTIMED_STEPS = 11
 
 
 @dataclass
+class LearningRates:
+    """The optimizer's LRs before × lr_frac, and the batch factor on every one but smear/backout's
+    (base pretraining: √(B/B_ref); the chat stages: 1, as the reference's)."""
+
+    matrix_lr: float
+    embedding_lr: float
+    unembedding_lr: float
+    scalar_lr: float
+    lr_scale: float = 1.0
+
+
+# The LRs the reference's chat stages set for themselves: mid_train's, the classic chat_sft's and chat_rl's
+# flags, and setup_optimizer's scalar LR, which no chat stage inherits from the base run.
+CHAT_LRS = LearningRates(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.5)
+LR_NAMES = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")
+# The current SFT inherits these from the base run's flags (raw, without the base run's batch factor).
+INHERITED_LRS = ("matrix_lr", "embedding_lr", "unembedding_lr")
+
+
+@dataclass
 class Recipe:
-    """The batch and learning rates a run trained with; the next stage inherits them (RECIPE.md: SFT
-    inherits batch and LR from the base run), flags override them."""
+    """The batch and learning rates a run trained with, saved with its checkpoints: the next stage
+    inherits the batch (and the current SFT the raw LRs of INHERITED_LRS); flags override them."""
 
     max_seq_len: int
     device_batch_size: int
     total_batch_size: int
-    lr_scale: float  # √(B/B_ref), applied to every LR but smear/backout's
+    lr_scale: float  # the batch factor of LearningRates
     matrix_lr: float
     embedding_lr: float
     unembedding_lr: float
@@ -48,16 +68,64 @@ class Recipe:
         given = {name: getattr(args, name) for name in asdict(self) if getattr(args, name, None) is not None}
         return Recipe(**{**asdict(self), **given})
 
+    def learning_rates(self) -> LearningRates:
+        return LearningRates(
+            self.matrix_lr, self.embedding_lr, self.unembedding_lr, self.scalar_lr, self.lr_scale
+        )
 
-def build_optimizer(model: GPT, recipe: Recipe, weight_decay: float, lr_frac: float = 1.0) -> MuonAdamW:
-    """The recipe's parameter groups: LRs × lr_frac × √(B/B_ref) (smear/backout excepted), the
-    embeddings' and lm_head's also × (width/768)^−½. `base_lr` is what the schedules multiply."""
-    s = recipe.lr_scale * lr_frac
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """What a reference version's setup_optimizer sets besides the LRs: each AdamW group's (betas, weight
+    decay), the value embeddings' share of the embedding LR and NorMuon's β2. Base pretraining and the
+    current recipe's stages use 92d63d4's, the classic recipe's chat stages 348fbb3's."""
+
+    lm_head: tuple[tuple[float, float], float]
+    embedding: tuple[tuple[float, float], float]
+    value_embeds: tuple[tuple[float, float], float]
+    resid: tuple[tuple[float, float], float]
+    x0: tuple[tuple[float, float], float]
+    value_embeds_lr_share: float
+    muon_beta2: float
+
+
+GROUP_SETTINGS = {
+    "current": GroupSettings(
+        lm_head=((0.8, 0.96), 0.01),
+        embedding=((0.8, 0.995), 0.001),
+        value_embeds=((0.8, 0.995), 0.01),
+        resid=((0.8, 0.95), 0.05),
+        x0=((0.96, 0.95), 0.0),
+        value_embeds_lr_share=0.5,
+        muon_beta2=0.9,
+    ),
+    "classic": GroupSettings(
+        lm_head=((0.8, 0.95), 0.0),
+        embedding=((0.8, 0.95), 0.0),
+        value_embeds=((0.8, 0.95), 0.0),
+        resid=((0.8, 0.95), 0.0),
+        x0=((0.96, 0.95), 0.0),
+        value_embeds_lr_share=1.0,
+        muon_beta2=0.95,
+    ),
+}
+
+
+def build_optimizer(
+    model: GPT, lrs: LearningRates, weight_decay: float, lr_frac: float = 1.0, version: str = "current"
+) -> MuonAdamW:
+    """The parameter groups of a reference version (GROUP_SETTINGS), each named: LRs × lr_frac × the batch
+    factor (smear/backout excepted), the embeddings' and lm_head's also × (width/768)^−½. `base_lr` is
+    what the schedules multiply. Smear and backout (92d63d4's) keep its settings in either version."""
+    settings = GROUP_SETTINGS[version]
+    s = lrs.lr_scale * lr_frac
     width_scale = (model.config.n_embd / 768) ** -0.5
-    embedding_lr = recipe.embedding_lr * width_scale * s
+    embedding_lr = lrs.embedding_lr * width_scale * s
 
-    def adamw(params, lr, betas, decay):
+    def adamw(name, params, lr, betas_and_decay):
+        betas, decay = betas_and_decay
         return {
+            "name": name,
             "kind": "adamw",
             "params": params,
             "lr": lr,
@@ -67,45 +135,45 @@ def build_optimizer(model: GPT, recipe: Recipe, weight_decay: float, lr_frac: fl
         }
 
     groups = [
-        adamw([model.lm_head.weight], recipe.unembedding_lr * width_scale * s, (0.8, 0.96), 0.01),
-        adamw([model.wte.weight], embedding_lr, (0.8, 0.995), 0.001),
-        adamw([model.resid_lambdas], recipe.scalar_lr * 0.01 * s, (0.8, 0.95), 0.05),
-        adamw([model.x0_lambdas], recipe.scalar_lr * s, (0.96, 0.95), 0.0),
+        adamw("lm_head", [model.lm_head.weight], lrs.unembedding_lr * width_scale * s, settings.lm_head),
+        adamw("embedding", [model.wte.weight], embedding_lr, settings.embedding),
+        adamw("resid", [model.resid_lambdas], lrs.scalar_lr * 0.01 * s, settings.resid),
+        adamw("x0", [model.x0_lambdas], lrs.scalar_lr * s, settings.x0),
     ]
     if model.value_embeds:
-        groups.append(adamw(list(model.value_embeds.parameters()), embedding_lr / 2, (0.8, 0.995), 0.01))
+        value_embeds = list(model.value_embeds.parameters())
+        lr = embedding_lr * settings.value_embeds_lr_share
+        groups.append(adamw("value_embeds", value_embeds, lr, settings.value_embeds))
     small = [p for p in (model.smear_lambda, model.backout_lambda) if p is not None]
     if model.smear_gate is not None:
         small.append(model.smear_gate.weight)
     if small:  # the recipe's one LR not scaled by the batch factor
-        groups.append(adamw(small, 0.2 * lr_frac, (0.8, 0.95), 0.0))
+        groups.append(adamw("smear_backout", small, 0.2 * lr_frac, ((0.8, 0.95), 0.0)))
     matrices = model.matrix_params()
-    for shape in sorted({tuple(p.shape) for p in matrices}):
-        params = [p for p in matrices if tuple(p.shape) == shape]
-        muon = {"kind": "muon", "params": params, "lr": recipe.matrix_lr * s, "momentum": 0.95, "beta2": 0.9}
-        groups.append({**muon, "weight_decay": weight_decay, "ns_steps": 5})
+    for rows, cols in sorted({tuple(p.shape) for p in matrices}):
+        params = [p for p in matrices if tuple(p.shape) == (rows, cols)]
+        muon = {"name": f"matrices {rows}×{cols}", "kind": "muon", "params": params, "lr": lrs.matrix_lr * s}
+        settings_of_muon = {"momentum": 0.95, "ns_steps": 5, "beta2": settings.muon_beta2}
+        groups.append({**muon, **settings_of_muon, "weight_decay": weight_decay})
     for group in groups:
         group["base_lr"], group["base_weight_decay"] = group["lr"], group["weight_decay"]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())), "a parameter has no group"
     return MuonAdamW(groups, compute_dtype=model.compute_dtype)
 
 
-def warm_start_optimizer(
-    optimizer: MuonAdamW, folder: Path, step: int, runtime: Runtime, weight_decay: float
-) -> bool:
+def warm_start_optimizer(optimizer: MuonAdamW, folder: Path, step: int, runtime: Runtime) -> bool:
     """Load a finished stage's momentum buffers into a fresh optimizer (as the reference's SFT does), keeping
-    this stage's LRs and weight decay. False when the checkpoint holds no optimizer state for this number
-    of processes: written by another number (each holds its own shard), or imported (nanochat_import)."""
+    every setting of this stage's groups (LRs, betas, weight decay). False when the checkpoint holds no
+    optimizer state for this number of processes: written by another number (each holds its own shard), or
+    imported (nanochat_import)."""
     shard = checkpoint.step_dir(folder, step) / f"rank{runtime.rank:02d}.pt"
     if checkpoint.read_meta(folder, step)["world_size"] != runtime.world_size or not shard.exists():
         return False
-    fresh = [(g["lr"], g["base_lr"]) for g in optimizer.param_groups]
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     state = torch.load(shard, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])  # also brings back the old stage's group settings
-    for group, (lr, base_lr) in zip(optimizer.param_groups, fresh, strict=True):
-        group["lr"], group["base_lr"] = lr, base_lr
-        if group["kind"] == "muon":
-            group["weight_decay"] = group["base_weight_decay"] = weight_decay
+    for group, settings in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(settings)
     return True
 
 
@@ -222,10 +290,16 @@ def summary_times(loop: LoopState, wall_seconds: float) -> dict[str, Any]:
     }
 
 
-def add_source_flags(parser: argparse.ArgumentParser, default: str, choices: tuple[str, ...]) -> None:
+def add_source_flags(
+    parser: argparse.ArgumentParser, default: str | None, choices: tuple[str, ...], shown: str | None = None
+) -> None:
+    """--source (`shown` says how a None default is resolved), --source-run and --source-step."""
     group = parser.add_argument_group("Source model")
     group.add_argument(
-        "--source", choices=choices, default=default, help=f"the stage to start from (default: {default})"
+        "--source",
+        choices=choices,
+        default=default,
+        help=f"the stage to start from (default: {shown or default})",
     )
     group.add_argument(
         "--source-run", type=run_name, default=None, help="the run to start from (default: --run)"
@@ -235,16 +309,32 @@ def add_source_flags(parser: argparse.ArgumentParser, default: str, choices: tup
     )
 
 
-def add_lr_flags(parser: argparse.ArgumentParser, init_lr_frac: float) -> argparse._ArgumentGroup:
-    """A chat stage's LR flags: the recipe's LRs (default: the source run's) and the stage's fraction."""
-    group = parser.add_argument_group("Optimization (LRs default to the source run's)")
-    for flag in ("--matrix-lr", "--embedding-lr", "--unembedding-lr", "--scalar-lr"):
-        group.add_argument(flag, type=LEARNING_RATE, default=None)
+def add_lr_flags(
+    parser: argparse.ArgumentParser, defaults: dict[str, tuple[float | None, str]]
+) -> argparse._ArgumentGroup:
+    """A chat stage's LR flags (no batch factor) and --init-lr-frac; `defaults` gives each one's default
+    and how its help shows it (a None default is resolved by the program)."""
+    group = parser.add_argument_group("Optimization")
+    helps = [
+        "Muon LR of the matrices",
+        "AdamW LR of the token embeddings",
+        "AdamW LR of the lm_head",
+        "AdamW LR of the per-layer scalars",
+    ]
+    for name, text in zip(LR_NAMES, helps, strict=True):
+        default, shown = defaults[name]
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=LEARNING_RATE,
+            default=default,
+            help=f"{text} (default: {shown})",
+        )
+    default, shown = defaults["init_lr_frac"]
     group.add_argument(
         "--init-lr-frac",
         type=Bounded(float, maximum=10, exclusive_minimum=0),
-        default=init_lr_frac,
-        help=f"LR as a fraction of the source's (default: {init_lr_frac})",
+        default=default,
+        help=f"every LR × this, smear/backout's 0.2 included (default: {shown})",
     )
     return group
 

@@ -140,7 +140,10 @@ function newJobForm(schemas, presets) {
       return;
     }
     const stages = config.properties.skip.items.enum;
+    // The pipeline's own settings (its recipe, whether RL runs), then each stage's config.
+    const own = Object.entries(config.properties).filter(([name]) => name !== "skip" && !stages.includes(name));
     fields.replaceChildren(
+      h("div", { class: "form-grid" }, ...own.map(([name, property]) => field(name, property, `config.${name}`, root))),
       h("fieldset", {}, h("legend", {}, "stages to skip"),
         ...stages.map((stage) => h("label", { style: "margin-right:1rem" },
           h("input", { type: "checkbox", "data-skip": stage }), ` ${stage}`))),
