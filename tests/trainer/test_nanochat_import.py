@@ -94,7 +94,7 @@ def test_an_imported_model_computes_what_it_computed_there(
     # Its optimizer state is not imported: a chat stage fine-tuning it starts its optimizer afresh.
     optimizer = training.build_optimizer(model, training.Recipe(**meta["recipe"]), weight_decay=0.0)
     runtime = Runtime(torch.device("cpu"), torch.float32)
-    assert training.warm_start_optimizer(optimizer, folder.parent, 7, runtime, 0.0) is False
+    assert training.warm_start_optimizer(optimizer, folder.parent, 7, runtime) is False
 
 
 def test_a_tokenizer_pickle_asking_for_anything_but_an_encoding_is_refused_unrun(tmp_path: Path) -> None:
