@@ -1,5 +1,5 @@
 """Where a run goes: a GPU machine whose driver is too old for torch's CUDA line is said so, not
-silently trained on the CPU."""
+silently trained on the CPU; bfloat16 on a CPU that would run it tens of times slower is said so too."""
 
 import os
 from pathlib import Path
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer import runtime
 from trainer.runtime import setup_runtime
 
 
@@ -39,3 +40,15 @@ def test_a_machine_without_nvidia_gpus_runs_on_the_cpu(
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert setup_runtime("auto").device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_on_a_cpu_without_native_bfloat16_matmuls_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, native: bool
+) -> None:
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16_matmul", lambda: native)
+    assert setup_runtime("cpu", "bfloat16").dtype == torch.bfloat16
+    warned = "no native bfloat16 matmul" in capsys.readouterr().out
+    assert warned is not native
+    setup_runtime("cpu", "float32")
+    assert "bfloat16" not in capsys.readouterr().out
