@@ -107,6 +107,16 @@ def test_n_samples_are_the_seeded_single_samples(client: openai.OpenAI) -> None:
     assert len(set(alone)) > 1
 
 
+def test_a_vanishing_temperature_answers_greedily_and_spoils_no_other_stream(client: openai.OpenAI) -> None:
+    """temperature=1e-45 once made NaN probabilities that failed every row decoding beside it."""
+    options = {"model": "tiny-sft", "messages": HELLO, "max_tokens": 12}
+    with ThreadPoolExecutor(2) as pool:
+        tiny = pool.submit(client.chat.completions.create, temperature=1e-45, **options)
+        other = pool.submit(client.chat.completions.create, temperature=1.0, seed=3, **options)
+        assert tiny.result().choices[0].message.content == greedy(client, HELLO[0]["content"], max_tokens=12)
+        assert other.result().choices[0].finish_reason in ("stop", "length")
+
+
 def test_a_stop_string_ends_the_reply_before_it(client: openai.OpenAI) -> None:
     full = greedy(client, "Tell me a story", max_tokens=40)
     stop = full[len(full) // 2 : len(full) // 2 + 3]

@@ -132,6 +132,14 @@ def test_top_k_one_and_a_tiny_top_p_are_greedy(top_k, top_p) -> None:
     assert {sample(logits, 1.0, top_k, top_p, generator) for _ in range(50)} == {1}
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 1e-8])
+def test_a_vanishing_temperature_samples_the_argmax_instead_of_failing(temperature: float) -> None:
+    logits = torch.tensor([0.1, 2.0, 1.9, -1.0, float("-inf")])
+    generator = torch.Generator().manual_seed(0)
+    assert {sample(logits, temperature, None, None, generator) for _ in range(20)} == {1}
+    assert sample(logits, temperature, 2, 0.9, generator) == 1
+
+
 def test_top_p_samples_only_from_the_nucleus() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     generator = torch.Generator().manual_seed(0)

@@ -133,7 +133,9 @@ def sample(
     share of the tempered distribution."""
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    # Shifted so the largest is 0 before dividing: a tiny temperature (1e-45) then sends the others to
+    # -inf, never the largest to +inf, whose softmax would be NaN (inf - inf).
+    logits = (logits.float() - logits.max()) / temperature
     if top_k is not None and top_k < logits.size(-1):
         threshold = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
