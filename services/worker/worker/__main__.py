@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 from jobs.queue import QUEUE_NAME, SERIALIZER, rq_queue
 from pydantic import ValidationError
@@ -35,6 +36,14 @@ class CheckpointingWorker(Worker):
             self.kill_horse(signal.SIGTERM)
 
 
+def without_password(url: str) -> str:
+    """The URL as it may be printed: a password in it replaced by ***."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
 def main() -> None:
     try:
         settings = WorkerSettings()
@@ -45,7 +54,7 @@ def main() -> None:
     try:
         redis.ping()
     except RedisConnectionError as error:
-        sys.exit(f"worker: cannot reach Redis at {settings.redis_url}: {error}")
+        sys.exit(f"worker: cannot reach Redis at {without_password(settings.redis_url)}: {error}")
     # A fresh name each start: a container restarted after a SIGKILL would otherwise find its old
     # registration (same host, same pid 1) and refuse to start.
     name = f"{host_prefix()}{uuid.uuid4().hex[:12]}"
