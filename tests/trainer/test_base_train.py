@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from trainer import base_train, checkpoint, fp8, scaling, training
 from trainer.gpt import GPT
@@ -217,6 +217,23 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_usable(
     summary = train(env, "crash", f"{common} --resume")  # picks up at step 3 and finishes
     assert summary["steps"] == 6 and checkpoint.list_steps(out) == [3, 6]
     assert not list(out.glob(".*tmp"))  # the half-written temp folder was cleaned up
+
+
+def test_a_diverged_run_stops_with_an_error_and_saves_nothing_broken(env: Path) -> None:
+    """NaN weights (as a diverged run has) make a NaN loss: the program exits with an error at that step,
+    so its job fails and a pipeline stops, and writes no checkpoint, report or metrics of the NaN model."""
+    train(env, "nan", "--num-iterations 2 --eval-every 0 --save-every 2")
+    out, report = run_dir(env, "nan") / "base", run_dir(env, "nan") / "report" / "base_train.json"
+    healthy_report = report.read_text()
+    weights_file = checkpoint.step_dir(out, 2) / "model.safetensors"
+    tensors = load_file(weights_file)
+    tensors["lm_head.weight"] = torch.full_like(tensors["lm_head.weight"], float("nan"))
+    save_file(tensors, weights_file)
+    with pytest.raises(SystemExit, match=r"step 3: the loss is nan, the run has diverged"):
+        train(env, "nan", "--num-iterations 6 --eval-every 0 --save-every 1 --resume")
+    assert checkpoint.list_steps(out) == [2]
+    assert max(r["step"] for r in metrics(env, "nan")) == 2  # the NaN step is not recorded
+    assert report.read_text() == healthy_report
 
 
 def test_only_the_last_k_checkpoints_are_kept(env: Path) -> None:

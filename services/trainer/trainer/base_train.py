@@ -56,6 +56,7 @@ from trainer.training import (
     grad_scaler,
     resume_step,
     rounded,
+    stop_if_diverged,
     summary_times,
     train_step,
 )
@@ -503,6 +504,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         t0 = time.time()
         lrm = apply_schedules(optimizer, step, total, args)
         loss = runtime.mean(train_step(train_model, train_loader, optimizer, accumulation, scaler, runtime))
+        stop_if_diverged(loss, step + 1)
         runtime.synchronize()
         dt = time.time() - t0
         step_times.append(dt)

@@ -290,6 +290,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
             rewards.append(group.rewards.mean().item())
             lengths += group.lengths
             loop.cursor += 1
+        training.stop_if_diverged(runtime.mean(loss), step + 1)
         lrm = apply_lr(optimizer, step, total)
         training.optimizer_step(optimizer, scaler, runtime)
         dt = time.time() - t0

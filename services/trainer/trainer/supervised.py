@@ -558,6 +558,7 @@ def train(
         loss = runtime.mean(
             training.train_step(train_model, train_loader, optimizer, accumulation, scaler, runtime)
         )
+        training.stop_if_diverged(loss, step + 1)
         runtime.synchronize()
         dt = time.time() - t0
         step += 1

@@ -196,6 +196,16 @@ def train_step(
     return total_loss.item()  # one device sync per step, not one per micro-batch
 
 
+def stop_if_diverged(loss: float, step: int) -> None:
+    """A NaN or infinite loss (the same on every process: it is the all-reduced mean) means the run has
+    diverged: stop with an error before a broken checkpoint is written, so a pipeline goes no further."""
+    if not math.isfinite(loss):
+        raise SystemExit(
+            f"step {step}: the loss is {loss}, the run has diverged; nothing more is saved (the latest "
+            "checkpoint is the last good one). Lower the learning rates, or train in float32"
+        )
+
+
 def optimizer_step(optimizer: MuonAdamW, scaler: torch.amp.GradScaler | None, runtime: Runtime) -> None:
     if scaler:
         scaler.unscale_(optimizer)
