@@ -66,7 +66,7 @@ REFERENCE_TASK_DATA = {
 
 
 def run_program(args: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> dict:
-    """Run `python -m <args>`, its output to `log`; wall seconds and peak RSS of that process alone."""
+    """Run `python -m <args>`, its output to `log`; wall minutes and peak RSS of that process alone."""
     start = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(
@@ -76,7 +76,10 @@ def run_program(args: list[str], env: dict[str, str], log: Path, cwd: Path | Non
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"{args[0]} exited with {code}; the end of {log}:\n{log.read_text()[-3000:]}")
-    return {"wall_s": time.perf_counter() - start, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {
+        "process_min": round((time.perf_counter() - start) / 60, 2),
+        "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 2),  # ru_maxrss is in KiB
+    }
 
 
 def raw_losses(printed: list[float], beta: float = 0.9) -> list[float]:
@@ -88,8 +91,6 @@ def raw_losses(printed: list[float], beta: float = 0.9) -> list[float]:
 
 class Ours:
     """This project's trainer, run from this checkout."""
-
-    side = "ours"
 
     def __init__(self, base: Path, data_dir: Path) -> None:
         self.base = base
@@ -112,8 +113,8 @@ class Ours:
             "tok_per_s": summary["tok_per_s"],
             "training_min": summary["training_minutes"],
             "first_step_s": round(next(r["dt"] for r in records if r["step"] == 1), 1),
-            **process_figures(process),
-            "val_bpb": {r["step"]: round(r["val_bpb"], 4) for r in records if "val_bpb" in r},
+            **process,
+            "val_bpb": recorded_val_bpb(records),
         }
 
     def sft(self, reference_home: Path, model_tag: str, dtype: str, steps: int) -> dict:
@@ -132,8 +133,8 @@ class Ours:
         losses = [r["loss"] for r in sorted(records, key=lambda r: r["step"]) if "loss" in r]
         return {
             "loss": [round(x, 4) for x in losses],
-            **process_figures(process),
-            "val_bpb": {r["step"]: round(r["val_bpb"], 4) for r in records if "val_bpb" in r},
+            **process,
+            "val_bpb": recorded_val_bpb(records),
         }
 
     @staticmethod
@@ -144,10 +145,9 @@ class Ours:
 class Reference:
     """karpathy/nanochat at REFERENCE_COMMIT, from a scratch checkout, on the kit's data."""
 
-    side = "reference"
-
     def __init__(self, base: Path, data_dir: Path, clone: Path) -> None:
         workspace = base / "nanochat"
+        self.logs = base
         self.source, self.home = workspace / "src", workspace / "home"
         if not self.source.is_dir():
             self.checkout(clone, workspace)
@@ -191,7 +191,7 @@ class Reference:
         tag = f"{dtype}-seed{seed}"
         shutil.rmtree(self.home / "base_checkpoints" / tag, ignore_errors=True)
         env = {**self.env, "NANOCHAT_DTYPE": dtype, "NANOCHAT_SEED": str(seed)}
-        log = self.home.parent.parent / f"nanochat-{tag}.log"
+        log = self.logs / f"nanochat-{tag}.log"
         args = ["scripts.base_train", *REFERENCE.split(), "--model-tag", tag, *flags.split()]
         process = run_program(args, env, log, cwd=self.source)
         text = log.read_text()
@@ -203,12 +203,12 @@ class Reference:
             "tok_per_s": int(statistics.median(tok for step, _, tok in steps if step > 10)),
             "training_min": float(re.search(r"Total training time: ([\d.]+)m", text)[1]),
             "first_step_s": round(steps[0][1] / 1000, 1),
-            **process_figures(process),
+            **process,
             "val_bpb": printed_val_bpb(text),
         }
 
     def sft(self, model_tag: str, dtype: str, steps: int) -> dict:
-        log = self.home.parent.parent / "nanochat-sft.log"
+        log = self.logs / "nanochat-sft.log"
         args = [
             "scripts.chat_sft", "--model-tag", model_tag, "--load-optimizer", "0",
             "--num-iterations", str(steps), "--eval-every", str(steps), "--eval-tokens", str(SFT_EVAL_TOKENS),
@@ -216,16 +216,17 @@ class Reference:
         ]  # fmt: skip
         process = run_program(args, {**self.env, "NANOCHAT_DTYPE": dtype}, log, cwd=self.source)
         text = log.read_text()
+        printed = [float(x) for x in re.findall(r"^step \d+ \(.*? loss: ([\d.]+)", text, re.M)]
         return {
-            "loss": [
-                round(x, 4)
-                for x in raw_losses(
-                    [float(x) for x in re.findall(r"^step \d+ \(.*? loss: ([\d.]+)", text, re.M)]
-                )
-            ],
-            **process_figures(process),
+            "loss": [round(x, 4) for x in raw_losses(printed)],
+            **process,
             "val_bpb": printed_val_bpb(text),
         }
+
+
+def recorded_val_bpb(records: list[dict]) -> dict[int, float]:
+    """Our metrics.jsonl's val bpb records as {step: bpb}."""
+    return {r["step"]: round(r["val_bpb"], 4) for r in records if "val_bpb" in r}
 
 
 def printed_val_bpb(log_text: str) -> dict[int, float]:
@@ -239,13 +240,6 @@ def has_commit(clone: Path | None) -> bool:
         return False
     check = ["git", "-C", str(clone), "cat-file", "-e", f"{REFERENCE_COMMIT}^{{commit}}"]
     return subprocess.run(check, capture_output=True).returncode == 0
-
-
-def process_figures(process: dict) -> dict:
-    return {
-        "process_min": round(process["wall_s"] / 60, 2),
-        "peak_rss_gb": round(process["peak_rss_mb"] / 1024, 2),
-    }
 
 
 def print_base_table(results: list[dict]) -> None:
