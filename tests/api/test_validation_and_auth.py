@@ -164,6 +164,8 @@ def test_the_schema_route_describes_every_kind(api_only: Stack) -> None:
         "chat_rl",
         "base_eval",
         "chat_eval",
+        "export",
+        "import",
         "pipeline",
     } == set(schemas)
     assert schemas["tokenizer"]["$defs"]["TokenizerConfig"]["properties"]["vocab_size"]["minimum"] == 265

@@ -4,7 +4,15 @@ import argparse
 import importlib
 
 import pytest
-from jobs.specs import FLAGS_NOT_EXPOSED, JOB_SPEC, STAGE_KINDS, Rendezvous, RunnerOptions, json_schemas
+from jobs.specs import (
+    FLAGS_NOT_EXPOSED,
+    JOB_SPEC,
+    SPEC_CLASSES,
+    STAGE_KINDS,
+    Rendezvous,
+    RunnerOptions,
+    json_schemas,
+)
 from pydantic import BaseModel, ValidationError
 
 from trainer.common import RUN_NAME_PATTERN, Bounded, run_name
@@ -99,6 +107,23 @@ def test_several_nodes_meet_in_the_rendezvous_each_node_is_given() -> None:
         ("pipeline", {"recipe": "nightly"}),
         ("chat_sft", {"recipe": "nightly"}),
         ("pipeline", {"skip": ["tokenizer", "base_train", "mid_train", "chat_sft", "chat_rl", "base_eval"]}),
+        ("export", {"format": "gguf"}),
+        ("export", {"stage": "tokenizer"}),
+        ("export", {"step": -1}),
+        ("export", {"out": "/tmp/x"}),  # exports go to the run's exports folder, where the API serves them
+        ("import", {}),  # a source is required
+        ("import", {"source": "/data/model"}),
+        ("import", {"source": "../outside"}),
+        ("import", {"source": "runs/../../outside"}),
+        ("import", {"source": "-owner/name"}),
+        ("import", {"source": "owner/na me"}),
+        ("import", {"source": "owner/"}),
+        ("import", {"source": "https://huggingface.co/owner/name"}),
+        ("import", {"source": "x" * 401}),
+        ("import", {"source": "o/n", "revision": "main; rm -rf /"}),
+        ("import", {"source": "o/n", "revision": "-x"}),
+        ("import", {"source": "o/n", "model_tag": "../d20"}),
+        ("import", {"source": "o/n", "stage": "tokenizer"}),
     ],
 )
 def test_configs_are_bounded(kind: str, config: dict) -> None:
@@ -111,10 +136,10 @@ EVERY_FLAG = {
     "tokenizer": {"vocab_size": 4096, "max_chars": 20_000, "doc_cap": 500},
     "base_train": {
         "depth": 4, "head_dim": 64, "aspect_ratio": 32, "n_kv_head": 1, "window_pattern": "SSL",
-        "value_embeds": False, "smear": False, "backout": False, "softcap": 30.0, "rope_base": 10_000.0,
-        "qk_scale": 1.0, "split_docs": True, "fp8": True, "target_param_data_ratio": 8.0,
-        "target_flops": 2.5e18, "matrix_lr": 0.03, "embedding_lr": 0.2, "unembedding_lr": 0.004,
-        "scalar_lr": 0.4, "weight_decay": 0.1,
+        "value_embeds": False, "smear": False, "backout": False, "layer_scalars": False, "softcap": 30.0,
+        "rope_base": 10_000.0, "qk_scale": 1.0, "split_docs": True, "fp8": True,
+        "target_param_data_ratio": 8.0, "target_flops": 2.5e18, "matrix_lr": 0.03, "embedding_lr": 0.2,
+        "unembedding_lr": 0.004, "scalar_lr": 0.4, "weight_decay": 0.1,
         "weight_decay_horizon": "trained", "warmup_steps": 5, "warmdown_ratio": 0.5, "final_lr_frac": 0.0,
         "eval_tokens": 4096, "core_metric_every": -1, "core_metric_max_per_task": 10, "sample_every": -1,
         "num_iterations": 3, "device_batch_size": 2, "eval_every": -1, "save_every": 7, "keep_checkpoints": 0,
@@ -146,6 +171,13 @@ EVERY_FLAG = {
         "num_samples": 2, "max_new_tokens": 16, "temperature": 0.5, "top_k": 7, "dtype": "float32",
     },
 }  # fmt: skip
+EVERY_FLAG["export"] = {"stage": "rl", "step": 5, "format": "hf"}
+EVERY_FLAG["import"] = {
+    "source": "runs/other/exports/other-sft-000005", "revision": "v1.0", "stage": "mid", "model_tag": "d20",
+    "step": 5,
+}  # fmt: skip
+# What a config cannot do without, for the kinds that require a field.
+REQUIRED = {"import": {"source": "owner/name"}}
 EVERY_FLAG["chat_sft"] = {
     **EVERY_FLAG["mid_train"], "source": "mid", "recipe": "classic", "examples_per_step": 16
 }  # fmt: skip
@@ -154,7 +186,7 @@ EVERY_FLAG["chat_sft"] = {
 def program_parser(kind: str) -> argparse.ArgumentParser:
     if kind in ("mid_train", "chat_sft"):
         return importlib.import_module("trainer.supervised").build_parser(kind)
-    program = JOB_SPEC.validate_python({"kind": kind}).program
+    program = SPEC_CLASSES[kind].program
     return importlib.import_module(program).parser
 
 
@@ -165,7 +197,7 @@ def program_flags(kind: str) -> dict[str, argparse.Action]:
 
 
 def config_class(kind: str) -> type[BaseModel]:
-    return type(JOB_SPEC.validate_python({"kind": kind}).config)
+    return SPEC_CLASSES[kind].model_fields["config"].annotation
 
 
 def accepted(field_schema: dict) -> dict:
@@ -185,8 +217,8 @@ def test_every_flag_of_the_program_is_a_config_field_of_its_type_bounds_and_defa
         field = accepted(fields[name])
         if isinstance(action, argparse._StoreTrueAction | argparse.BooleanOptionalAction):
             assert field["type"] == "boolean", name
-        elif action.choices is not None:
-            assert field["enum"] == list(action.choices), name
+        elif action.choices is not None:  # one choice is a JSON Schema const
+            assert field.get("enum", [field.get("const")]) == list(action.choices), name
         elif isinstance(action.type, Bounded):
             assert field["type"] == {int: "integer", float: "number"}[action.type.kind], name
             program_bounds = (action.type.minimum, action.type.maximum, action.type.exclusive_minimum, None)
@@ -199,7 +231,7 @@ def test_every_flag_of_the_program_is_a_config_field_of_its_type_bounds_and_defa
                 f"{name} takes an unbounded {action.type}"
             )
         if not action.required and action.default is not None:
-            config.model_validate({name: action.default})  # the program's default is a value the API takes
+            config.model_validate({**REQUIRED.get(kind, {}), name: action.default})  # a value the API takes
 
 
 @pytest.mark.parametrize("kind", sorted(EVERY_FLAG))
@@ -210,7 +242,8 @@ def test_a_switch_set_either_way_reaches_the_program(kind: str) -> None:
     parser = program_parser(kind)
     for name in switches:
         for value in (True, False):
-            spec = JOB_SPEC.validate_python({"kind": kind, "run": "r", "config": {name: value}})
+            config = {**REQUIRED.get(kind, {}), name: value}
+            spec = JOB_SPEC.validate_python({"kind": kind, "run": "r", "config": config})
             assert getattr(parser.parse_args(spec.arguments()), name) is value, (name, value)
 
 
@@ -261,3 +294,21 @@ def test_the_schema_names_every_kind_with_defaults_and_bounds() -> None:
     base = schemas["base_train"]["$defs"]["BaseTrainConfig"]["properties"]
     assert base["depth"]["default"] == 12 and base["depth"]["minimum"] == 1 and base["depth"]["maximum"] == 64
     assert base["max_retries"]["default"] == 2
+
+
+def test_an_import_writes_the_stage_its_config_names_and_the_runs_tokenizer() -> None:
+    spec = JOB_SPEC.validate_python(
+        {"kind": "import", "run": "i", "config": {"source": "o/n", "stage": "mid"}}
+    )
+    assert spec.stage == "mid" and spec.writes == {"mid", "tokenizer"}
+    assert spec.report_section == "model_import" and not spec.resumable
+    assert " ".join(spec.command(resume=True)) == "-m trainer.model_import --run i --source o/n --stage mid"
+
+
+def test_an_export_writes_only_the_runs_exports_folder_on_the_cpu() -> None:
+    spec = JOB_SPEC.validate_python({"kind": "export", "run": "e", "config": {"step": 420}})
+    assert spec.stage == "exports" and spec.writes == {"exports"}  # training the same run may go on
+    assert spec.nproc_per_node == 0  # the worker then gives it no GPU: the model server keeps them
+    assert " ".join(spec.command()) == "-m trainer.export --run e --stage sft --step 420 --format hf"
+    assert JOB_SPEC.validate_python({"kind": "chat_sft", "run": "e"}).writes == {"sft"}
+    assert JOB_SPEC.validate_python({"kind": "chat_eval", "run": "e"}).writes == set()

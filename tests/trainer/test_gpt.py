@@ -139,3 +139,30 @@ def test_bf16_forward_sees_residual_scalar_changes_smaller_than_a_bf16_step() ->
         model.resid_lambdas.add_(0.001)
         after = model(idx)
     assert not torch.equal(before, after)
+
+
+def test_a_batch_with_no_target_to_learn_scores_zero_not_nan() -> None:
+    """An SFT row can hold only a user's words: its mean loss must not poison the step with NaN."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    model.init_weights()
+    idx = torch.randint(0, 100, (2, 8))
+    nothing = torch.full_like(idx, -1)
+    loss = model(idx, nothing)
+    loss.backward()
+    assert loss.item() == 0 and all(
+        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+    )
+    some = nothing.clone()
+    some[0, 3] = 7
+    expected = torch.nn.functional.cross_entropy(model(idx)[0, 3:4], torch.tensor([7]))
+    torch.testing.assert_close(model(idx, some), expected)
+
+
+def test_without_layer_scalars_the_residual_is_plain() -> None:
+    """--no-layer-scalars: no resid/x0 parameters, x is the plain sum of the blocks (the older nanochat)."""
+    model = GPT(tiny_config(layer_scalars=False))
+    model.init_weights()
+    assert model.resid_lambdas is None and model.x0_lambdas is None
+    assert not any("lambdas" in name and "smear" not in name and "backout" not in name
+                   for name, _ in model.named_parameters())  # fmt: skip

@@ -36,6 +36,19 @@ def test_a_job_takes_the_first_gpus_of_its_worker(four_gpus: None, monkeypatch: 
     assert gpus.for_job(WorkerSettings(), 1) == gpus.JobGpus("3", ["GPU-d"])
 
 
+def test_an_export_or_import_job_takes_no_gpu_and_waits_for_no_model_server(
+    four_gpus: None, redis: Redis
+) -> None:
+    """They only convert files: on the CPU, while the model server keeps serving from the GPUs."""
+    redis.set(gpu_claims.server_key("GPU-a"), "the model server", ex=60)
+    for kind, config in [("export", {}), ("import", {"source": "owner/name"})]:
+        spec = JOB_SPEC.validate_python({"kind": kind, "run": "r", "config": config})
+        placed = gpus.for_job(WorkerSettings(), spec.nproc_per_node)
+        assert placed == gpus.JobGpus("", [])
+        assert child_environment(WorkerSettings(), placed.devices)["CUDA_VISIBLE_DEVICES"] == ""
+        assert gpus.wait_for_model_server(redis, placed, pytest.fail, lambda: None) is None
+
+
 def test_a_job_asking_for_more_gpus_than_its_worker_has_is_refused(
     four_gpus: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,8 +7,8 @@ any OpenAI client shows them and a UI can set them apart:
     The answer is <|python_start|>12*7<|python_end|><|output_start|>84<|output_end|> 84.
 
 When a client sends such a reply back as history, the markers become the tool parts they stand for
-(as tokens, not as text). CHAT_TEMPLATE is the same rendering as a Jinja template (GET
-/tokenizer_info), for clients that build prompts themselves.
+(as tokens, not as text). trainer.chat_format.CHAT_TEMPLATE is the same rendering as a Jinja template
+(GET /tokenizer_info), for clients that build prompts themselves.
 """
 
 import re
@@ -19,20 +19,6 @@ from trainer.chat_format import Message
 TOOL_PART = re.compile(
     r"<\|python_start\|>(?P<python>.*?)<\|python_end\|>|<\|output_start\|>(?P<output>.*?)<\|output_end\|>",
     re.DOTALL,
-)
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% set ns = namespace(system='') %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
-    "{% elif message['role'] == 'user' %}"
-    "<|user_start|>{{ ns.system }}{{ message['content'] }}<|user_end|>{% set ns.system = '' %}"
-    "{% elif not loop.last or not add_generation_prompt %}"
-    "<|assistant_start|>{{ message['content'] }}<|assistant_end|>"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant_start|>{% endif %}"
 )
 
 

@@ -9,7 +9,6 @@ from prometheus_client import generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from inference.auth import require_token
-from inference.chat_template import CHAT_TEMPLATE
 from inference.completions import ChatCompletion, TextCompletion, chat_prompt, text_prompt
 from inference.gpu_share import GpuBusy
 from inference.pool import ModelPool, ServedModel
@@ -20,6 +19,7 @@ from inference.protocol import (
     OpenAIError,
     TokenizeRequest,
 )
+from trainer.chat_format import CHAT_TEMPLATE
 
 public = APIRouter()
 router = APIRouter(dependencies=[Depends(require_token)])

@@ -7,6 +7,9 @@ written a moment ago is there at once:
     <run>-<stage>          the stage's latest step
     default                INFERENCE_DEFAULT_MODEL, else the newest chat checkpoint (rl, sft, mid),
                            else the newest base checkpoint
+
+A checkpoint exported by trainer.export is runs/<run>/exports/<id>/ (a Hugging Face folder) and
+<id>.tar beside it, renamed into place complete.
 """
 
 import json
@@ -20,6 +23,7 @@ from typing import Any
 STAGES = ("base", "mid", "sft", "rl")
 STEP_DIR = re.compile(r"^step_(\d{6})$")  # the trainer's checkpoint folders (trainer.checkpoint)
 CHAT_STAGES = ("mid", "sft", "rl")
+MODEL_ID = re.compile(r"^(.+)-(base|mid|sft|rl)-(\d{6})$")  # run names may hold '-': the stage is the last
 DEFAULT = "default"
 
 
@@ -41,6 +45,14 @@ class Checkpoint:
     @property
     def created(self) -> int:
         return int((self.path / "meta.json").stat().st_mtime)
+
+
+def export_tarball(runs_dir: Path, model_id: str) -> Path:
+    """Where trainer.export puts a checkpoint's tarball (an id the API has checked: `<run>-<stage>-<step>`).
+    Found by its id alone, so it stays downloadable after its checkpoint is deleted or pruned."""
+    if (match := MODEL_ID.fullmatch(model_id)) is None:
+        raise UnknownModel(f"`{model_id}` is not a checkpoint's id (<run>-<stage>-<step>).")
+    return runs_dir / match.group(1) / "exports" / f"{model_id}.tar"
 
 
 def list_steps(folder: Path) -> list[int]:

@@ -87,7 +87,7 @@ def active_jobs(redis: Redis, run: str) -> list[JobRecord]:
 
 def active_writer(redis: Redis, run: str, stages: set[str]) -> JobRecord | None:
     """An active job that writes one of these stages of the run."""
-    writers = (r for r in active_jobs(redis, run) if r.kind != "pipeline" and spec_of(r).stage in stages)
+    writers = (r for r in active_jobs(redis, run) if r.kind != "pipeline" and spec_of(r).writes & stages)
     return next(writers, None)
 
 
@@ -99,7 +99,7 @@ def submit(redis: Redis, spec: JobSpec) -> JobRecord:
     """Store and queue a job; a pipeline queues its first stage and waits with the others.
     Refused (Conflict) while another job writes one of the same run's stages."""
     stage_specs = spec.stages() if isinstance(spec, PipelineJob) else [spec]
-    written = {s.stage for s in stage_specs if s.stage}
+    written = set().union(*(s.writes for s in stage_specs))
     if busy := active_writer(redis, spec.run, written):
         raise Conflict(
             f"job {busy.id} ({busy.kind}, {busy.status}) is writing run {spec.run!r}: wait for it to end, "
@@ -180,7 +180,7 @@ def retry(redis: Redis, job_id: str) -> JobRecord | None:
         earlier = stages[: [s.id for s in stages].index(job_id)]
         if unfinished := [s for s in earlier if s.status != JobStatus.FINISHED]:
             raise Conflict(f"stage {unfinished[0].kind} before it has not finished: retry the pipeline")
-    if busy := active_writer(redis, record.run, {spec_of(record).stage} - {None}):
+    if busy := active_writer(redis, record.run, spec_of(record).writes):
         raise Conflict(f"job {busy.id} ({busy.kind}, {busy.status}) is writing run {record.run!r}")
     again = enqueue(
         redis, job_id, set(RETRYABLE), stop_requested=False, error=None, ended_at=None, result=None

@@ -7,6 +7,7 @@ checks the two agree), except the runner's own options (retries, time limit, pro
 never reach the program; the few flags a job cannot set are in FLAGS_NOT_EXPOSED with the reason.
 """
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal, get_args
 
@@ -17,6 +18,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 RunName = Annotated[str, Field(pattern=NAME_PATTERN, description="run folder name")]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 ChatStage = Literal["mid", "sft", "rl"]
+ModelStage = Literal["base", "mid", "sft", "rl"]
 RecipeName = Literal["current", "classic"]  # nanochat 92d63d4 and 348fbb3 (README: "Chat stages")
 
 # The programs' flags that no job sets, and why. Every other flag is a config field.
@@ -25,6 +27,7 @@ FLAGS_NOT_EXPOSED = {
     "device": "the worker decides: the GPUs it was given, else the CPU",
     "resume_from_step": "a retry continues from the latest checkpoint (`resume`); a fixed step would send "
     "every retry back to it",
+    "out": "exports go to runs/<run>/exports/, where the API serves them (GET /models/{id}/download)",
 }
 
 # Bounds several flags share, under the names trainer/common.py gives them.
@@ -44,6 +47,23 @@ Temperature = Annotated[float, Field(ge=0, le=10)]  # 0: greedy
 TopK = Annotated[int, Field(ge=1, le=1_000_000)]
 # An evaluation budget's default (trainer/eval_budget.py).
 SIZED = " (default: the reference's on CUDA, sized to the run elsewhere)"
+
+
+# A Hugging Face hub repo id (owner/name), as the hub spells them.
+HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def inside_the_base_dir(path: str) -> str:
+    """A path the programs read relative to the base dir: relative, and no '..' to climb out of it."""
+    if path.startswith("/") or ".." in path.split("/"):
+        raise ValueError("must be a path inside the base dir: relative, without '..'")
+    return path
+
+
+def folder_or_hub_repo(source: str) -> str:
+    """An import's source: a hub repo id, else a folder inside the base dir. (A path of two parts looks
+    like a repo id too; the program takes a folder that exists before going to the hub.)"""
+    return source if HUB_REPO.fullmatch(source) else inside_the_base_dir(source)
 
 
 class StrictModel(BaseModel):
@@ -171,6 +191,9 @@ class BaseTrainConfig(LearningRates, TrainingFlags):
         default=None, description="gated mix of the previous token's embedding (default: on)"
     )
     backout: bool | None = Field(default=None, description="subtract the mid-network residual (default: on)")
+    layer_scalars: bool | None = Field(
+        default=None, description="learned per-layer residual and x0 scalars (default: on)"
+    )
     softcap: float | None = Field(default=None, gt=0, le=1000, description="logit soft-cap (default: 15)")
     rope_base: float | None = Field(default=None, gt=1, le=1e9, description="rotary base (default: 100,000)")
     qk_scale: float | None = Field(
@@ -232,10 +255,8 @@ class SupervisedConfig(TrainingFlags, ChatSourceFlags):
 
     @field_validator("mixture")
     @classmethod
-    def inside_the_base_dir(cls, path: str | None) -> str | None:
-        if path is not None and (path.startswith("/") or ".." in path.split("/")):
-            raise ValueError("must be a path inside the base dir: relative, without '..'")
-        return path
+    def mixture_inside_the_base_dir(cls, path: str | None) -> str | None:
+        return path if path is None else inside_the_base_dir(path)
 
     warmup_ratio: Fraction | None = Field(default=None, description="share of the run in LR warm-up")
     warmdown_ratio: Fraction | None = Field(default=None, description="share of the run in warm-down")
@@ -302,13 +323,56 @@ class ChatEvalConfig(ModelProgramOptions):
     top_k: TopK | None = None
 
 
+class ExportConfig(RunnerOptions):
+    stage: ModelStage = Field(default="sft", description="which stage's model")
+    step: CheckpointStep | None = Field(default=None, description="checkpoint (default: latest)")
+    format: Literal["hf"] = Field(
+        default="hf", description="hf: a Hugging Face folder (transformers, lm-eval) and its tarball"
+    )
+
+
+class ImportConfig(RunnerOptions):
+    source: str = Field(
+        max_length=400,
+        pattern=r"^[A-Za-z0-9._][A-Za-z0-9._-]*(/[A-Za-z0-9._][A-Za-z0-9._-]*)*$",  # no empty part, no '-x'
+        description="a folder in the data volume, relative to the base dir (an export, a transformers "
+        "NanoChat folder or a native nanochat base dir), or a Hugging Face hub repo id (owner/name)",
+    )
+    revision: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
+        description="hub branch, tag or commit (default: main)",
+    )
+    stage: ModelStage = Field(default="sft", description="the stage it becomes in the run")
+    model_tag: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="native nanochat dirs: which model, e.g. d20 (default: the largest)",
+    )
+    step: CheckpointStep | None = Field(
+        default=None, description="native nanochat dirs: which checkpoint (default: latest)"
+    )
+
+    @field_validator("source", mode="before")  # before the pattern: its message is the clearer one
+    @classmethod
+    def folder_or_hub_repo(cls, source: object) -> object:
+        return folder_or_hub_repo(source) if isinstance(source, str) else source
+
+
 class JobSpec(StrictModel):
     """Fields every job kind has; subclasses add `kind`, `config` and the program that runs them."""
 
     program: ClassVar[str]  # the trainer module run as `python -m <program>`
-    stage: ClassVar[str | None] = None  # the run folder it writes checkpoints to (one writer at a time)
+    # The run folder it writes (checkpoints, or exports): one writer at a time. A kind whose folder
+    # depends on its config makes this a property.
+    stage: ClassVar[str | None] = None
 
     run: RunName = "default"
+
+    @property
+    def writes(self) -> set[str]:
+        """The run's folders the job writes: none of them may have another active writer."""
+        return {self.stage} if self.stage else set()
 
     @property
     def report_section(self) -> str:
@@ -343,7 +407,7 @@ class JobSpec(StrictModel):
 
     @property
     def nproc_per_node(self) -> int:
-        """Processes on each node: one GPU each."""
+        """Processes on each node: one GPU each (0: one process on the CPU, see ExportJob)."""
         return getattr(self.config, "nproc_per_node", 1)
 
     def command(self, resume: bool = False, rendezvous: "Rendezvous | None" = None) -> list[str]:
@@ -430,7 +494,44 @@ class ChatEvalJob(JobSpec):
         return f"chat_eval_{self.config.source}"
 
 
-ProgramJob = TokenizerJob | BaseTrainJob | MidTrainJob | ChatSFTJob | ChatRLJob | BaseEvalJob | ChatEvalJob
+class ExportJob(JobSpec):
+    """Reads a checkpoint, writes runs/<run>/exports/. Its writer slot is that exports folder: one export
+    of a run at a time, while training may go on (the checkpoint it reads is complete and no longer
+    written; one pruned meanwhile by keep_checkpoints fails the export, and a retry takes the latest)."""
+
+    program: ClassVar[str] = "trainer.export"
+    stage: ClassVar[str | None] = "exports"
+    kind: Literal["export"]
+    config: ExportConfig = ExportConfig()
+
+    @property
+    def nproc_per_node(self) -> int:
+        return 0  # no GPU: it converts files, and the model server keeps its GPUs meanwhile
+
+
+class ImportJob(JobSpec):
+    program: ClassVar[str] = "trainer.model_import"
+    kind: Literal["import"]
+    config: ImportConfig
+
+    @property
+    def stage(self) -> str:
+        """The stage its config names (a property where other kinds have a class attribute)."""
+        return self.config.stage
+
+    @property
+    def writes(self) -> set[str]:
+        return {self.config.stage, "tokenizer"}  # the run's tokenizer comes with the model
+
+    @property
+    def nproc_per_node(self) -> int:
+        return 0  # as ExportJob
+
+
+ProgramJob = (
+    TokenizerJob | BaseTrainJob | MidTrainJob | ChatSFTJob | ChatRLJob | BaseEvalJob | ChatEvalJob | ExportJob
+    | ImportJob
+)  # fmt: skip
 StageKind = Literal["tokenizer", "base_train", "mid_train", "chat_sft", "chat_rl", "base_eval", "chat_eval"]
 STAGE_KINDS: tuple[str, ...] = get_args(StageKind)  # a pipeline's order
 
@@ -524,16 +625,12 @@ AnyJobSpec = Annotated[ProgramJob | PipelineJob, Field(discriminator="kind")]
 JOB_SPEC = TypeAdapter(AnyJobSpec)
 
 
+# Every kind's spec class, by its `kind`.
+SPEC_CLASSES: dict[str, type[JobSpec]] = {
+    cls.model_fields["kind"].annotation.__args__[0]: cls for cls in (*get_args(ProgramJob), PipelineJob)
+}
+
+
 def json_schemas() -> dict[str, dict]:
     """Each kind's JSON Schema (defaults, bounds, descriptions): what a form is built from."""
-    kinds = [
-        TokenizerJob,
-        BaseTrainJob,
-        MidTrainJob,
-        ChatSFTJob,
-        ChatRLJob,
-        BaseEvalJob,
-        ChatEvalJob,
-        PipelineJob,
-    ]
-    return {kind.model_fields["kind"].annotation.__args__[0]: kind.model_json_schema() for kind in kinds}
+    return {kind: cls.model_json_schema() for kind, cls in SPEC_CLASSES.items()}

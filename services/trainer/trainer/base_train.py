@@ -109,6 +109,13 @@ group.add_argument(
     "--backout", action=switch, default=True, help="subtract the mid-network residual before the head"
 )
 group.add_argument(
+    "--layer-scalars",
+    action=switch,
+    default=True,
+    help="learned per-layer resid_λ and x0_λ (off, with --window-pattern L --no-value-embeds --no-smear "
+    "--no-backout --qk-scale 1: the architecture transformers' built-in NanoChat class computes)",
+)
+group.add_argument(
     "--softcap",
     type=Bounded(float, maximum=1000, exclusive_minimum=0),
     default=15.0,
@@ -269,6 +276,7 @@ def plan(
         "value_embeds": args.value_embeds,
         "smear": args.smear,
         "backout": args.backout,
+        "layer_scalars": args.layer_scalars,
         "softcap": args.softcap,
         "rope_base": args.rope_base,
         "qk_scale": args.qk_scale,

@@ -22,6 +22,22 @@ from trainer.tokenizer import Tokenizer
 Message = dict[str, Any]
 PART_TYPES = ("text", "python", "python_output")
 
+# The same rendering as a Jinja template: the inference server hands it to clients that build prompts
+# themselves, and exports carry it as the Hugging Face tokenizer's chat template.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
+    "{% elif message['role'] == 'user' %}"
+    "<|user_start|>{{ ns.system }}{{ message['content'] }}<|user_end|>{% set ns.system = '' %}"
+    "{% elif not loop.last or not add_generation_prompt %}"
+    "<|assistant_start|>{{ message['content'] }}<|assistant_end|>"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant_start|>{% endif %}"
+)
+
 
 class ConversationError(ValueError):
     """The messages do not form a valid conversation; the message says which one and why."""

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.common import git_commit, replace_dir
+from trainer.common import git_commit, make_temp_dir, replace_dir
 from trainer.gpt import GPT, GPTConfig
 from trainer.runtime import Runtime
+from trainer.tokenizer import Tokenizer
 
 STEP_DIR = re.compile(r"^step_(\d{6})$")
 
@@ -152,3 +153,51 @@ def load_training_state(
     if "cuda" in state["rng"] and runtime.device.type == "cuda":
         torch.cuda.set_rng_state(state["rng"]["cuda"], runtime.device)
     return state["dataloader"]
+
+
+class ImportRefused(SystemExit):
+    """A model this code cannot import (or not where it was asked to go), with the reason."""
+
+
+def check_shapes(weights: dict[str, torch.Tensor], config: GPTConfig, refusal: str) -> None:
+    """Refused (`refusal`: the first differences) unless every tensor has its place and shape in our model."""
+    expected = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in weights.items()}
+    if found != expected:
+        differences = sorted(
+            f"{name}: {found.get(name, 'missing')} (ours: {expected.get(name, 'none')})"
+            for name in set(found) | set(expected)
+            if found.get(name) != expected.get(name)
+        )
+        raise ImportRefused(f"{refusal}: " + "; ".join(differences[:6]))
+
+
+def save_imported(
+    run_dir: Path, stage: str, step: int, weights: dict[str, torch.Tensor], config: GPTConfig,
+    tokenizer: Tokenizer, meta: dict[str, Any],
+) -> Path:  # fmt: skip
+    """A model trained elsewhere as runs/<run>/<stage>/step_<step>/ (fp32 weights, no optimizer state) with
+    its tokenizer as the run's. Refused where the step exists or the run has another tokenizer."""
+    check_shapes(weights, config, "its weights do not fit the model they describe")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ImportRefused(
+            f"the tokenizer has {tokenizer.vocab_size:,} tokens, the model {config.vocab_size:,}"
+        )
+    if (run_dir / "tokenizer").exists() and Tokenizer.load(run_dir / "tokenizer").ranks != tokenizer.ranks:
+        raise ImportRefused(f"run {run_dir.name!r} already has another tokenizer: import into a new run")
+    destination = step_dir(run_dir / stage, step)
+    if destination.exists():
+        raise ImportRefused(f"{destination} exists already")
+    tokenizer.save(run_dir / "tokenizer")
+    tmp = make_temp_dir(destination)
+    save_file({name: t.float().contiguous() for name, t in weights.items()}, tmp / "model.safetensors")
+    meta = {
+        "step": step,
+        "model_config": config.to_dict(),
+        "compute_dtype": "float32",
+        "world_size": 1,
+        **meta,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    replace_dir(tmp, destination)
+    return destination

@@ -48,6 +48,8 @@ class GPTConfig:
     value_embeds: bool = True
     smear: bool = True
     backout: bool = True
+    layer_scalars: bool = True  # learned resid_λ and x0_λ; off: x = x (the older nanochat's residual)
+    norm_eps: float | None = None  # RMSNorm's ε; None: the dtype's machine epsilon (torch's default)
 
     def __post_init__(self) -> None:
         assert self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head"
@@ -82,9 +84,9 @@ class GPTConfig:
         return asdict(self)
 
 
-def norm(x: torch.Tensor) -> torch.Tensor:
+def norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dimension."""
-    return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
 
 
 class Linear(nn.Linear):
@@ -124,7 +126,8 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :GATE_CHANNELS_VE]))
             v = v + gate.unsqueeze(-1) * value_embed.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q) * self.config.qk_scale, norm(k) * self.config.qk_scale
+        eps, scale = self.config.norm_eps, self.config.qk_scale
+        q, k = norm(q, eps) * scale, norm(k, eps) * scale
         if kv_cache is None:
             y = attention(q, k, v, window)
         else:
@@ -148,10 +151,11 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer)
         self.mlp = MLP(config)
+        self.eps = config.norm_eps
 
     def forward(self, x, value_embed, cos, sin, window, kv_cache=None) -> torch.Tensor:
-        x = x + self.attn(norm(x), value_embed, cos, sin, window, kv_cache)
-        return x + self.mlp(norm(x))
+        x = x + self.attn(norm(x, self.eps), value_embed, cos, sin, window, kv_cache)
+        return x + self.mlp(norm(x, self.eps))
 
 
 class GPT(nn.Module):
@@ -166,8 +170,8 @@ class GPT(nn.Module):
         self.value_embeds = nn.ModuleDict(
             {str(i): nn.Embedding(vocab, kv_dim) for i in range(n_layer) if config.has_value_embed(i)}
         )
-        self.resid_lambdas = nn.Parameter(torch.ones(n_layer))
-        self.x0_lambdas = nn.Parameter(torch.zeros(n_layer))
+        self.resid_lambdas = nn.Parameter(torch.ones(n_layer)) if config.layer_scalars else None
+        self.x0_lambdas = nn.Parameter(torch.zeros(n_layer)) if config.layer_scalars else None
         self.smear_gate = Linear(GATE_CHANNELS_SMEAR, 1) if config.smear else None
         self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
         # The residual coming out of block index n_layer//2 is subtracted back out before the head.
@@ -200,9 +204,10 @@ class GPT(nn.Module):
                 nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         for embedding in self.value_embeds.values():
             nn.init.uniform_(embedding.weight, -bound, bound)
-        n_layer = self.config.n_layer
-        self.resid_lambdas.copy_(torch.linspace(1.15, 1.05, n_layer))
-        self.x0_lambdas.copy_(torch.linspace(0.20, 0.05, n_layer))
+        if self.config.layer_scalars:
+            n_layer = self.config.n_layer
+            self.resid_lambdas.copy_(torch.linspace(1.15, 1.05, n_layer))
+            self.x0_lambdas.copy_(torch.linspace(0.20, 0.05, n_layer))
         if self.smear_gate is not None:
             nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
             self.smear_lambda.zero_()
@@ -265,7 +270,8 @@ class GPT(nn.Module):
             )
             cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, head_dim/2)
 
-        x = norm(self.wte(idx).to(self.compute_dtype))
+        eps = self.config.norm_eps
+        x = norm(self.wte(idx).to(self.compute_dtype), eps)
         if self.smear_gate is not None:
             previous = kv_cache.swap_last_embedding(x) if kv_cache is not None else None
             x = self.smear(x, previous)
@@ -273,9 +279,10 @@ class GPT(nn.Module):
         dtype = x.dtype
         halfway = None
         for i, block in enumerate(self.blocks):
-            # In fp32, rounded once (as a fused kernel does): rounding λ to bf16 first would hide its
-            # small learned steps (bf16 spacing near 1 is 0.008; resid_λ's LR is ~0.0004 per step).
-            x = (self.resid_lambdas[i] * x.float() + self.x0_lambdas[i] * x0.float()).to(dtype)
+            if self.resid_lambdas is not None:
+                # In fp32, rounded once (as a fused kernel does): rounding λ to bf16 first would hide its
+                # small learned steps (bf16 spacing near 1 is 0.008; resid_λ's LR is ~0.0004 per step).
+                x = (self.resid_lambdas[i] * x.float() + self.x0_lambdas[i] * x0.float()).to(dtype)
             value_embed = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, value_embed, cos, sin, self.window_sizes[i], kv_cache)
             if i == self.backout_layer:
@@ -285,13 +292,18 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance()
 
-        logits = self.lm_head(norm(x)).float()[..., : self.config.vocab_size]
+        logits = self.lm_head(norm(x, eps)).float()[..., : self.config.vocab_size]
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if targets is None:
             return logits
-        return F.cross_entropy(
-            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction
+        targets = targets.reshape(-1)
+        reduction = "sum" if loss_reduction == "mean" else loss_reduction
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets, ignore_index=-1, reduction=reduction
         )
+        if loss_reduction == "mean":  # over the scored targets; a batch with none (SFT) scores 0, not NaN
+            loss = loss / (targets != -1).sum().clamp(min=1)
+        return loss
 
     def smear(self, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         """x[t] += smear_λ·σ(W·x[t, :24])·x[t−1]; `previous` is the embedding before x[0] (decoding)."""

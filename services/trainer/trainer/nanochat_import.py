@@ -29,21 +29,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from trainer import checkpoint
-from trainer.common import add_run_flag, make_temp_dir, print0, replace_dir
-from trainer.gpt import GPT, GPTConfig
+from trainer.checkpoint import ImportRefused
+from trainer.common import add_run_flag, print0
+from trainer.gpt import GPTConfig
 from trainer.scaling import REFERENCE_BATCH
 from trainer.settings import TrainerSettings
 from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
-CHECKPOINT_FOLDERS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+CHECKPOINT_FOLDERS = {
+    "base": "base_checkpoints",
+    "mid": "mid_checkpoints",  # the classic recipe's
+    "sft": "chatsft_checkpoints",
+    "rl": "chatrl_checkpoints",
+}
 MODEL_FILE = re.compile(r"^model_(\d{6})\.pt$")
-
-
-class ImportRefused(SystemExit):
-    """A checkpoint or tokenizer this importer cannot take, with the reason."""
 
 
 # -- the tokenizer -----------------------------------------------------------------
@@ -115,18 +116,9 @@ def read_weights(folder: Path, step: int) -> tuple[dict[str, torch.Tensor], GPTC
     state = torch.load(folder / f"model_{step:06d}.pt", map_location="cpu", weights_only=True)
     weights = {our_name(name): tensor.float() for name, tensor in state.items()}
     config = model_config(meta["model_config"], weights)
-    expected = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in weights.items()}
-    if found != expected:
-        differences = sorted(
-            f"{name}: {found.get(name, 'missing')} (ours: {expected.get(name, 'none')})"
-            for name in set(found) | set(expected)
-            if found.get(name) != expected.get(name)
-        )
-        raise ImportRefused(
-            f"{folder} is not nanochat 92d63d4's layout, which is the one imported: "
-            + "; ".join(differences[:6])
-        )
+    checkpoint.check_shapes(
+        weights, config, f"{folder} is not nanochat 92d63d4's layout, which is the one imported"
+    )
     return weights, config, meta
 
 
@@ -177,31 +169,9 @@ def import_checkpoint(
     folder, step = find_checkpoint(base_dir, source, model_tag, step)
     tokenizer = read_tokenizer(base_dir / "tokenizer")
     weights, config, meta = read_weights(folder, step)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise ImportRefused(
-            f"the tokenizer has {tokenizer.vocab_size:,} tokens, the model {config.vocab_size:,}"
-        )
-    run_dir = settings.run_dir(run)
-    if (run_dir / "tokenizer").exists() and Tokenizer.load(run_dir / "tokenizer").ranks != tokenizer.ranks:
-        raise ImportRefused(f"run {run!r} already has another tokenizer: import into a new run")
-    destination = checkpoint.step_dir(run_dir / stage, step)
-    if destination.exists():
-        raise ImportRefused(f"{destination} exists already")
-    tokenizer.save(run_dir / "tokenizer")
-    tmp = make_temp_dir(destination)
-    save_file(weights, tmp / "model.safetensors")
-    ours = {
-        "step": step,
-        "model_config": config.to_dict(),
-        "compute_dtype": "float32",
-        "world_size": 1,
-        "val_bpb": meta.get("val_bpb"),
-        "recipe": recipe_of(meta),
-        "imported_from": {"nanochat": str(folder), "step": step, "user_config": meta.get("user_config")},
-    }
-    (tmp / "meta.json").write_text(json.dumps(ours, indent=2, default=str) + "\n")
-    replace_dir(tmp, destination)
-    return destination
+    provenance = {"nanochat": str(folder), "step": step, "user_config": meta.get("user_config")}
+    ours = {"val_bpb": meta.get("val_bpb"), "recipe": recipe_of(meta), "imported_from": provenance}
+    return checkpoint.save_imported(settings.run_dir(run), stage, step, weights, config, tokenizer, ours)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -137,9 +137,10 @@ def build_optimizer(
     groups = [
         adamw("lm_head", [model.lm_head.weight], lrs.unembedding_lr * width_scale * s, settings.lm_head),
         adamw("embedding", [model.wte.weight], embedding_lr, settings.embedding),
-        adamw("resid", [model.resid_lambdas], lrs.scalar_lr * 0.01 * s, settings.resid),
-        adamw("x0", [model.x0_lambdas], lrs.scalar_lr * s, settings.x0),
     ]
+    if model.config.layer_scalars:
+        groups.append(adamw("resid", [model.resid_lambdas], lrs.scalar_lr * 0.01 * s, settings.resid))
+        groups.append(adamw("x0", [model.x0_lambdas], lrs.scalar_lr * s, settings.x0))
     if model.value_embeds:
         value_embeds = list(model.value_embeds.parameters())
         lr = embedding_lr * settings.value_embeds_lr_share

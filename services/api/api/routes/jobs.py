@@ -8,8 +8,9 @@ from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse
 from jobs import queue, records, specs
 from jobs.records import JOB_ID_PATTERN, JobRecord, JobStatus
-from jobs.specs import AnyJobSpec
+from jobs.specs import AnyJobSpec, JobSpec
 from pydantic import BaseModel
+from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from api import streams
@@ -71,6 +72,11 @@ def valid_entry_id(value: str | None, name: str) -> str | None:
 def submit_job(spec: AnyJobSpec, redis: RedisDep) -> JobRecord:
     """Validate a job spec and queue it (a pipeline queues its first stage; the others wait).
     409 while another job writes the same run's stage."""
+    return submit(redis, spec)
+
+
+def submit(redis: Redis, spec: JobSpec) -> JobRecord:
+    """Queue a job (every route that starts one: this one, the models' export and import)."""
     try:
         return queue.submit(redis, spec)
     except queue.Conflict as error:

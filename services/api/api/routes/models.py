@@ -1,4 +1,5 @@
-"""The model registry: every checkpoint with its numbers, the run's report card, deletion."""
+"""The model registry: every checkpoint with its numbers, the run's report card, deletion; models in and
+out (an export job and its tarball's download, an import job)."""
 
 from typing import Annotated, Any
 
@@ -6,15 +7,23 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Response, status
 from fastapi.responses import FileResponse
 from jobs import models, queue
 from jobs.models import Checkpoint, UnknownModel
+from jobs.records import JobRecord
+from jobs.specs import ExportConfig, ExportJob, ImportConfig, ImportJob, RunName
 from pydantic import BaseModel
 
 from api.deps import RedisDep, SettingsDep, require_read_token, require_token
-from api.routes.jobs import ERRORS
+from api.routes.jobs import ERRORS, submit
 
 router = APIRouter(prefix="/models", tags=["models"])
 ModelId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}-(base|mid|sft|rl)-\d{6}$")]
 ChartName = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}\.png$")]
 NOT_FOUND = {404: {"description": "no such model"}}
+TARBALL = {
+    200: {"content": {"application/x-tar": {}}, "description": "the whole tarball"},
+    206: {"content": {"application/x-tar": {}}, "description": "the byte range asked for with Range"},
+    404: {"description": "no such model, or not exported yet"},
+    416: {"description": "the Range lies outside the tarball"},
+}
 
 
 class Model(BaseModel):
@@ -25,6 +34,13 @@ class Model(BaseModel):
     params: int
     created: int  # unix seconds
     metrics: dict[str, Any]  # the stage's numbers from the run's report (val bpb, CORE, accuracies…)
+    exported: bool  # its Hugging Face export's tarball exists: GET /models/{id}/download
+
+
+class ImportRequest(ImportConfig):
+    """An import job's config and the run it goes to (a new one, or one with the same tokenizer)."""
+
+    run: RunName
 
 
 class Report(BaseModel):
@@ -41,6 +57,7 @@ def describe(settings: SettingsDep, checkpoint: Checkpoint) -> Model:
         params=models.parameter_count(checkpoint),
         created=checkpoint.created,
         metrics=models.report_numbers(settings.runs_dir, checkpoint),
+        exported=models.export_tarball(settings.runs_dir, checkpoint.id).is_file(),
     )
 
 
@@ -111,3 +128,49 @@ def delete_model(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> R
         )
     models.delete(checkpoint)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/import",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[Depends(require_token)],
+    responses={**ERRORS, 409: {"description": "a job is writing that stage or the run's tokenizer"}},
+)
+def import_model(body: ImportRequest, redis: RedisDep) -> JobRecord:
+    """Queue an import job (as POST /jobs with kind import): a folder in the data volume or a hub repo
+    becomes the run's `stage` checkpoint; it is then listed here. 409 while a job writes that stage."""
+    config = body.model_dump(exclude={"run"}, exclude_unset=True)
+    return submit(redis, ImportJob.model_validate({"kind": "import", "run": body.run, "config": config}))
+
+
+@router.post(
+    "/{model_id}/export",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[Depends(require_token)],
+    responses={**ERRORS, **NOT_FOUND, 409: {"description": "another export of this run is running"}},
+)
+def export_model(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> JobRecord:
+    """Queue an export job of this checkpoint (as POST /jobs with kind export); once it has finished,
+    GET /models/{id}/download has the tarball."""
+    checkpoint = found(settings, model_id)
+    config = ExportConfig(stage=checkpoint.stage, step=checkpoint.step)
+    return submit(redis, ExportJob(kind="export", run=checkpoint.run, config=config))
+
+
+@router.get(
+    "/{model_id}/download",
+    response_class=FileResponse,
+    dependencies=[Depends(require_read_token)],
+    responses={**ERRORS, **TARBALL},
+)
+def download(model_id: ModelId, settings: SettingsDep) -> FileResponse:
+    """The export's tarball (`<id>.tar`: a Hugging Face folder `<id>/`). Resumable: `Range: bytes=N-`
+    (`curl -C -`) gets the rest; with `If-Range` (the ETag) only while the tarball is the same one."""
+    tarball = models.export_tarball(settings.runs_dir, model_id)
+    if not tarball.is_file():
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            detail=f"{model_id} is not exported yet: POST /jobs with kind export, or "
+            f"POST /models/{model_id}/export",
+        )
+    return FileResponse(tarball, media_type="application/x-tar", filename=tarball.name)

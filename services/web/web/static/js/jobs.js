@@ -102,9 +102,10 @@ function field(name, property, path, root) {
   const kind = options[0] || {};
   const help = [property.description, range(kind),
     property.default != null && typeof property.default !== "object" && `default ${property.default}`].filter(Boolean).join(" · ");
+  const choices = kind.enum ?? (kind.const !== undefined ? [kind.const] : null); // one choice is a const
   let input;
-  if (kind.enum) {
-    input = h("select", {}, h("option", { value: "" }, "default"), ...kind.enum.map((v) => h("option", { value: v }, v)));
+  if (choices) {
+    input = h("select", {}, h("option", { value: "" }, "default"), ...choices.map((v) => h("option", { value: v }, v)));
   } else if (kind.type === "boolean") {
     input = h("select", {}, h("option", { value: "" }, "default"), h("option", { value: "true" }, "yes"), h("option", { value: "false" }, "no"));
   } else if (kind.type === "integer" || kind.type === "number") {
@@ -308,8 +309,15 @@ export async function jobPage(root, params, jobId) {
 
   let producedShown = false;
   async function renderProduced() {
-    const stage = STAGE_OF_KIND[record.kind];
-    if (producedShown || !stage) return;
+    const stage = record.kind === "import" ? record.config.stage : STAGE_OF_KIND[record.kind];
+    if (producedShown) return;
+    if (record.kind === "export" && record.status === "finished" && record.result?.model) {
+      producedShown = true;
+      const id = record.result.model;
+      produced.replaceChildren(h("h2", {}, "Export"), h("p", {}, h("a", { href: `#/models/${id}` }, id), " · its page has Download"));
+      return;
+    }
+    if (!stage) return;
     producedShown = true;
     const models = (await json("/api/models").catch(() => [])).filter((m) => m.run === record.run && m.stage === stage);
     produced.replaceChildren(...(models.length ? [h("h2", {}, "Models"), h("ul", {}, ...models.map((m) =>
