@@ -59,7 +59,7 @@ def random_model(tokenizer: Tokenizer, **architecture) -> GPT:
     model.init_weights()
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.3 * torch.randn_like(p))  # far from the init: greedy choices are clear-cut
     return model.eval()
 
 

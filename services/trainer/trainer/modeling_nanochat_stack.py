@@ -213,9 +213,10 @@ class NanoChatStackForCausalLM(PreTrainedModel, GenerationMixin):
         eps = self.config.norm_eps
         x = norm(self.wte(input_ids), eps)
         if self.smear_gate is not None:
-            x = self.smear(x, getattr(cache, "smear_previous", None) if past else None)
-            if cache is not None:
+            previous = getattr(cache, "smear_previous", None) if past else None
+            if cache is not None:  # the embedding before smearing, as the next step's "previous"
                 cache.smear_previous = x[:, -1:]
+            x = self.smear(x, previous)
         x0, halfway = x, None
         for i, block in enumerate(self.blocks):
             if self.resid_lambdas is not None:
