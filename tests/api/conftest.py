@@ -32,7 +32,9 @@ class Stack:
         return httpx.Client(base_url=self.api_url, headers=headers, timeout=30)
 
 
-def start_stack(redis_url: str, workdir: Path, data_kit: Path | None, with_worker: bool) -> Iterator[Stack]:
+def start_stack(
+    redis_url: str, workdir: Path, data_kit: Path | None, with_worker: bool, **settings: str
+) -> Iterator[Stack]:
     redis = Redis.from_url(redis_url)
     redis.flushall()
     port, token = free_port(), secrets.token_urlsafe(24)
@@ -43,6 +45,7 @@ def start_stack(redis_url: str, workdir: Path, data_kit: Path | None, with_worke
         JOB_LEASE_SECONDS=str(LEASE_SECONDS),
         NANOCHAT_BASE_DIR=str(workdir / "base"),
         JOB_CANCEL_GRACE_SECONDS="20",
+        **settings,
     )
     if data_kit is not None:
         env["NANOCHAT_DATA_DIR"] = str(data_kit)

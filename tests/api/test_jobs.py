@@ -1,6 +1,7 @@
 """Jobs end to end: API → Redis/RQ → worker → trainer program, all real processes."""
 
 import json
+import shutil
 
 import pytest
 from jobs.queue import SERIALIZER
@@ -131,6 +132,22 @@ def test_failing_program_marks_job_failed_and_worker_survives(stack: Stack, fini
     # The same worker still takes jobs.
     again = submit(stack, {**TINY_TOKENIZER, "run": "after-crash"})
     assert json.loads(follow_to_end(stack, again["id"])[-1].data) == {"status": "finished"}
+
+
+def test_a_trainer_folder_in_the_data_volume_does_not_shadow_the_trainer(
+    stack: Stack, finished_job: dict
+) -> None:
+    """A job's working directory is the base dir, which the api and inference services can write too: a
+    `trainer/` package put there must not be imported in place of the real one."""
+    shadow, marker = stack.base_dir / "trainer", stack.workdir / "shadow-ran"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    try:
+        job = submit(stack, {**TINY_TOKENIZER, "run": "shadowed"})
+        assert json.loads(follow_to_end(stack, job["id"])[-1].data) == {"status": "finished"}
+    finally:
+        shutil.rmtree(shadow)
+    assert not marker.exists()
 
 
 def test_jobs_are_listed_newest_first_filtered_and_paged(stack: Stack, finished_job: dict) -> None:

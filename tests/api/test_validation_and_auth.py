@@ -166,6 +166,7 @@ def test_the_schema_route_describes_every_kind(api_only: Stack) -> None:
         "chat_eval",
         "export",
         "import",
+        "validate_file",
         "pipeline",
     } == set(schemas)
     assert schemas["tokenizer"]["$defs"]["TokenizerConfig"]["properties"]["vocab_size"]["minimum"] == 265

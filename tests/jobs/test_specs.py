@@ -16,6 +16,7 @@ from jobs.specs import (
 from pydantic import BaseModel, ValidationError
 
 from trainer.common import RUN_NAME_PATTERN, Bounded, run_name
+from trainer.user_files import FILE_ID, file_id
 
 
 def command(spec: dict, resume: bool = False) -> str:
@@ -93,6 +94,10 @@ def test_several_nodes_meet_in_the_rendezvous_each_node_is_given() -> None:
         ("chat_rl", {"max_seq_len": 512}),  # not a chat_rl flag
         ("chat_eval", {"task_name": "GSM8K; rm -rf /"}),
         ("chat_sft", {"mixture": "/etc/passwd.yaml"}),
+        ("chat_sft", {"mixture": "file-../../etc/passwd"}),
+        ("base_train", {"corpus": "../shards"}),
+        ("chat_rl", {"questions": "file-0123"}),
+        ("validate_file", {}),  # which file
         ("chat_sft", {"mixture": "../../outside.yaml"}),
         ("mid_train", {"mixture": "mixtures/../../x.yaml"}),
         ("base_eval", {"eval": "core,everything"}),
@@ -132,12 +137,13 @@ def test_configs_are_bounded(kind: str, config: dict) -> None:
 
 
 # Every flag of every kind set to a value other than its default, as a user might.
+CORPUS = "file-0123456789abcdef01234567"  # an uploaded file's id
 EVERY_FLAG = {
-    "tokenizer": {"vocab_size": 4096, "max_chars": 20_000, "doc_cap": 500},
+    "tokenizer": {"vocab_size": 4096, "max_chars": 20_000, "doc_cap": 500, "corpus": CORPUS},
     "base_train": {
         "depth": 4, "head_dim": 64, "aspect_ratio": 32, "n_kv_head": 1, "window_pattern": "SSL",
         "value_embeds": False, "smear": False, "backout": False, "layer_scalars": False, "softcap": 30.0,
-        "rope_base": 10_000.0, "qk_scale": 1.0, "split_docs": True, "fp8": True,
+        "rope_base": 10_000.0, "qk_scale": 1.0, "split_docs": True, "fp8": True, "corpus": CORPUS,
         "target_param_data_ratio": 8.0, "target_flops": 2.5e18, "matrix_lr": 0.03, "embedding_lr": 0.2,
         "unembedding_lr": 0.004, "scalar_lr": 0.4, "weight_decay": 0.1,
         "weight_decay_horizon": "trained", "warmup_steps": 5, "warmdown_ratio": 0.5, "final_lr_frac": 0.0,
@@ -159,6 +165,7 @@ EVERY_FLAG = {
         "source": "mid", "source_step": 4, "init_lr_frac": 0.1, "recipe": "classic", "num_epochs": 2,
         "examples_per_step": 4, "num_samples": 2, "max_new_tokens": 16, "temperature": 0.7, "top_k": 5,
         "eval_examples": 8, "num_iterations": 3, "device_batch_size": 2, "eval_every": 5, "save_every": 7,
+        "questions": CORPUS,
         "keep_checkpoints": 2, "resume": True, "seed": 3, "dtype": "float32", "source_run": "other",
         "matrix_lr": 0.01, "embedding_lr": 0.25, "unembedding_lr": 0.005, "scalar_lr": 0.4,
     },
@@ -177,7 +184,8 @@ EVERY_FLAG["import"] = {
     "step": 5,
 }  # fmt: skip
 # What a config cannot do without, for the kinds that require a field.
-REQUIRED = {"import": {"source": "owner/name"}}
+REQUIRED = {"import": {"source": "owner/name"}, "validate_file": {"file": CORPUS}}
+EVERY_FLAG["validate_file"] = {"file": CORPUS, "val_fraction": 0.2, "max_tokens": 512}
 EVERY_FLAG["chat_sft"] = {
     **EVERY_FLAG["mid_train"], "source": "mid", "recipe": "classic", "examples_per_step": 16
 }  # fmt: skip
@@ -226,6 +234,8 @@ def test_every_flag_of_the_program_is_a_config_field_of_its_type_bounds_and_defa
             assert tuple(field.get(bound) for bound in bounds) == program_bounds, name
         elif action.type is run_name:
             assert field["pattern"] == RUN_NAME_PATTERN.pattern, name
+        elif action.type is file_id:
+            assert field["pattern"] == FILE_ID.pattern, name
         else:
             assert action.type is None and field["type"] == "string", (
                 f"{name} takes an unbounded {action.type}"
@@ -312,3 +322,11 @@ def test_an_export_writes_only_the_runs_exports_folder_on_the_cpu() -> None:
     assert " ".join(spec.command()) == "-m trainer.export --run e --stage sft --step 420 --format hf"
     assert JOB_SPEC.validate_python({"kind": "chat_sft", "run": "e"}).writes == {"sft"}
     assert JOB_SPEC.validate_python({"kind": "chat_eval", "run": "e"}).writes == set()
+
+
+def test_a_file_validation_writes_no_run_folder_and_runs_on_the_cpu() -> None:
+    spec = JOB_SPEC.validate_python({"kind": "validate_file", "run": "tok", "config": {"file": CORPUS}})
+    assert spec.writes == set() and spec.nproc_per_node == 0  # the model server keeps its GPUs
+    assert " ".join(spec.command(resume=True)) == (
+        f"-m trainer.validate_file --run tok --file {CORPUS} --val-fraction 0.05 --max-tokens 2048"
+    )

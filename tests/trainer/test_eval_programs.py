@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from trainer import base_eval, base_train, chat_eval, checkpoint
+from trainer.execution import containment
 from trainer.tasks import CHAT_TASKS
 
 from conftest import copy_tokenizer
@@ -79,7 +80,10 @@ def test_chat_eval_scores_every_task_and_chatcore(env: Path) -> None:
     baselines = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
     expected = sum((summary[t] - b) / (1 - b) for t, b in baselines.items()) / 5
     assert summary["chatcore"] == pytest.approx(expected, abs=1e-4)
-    assert f"| SFT | – | {summary['ARC-Easy']:.4f} |" in (report(env) / "report.md").read_text()
+    markdown = (report(env) / "report.md").read_text()
+    assert f"| SFT | – | {summary['ARC-Easy']:.4f} |" in markdown
+    section = json.loads((report(env) / "chat_eval_sft.json").read_text())
+    assert section["sandbox"] == containment() and "landlock_filesystem" in markdown
 
 
 def test_chat_eval_needs_a_checkpoint_of_the_stage(env: Path) -> None:

@@ -1,6 +1,8 @@
 """Chat tasks on the kit: conversations in the chat format, answers graded as the published evals do."""
 
+import functools
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -8,7 +10,7 @@ import pytest
 
 from trainer import tasks
 from trainer.chat_format import render_conversation
-from trainer.execution import calculator
+from trainer.execution import calculator, probe, run_program
 from trainer.settings import TrainerSettings
 from trainer.tokenizer import Tokenizer
 
@@ -77,6 +79,23 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(kit_settings: Tr
         solution = conversation["messages"][-1]["content"]
         assert task.evaluate(conversation, f"Here you go:\n```python\n{solution}\n```\nDone.")
         assert not task.evaluate(conversation, "def nothing():\n    pass")
+
+
+def test_humaneval_grades_an_error_where_the_sandbox_lacks_a_layer(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    tasks.say_once.cache_clear()
+    no_landlock = replace(probe(), landlock_abi=0)
+    monkeypatch.setattr(tasks, "run_program", functools.partial(run_program, kernel=no_landlock))
+    conversation = {
+        "messages": [{"role": "user", "content": "def add(a, b):\n"}],
+        "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n",
+        "entry_point": "add",
+    }
+    right = "def add(a, b):\n    return a + b"
+    assert not tasks.grade_program(conversation, right) and not tasks.grade_program(conversation, right)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "HumanEval" in lines[0] and "landlock_filesystem" in lines[0]
 
 
 def test_spelling_bee_counts_letters_and_checks_with_the_calculator(

@@ -15,6 +15,8 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.inference.conftest import SLOW_CONFIG, tiny_tokenizer, write_checkpoint
 from tests.trainer.conftest import write_pretraining_kit
+from trainer import report
+from trainer.settings import TrainerSettings
 
 from support import PYTHON, ROOT, Process, free_port, private_redis, service_env, wait_until
 
@@ -42,11 +44,13 @@ class WebStack:
         return sum(float(line.split()[-1]) for line in lines if line.startswith(name))
 
 
-def write_report(folder: Path) -> None:
-    """A report card as trainer.report writes one: markdown and a chart."""
+def write_report(base: Path, run: str) -> None:
+    """A report card as trainer.report writes one (a stage's section, the markdown rebuilt from the sections,
+    as every later program rebuilds it) and a chart."""
+    folder = report.report_dir(TrainerSettings(base_dir=base), run)
     folder.mkdir(parents=True)
-    table = "| stage | metric | value |\n|---|---|---|\n| sft | val bpb | 1.2345 |\n"
-    (folder / "report.md").write_text(f"# Run tiny\n\n{table}", encoding="utf-8")
+    (folder / "chat_sft.json").write_text(json.dumps({"val_bpb": 1.234}), encoding="utf-8")
+    report.render(TrainerSettings(base_dir=base), run)
     figure = Figure(figsize=(4, 3))
     axes = figure.subplots()
     axes.plot([0, 10, 20], [3.0, 2.1, 1.7])
@@ -70,7 +74,7 @@ def start_web_stack(workdir: Path, redis_url: str) -> Iterator[WebStack]:
         tokenizer.save(runs / run / "tokenizer")
     write_checkpoint(runs, "tiny", "sft", 10, seed=10)
     write_checkpoint(runs, "slow", "sft", 1, seed=1, config=SLOW_CONFIG, never_stop=True)
-    write_report(runs / "tiny" / "report")
+    write_report(runs.parent, "tiny")
     write_pretraining_kit(data, seed=3)
     token = secrets.token_urlsafe(24)
     ports = {name: free_port() for name in ("api", "inference", "web")}

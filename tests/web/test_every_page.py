@@ -31,6 +31,7 @@ def pages(stack: WebStack, job_id: str) -> dict[str, tuple[str, str]]:
         "job": (f"#/jobs/{job_id}", ".chart[data-metric=loss] canvas"),
         "models": ("#/models", "tr[data-model]"),
         "model": (f"#/models/{CHAT_MODEL}", "#report img"),
+        "data": ("#/data", "#drop-zone"),
     }
 
 

@@ -64,7 +64,7 @@ def test_a_models_report_card_and_chat_with_it(page: Page, web_stack: WebStack) 
     link = page.locator("a", has_text="tiny-sft-000010")
     link.click()
     report = page.locator("#report")
-    expect(report.locator("table")).to_contain_text("1.2345")
+    expect(report.locator("table", has_text="val_bpb")).to_contain_text("1.234")
     image = report.locator("img[alt='val_bpb.png']")
     expect(image).to_be_visible()
     assert image.evaluate("img => img.naturalWidth") > 0  # fetched with the token

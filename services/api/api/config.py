@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     api_host: str = Field(default="127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
     api_port: int = Field(default=8000, ge=1, le=65535)
     api_max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Larger request bodies get 413.")
+    api_max_upload_bytes: int = Field(
+        default=1_073_741_824, ge=1024, description="Largest file upload (POST /files) in bytes; 413 beyond."
+    )
     api_max_followers_per_job: int = Field(
         default=8, ge=1, description="Open log/metrics streams per job; more get 429."
     )

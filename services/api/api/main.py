@@ -1,4 +1,5 @@
-"""The FastAPI application: settings and Redis on app.state, a body-size limit (413), one router per noun."""
+"""The FastAPI application: settings and Redis on app.state, body-size limits (413; uploads have their own),
+one router per noun."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api import streams
 from api.config import Settings
-from api.routes import health, jobs, models
+from api.routes import files, health, jobs, models
 
 REDIS_TIMEOUT_SECONDS = 5  # a Redis that went away makes requests fail fast (503), not hang
 
@@ -42,6 +43,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.2.0",
         lifespan=lifespan,
         max_body_size=settings.api_max_body_bytes,
+        # No docs pages: FastAPI's load unpinned scripts from a CDN, and through the web server they
+        # would run on the origin whose localStorage holds the token. The schema stays, for tools.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
 
@@ -53,4 +58,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
+    app.include_router(files.router, max_body_size=settings.api_max_upload_bytes)  # uploads are larger
     return app

@@ -101,7 +101,10 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
         pool.unload_all()
         gpu.release()
 
-    app = FastAPI(title="nanochat-stack inference", version="0.1.0", lifespan=lifespan)
+    # No docs pages (scripts from a CDN, as in the API); the schema stays at /openapi.json.
+    app = FastAPI(
+        title="nanochat-stack inference", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.settings, app.state.metrics = settings, metrics
     app.include_router(public)
     app.include_router(router)

@@ -20,6 +20,10 @@ Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 ChatStage = Literal["mid", "sft", "rl"]
 ModelStage = Literal["base", "mid", "sft", "rl"]
 RecipeName = Literal["current", "classic"]  # nanochat 92d63d4 and 348fbb3 (README: "Chat stages")
+# An uploaded file (POST /files), as trainer/user_files.py names them.
+FILE_ID_PATTERN = r"^file-[0-9a-f]{24}$"
+FileId = Annotated[str, Field(pattern=FILE_ID_PATTERN, description="an uploaded file's id (POST /files)")]
+CORPUS = "an uploaded pretraining corpus (its file id) instead of the pretraining shards"
 
 # The programs' flags that no job sets, and why. Every other flag is a config field.
 FLAGS_NOT_EXPOSED = {
@@ -161,6 +165,7 @@ class TokenizerConfig(RunnerOptions):
     doc_cap: int = Field(
         default=10_000, ge=100, le=1_000_000, description="crop each document to this length"
     )
+    corpus: FileId | None = Field(default=None, description=CORPUS)
 
 
 class BaseTrainConfig(LearningRates, TrainingFlags):
@@ -199,6 +204,7 @@ class BaseTrainConfig(LearningRates, TrainingFlags):
     qk_scale: float | None = Field(
         default=None, gt=0, le=100, description="q and k scale after QK-norm (default: 1.2)"
     )
+    corpus: FileId | None = Field(default=None, description=CORPUS)
     split_docs: bool | None = Field(
         default=None, description="long documents as row-sized chunks instead of cropped (default: off)"
     )
@@ -249,8 +255,9 @@ class SupervisedConfig(TrainingFlags, ChatSourceFlags):
     )
     mixture: str | None = Field(
         default=None,
-        pattern=r"^[A-Za-z0-9._/-]{1,200}\.ya?ml$",
-        description="task mixture file, relative to the base dir (default: the stage's own)",
+        pattern=r"^(file-[0-9a-f]{24}|[A-Za-z0-9._/-]{1,200}\.ya?ml)$",
+        description="task mixture file, relative to the base dir, or an uploaded mixture's id (default: the "
+        "stage's own)",
     )
 
     @field_validator("mixture")
@@ -289,6 +296,10 @@ class ChatRLConfig(StepFlags, ChatSourceFlags):
         default=None, description="stage to start from (default: the stage before)"
     )
     recipe: RecipeName | None = Field(default=None, description="whose optimizer settings (default: current)")
+    questions: FileId | None = Field(
+        default=None,
+        description="an uploaded questions file (its id) to train on and evaluate with (default: GSM8K)",
+    )
     num_epochs: int | None = Field(default=None, ge=1, le=1000, description="passes over GSM8K train")
     examples_per_step: BatchSize | None = Field(default=None, description="questions per step")
     num_samples: Samples | None = Field(default=None, description="replies per question")
@@ -357,6 +368,16 @@ class ImportConfig(RunnerOptions):
     @classmethod
     def folder_or_hub_repo(cls, source: object) -> object:
         return folder_or_hub_repo(source) if isinstance(source, str) else source
+
+
+class ValidateFileConfig(RunnerOptions):
+    file: FileId
+    val_fraction: float = Field(
+        default=0.05, ge=0, le=0.5, description="share of the rows (documents) set aside as the val split"
+    )
+    max_tokens: int = Field(
+        default=2048, ge=16, le=65536, description="a longer conversation is a problem (training cuts it)"
+    )
 
 
 class JobSpec(StrictModel):
@@ -528,9 +549,22 @@ class ImportJob(JobSpec):
         return 0  # as ExportJob
 
 
+class ValidateFileJob(JobSpec):
+    """Checks an uploaded file and prepares it (POST /files submits it); its run's tokenizer counts the
+    tokens. It writes the file's folder, not the run's."""
+
+    program: ClassVar[str] = "trainer.validate_file"
+    kind: Literal["validate_file"]
+    config: ValidateFileConfig
+
+    @property
+    def nproc_per_node(self) -> int:
+        return 0  # as ExportJob: it reads text
+
+
 ProgramJob = (
     TokenizerJob | BaseTrainJob | MidTrainJob | ChatSFTJob | ChatRLJob | BaseEvalJob | ChatEvalJob | ExportJob
-    | ImportJob
+    | ImportJob | ValidateFileJob
 )  # fmt: skip
 StageKind = Literal["tokenizer", "base_train", "mid_train", "chat_sft", "chat_rl", "base_eval", "chat_eval"]
 STAGE_KINDS: tuple[str, ...] = get_args(StageKind)  # a pipeline's order

@@ -18,7 +18,7 @@ from statistics import median
 
 import torch
 
-from trainer import checkpoint, core_eval, dataset, eval_budget, fp8, scaling, task_data, training
+from trainer import checkpoint, core_eval, dataset, eval_budget, fp8, scaling, task_data, training, user_files
 from trainer.common import (
     EVAL_TOKENS,
     EVERY_N_STEPS,
@@ -134,6 +134,7 @@ group.add_argument(
     help="q and k scale after QK-norm (default: 1.2)",
 )
 group = parser.add_argument_group("Data")
+user_files.add_corpus_flag(group)
 group.add_argument(
     "--split-docs",
     action=argparse.BooleanOptionalAction,
@@ -381,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime, stop: StopRequest) -> dict:
+    settings = user_files.with_corpus(settings, args.corpus)
     out_dir = settings.run_dir(args.run) / PHASE
     tokenizer = Tokenizer.load(settings.run_dir(args.run) / "tokenizer")
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=runtime.device)

@@ -8,7 +8,8 @@ Evaluate a chat model (the mid, sft or rl stage of a run) on the chat tasks of t
 
 ChatCORE is the mean centred accuracy (acc − baseline)/(1 − baseline) over ARC-E, ARC-C, MMLU, GSM8K and
 HumanEval, as nanochat's published report cards compute it; `chatcore_with_spelling` adds SpellingBee
-(as nanochat's versions with that task did). Results go to the run's report (section chat_eval_<stage>).
+(as nanochat's versions with that task did). Results go to the run's report (section chat_eval_<stage>),
+with the sandbox's containment layers when HumanEval ran (a missing one: every program was refused).
 
     python -m trainer.chat_eval --run demo -i sft                       # every task
     python -m trainer.chat_eval --run demo -i sft -a "ARC-Easy|GSM8K" --max-problems 100
@@ -37,6 +38,7 @@ from trainer.common import (
     progress_bar,
 )
 from trainer.engine import Engine
+from trainer.execution import containment
 from trainer.gpt import GPT
 from trainer.report import write_section
 from trainer.runtime import Runtime, add_runtime_flags, setup_runtime, shutdown
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
             print0(f"ChatCORE {score:.4f}")
         if with_spelling is not None:
             summary["chatcore_with_spelling"] = round(with_spelling, 4)
+        if "HumanEval" in accuracies:  # the layers its programs ran under; one missing: each was refused
+            summary["sandbox"] = containment()
         if args.max_problems is not None:
             summary["max_problems"] = args.max_problems
         summary.update(wall_seconds=round(time.time() - started_all, 1), gpus=runtime.gpus)

@@ -7,8 +7,9 @@ simple REINFORCE-with-baseline that the reference calls GRPO. Tool outputs are f
 so they are not trained on; the stop token is (it is how a reply ends).
 
 Every --eval-every steps, pass@1…k on the first --eval-examples test questions (k samples each at
-temperature 1). Checkpoints resume exactly: the question cursor is saved and every sample's seed is a
-function of the step and the question.
+temperature 1). `--questions FILE_ID` trains on an uploaded questions file (GSM8K's format) instead, and
+evaluates on its val split. Checkpoints resume exactly: the question cursor is saved and every sample's
+seed is a function of the step and the question.
 
     python -m trainer.chat_rl --run demo                           # from runs/demo/sft, latest step
     torchrun --standalone --nproc_per_node=8 -m trainer.chat_rl -- --run demo
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from trainer import checkpoint, eval_budget, training
+from trainer import checkpoint, eval_budget, training, user_files
 from trainer.chat_format import render_for_completion
 from trainer.common import (
     BATCH_SIZE,
@@ -44,7 +45,7 @@ from trainer.optim import MuonAdamW
 from trainer.report import write_section
 from trainer.runtime import Runtime, StopRequest, add_checkpoint_flags, add_runtime_flags, init_wandb
 from trainer.settings import TrainerSettings
-from trainer.tasks import Task, gsm8k
+from trainer.tasks import Task, gsm8k, gsm8k_task
 from trainer.tokenizer import Tokenizer
 from trainer.training import MetricsLog, format_duration, grad_scaler, resume_step, rounded, summary_times
 
@@ -52,6 +53,13 @@ parser = argparse.ArgumentParser(description="Reinforcement learning on GSM8K.")
 add_run_flag(parser)
 training.add_source_flags(parser, "sft", ("mid", "sft"))
 group = parser.add_argument_group("Rollouts")
+group.add_argument(
+    "--questions",
+    type=user_files.file_id,
+    default=None,
+    help="an uploaded questions file (its id) to train on and evaluate with, its train and val splits, "
+    "instead of GSM8K's train and test (default: GSM8K)",
+)
 group.add_argument(
     "--num-epochs", type=Bounded(int, 1, 1000), default=1, help="passes over GSM8K train (default: 1)"
 )
@@ -208,6 +216,22 @@ class RLLoopState(training.LoopState):
     cursor: int = 0  # questions this rank has trained on
 
 
+def questions(settings: TrainerSettings, file_id: str | None) -> tuple[Task, Task]:
+    """The questions trained on and those evaluated: GSM8K's train and test, or an upload's train and val."""
+    if file_id is None:
+        return gsm8k(settings, "train"), gsm8k(settings, "test")
+    try:
+        splits = [user_files.split_path(settings, file_id, "questions", split) for split in ("train", "val")]
+    except user_files.UnusableFile as error:
+        raise SystemExit(f"--questions: {error}") from error
+    train_rows, val_rows = (user_files.read_rows(path) for path in splits)
+    if not val_rows:
+        raise SystemExit(
+            f"--questions: {file_id} has no val split to evaluate on (upload it with val_fraction > 0)"
+        )
+    return gsm8k_task(train_rows), gsm8k_task(val_rows)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     return training.run_training("chat_rl", args, train)
@@ -231,7 +255,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         loop = RLLoopState(**checkpoint.read_meta(out_dir, start_step)["loop_state"])
         print0(f"resumed from {checkpoint.step_dir(out_dir, start_step)}")
     engine = Engine(model, tokenizer)
-    train_task, test_task = gsm8k(settings, "train"), gsm8k(settings, "test")
+    train_task, test_task = questions(settings, args.questions)
     per_rank = args.examples_per_step // runtime.world_size
     total = args.num_iterations or len(train_task) // args.examples_per_step * args.num_epochs
     print0(

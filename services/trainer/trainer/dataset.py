@@ -38,7 +38,7 @@ def shard_filename(index: int) -> str:
 
 
 def pretrain_dir(settings: TrainerSettings) -> Path:
-    return settings.data_root / "pretrain"
+    return settings.pretrain_dir
 
 
 def list_shards(settings: TrainerSettings, split: str) -> list[Path]:
@@ -49,7 +49,7 @@ def list_shards(settings: TrainerSettings, split: str) -> list[Path]:
     if len(shards) < 2:
         hint = (
             "run `python -m trainer.dataset -n 8` to download them"
-            if settings.downloads_allowed
+            if settings.shard_downloads
             else "NANOCHAT_DATA_DIR must point at a data kit with at least 2 shards in pretrain/"
         )
         raise FileNotFoundError(
@@ -101,9 +101,10 @@ def download_shards(
     settings: TrainerSettings, num_train: int, workers: int = 4, backoff_s: float = 2.0
 ) -> None:
     """Fetch the missing shards in parallel; shards already present are kept, so this resumes."""
-    if not settings.downloads_allowed:
+    if not settings.shard_downloads:
         raise RuntimeError(
-            f"NANOCHAT_DATA_DIR is set ({settings.data_dir}): a local kit is read as is, not downloaded to"
+            f"the shards come from {settings.pretrain_dir} (NANOCHAT_DATA_DIR or a corpus): a local corpus "
+            "is read as is, not downloaded to"
         )
     dest_dir = pretrain_dir(settings)
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,7 @@ def download_shards(
 
 def ensure_shards_for(settings: TrainerSettings, num_chars: int) -> None:
     """Make sure enough training text for num_chars is on disk (downloading only into the base dir)."""
-    if settings.downloads_allowed:
+    if settings.shard_downloads:
         download_shards(settings, num_train=max(1, -(-num_chars // CHARS_PER_SHARD)))
     list_shards(settings, "train")  # raises a clear error when a local kit is incomplete
 
@@ -162,7 +163,7 @@ def plan_training_shards(settings: TrainerSettings, tokenizer: Tokenizer, planne
     """The shards `planned_tokens` need. The first one, the val shard and the first missing one are
     fetched now (a source that cannot be reached shows before training); the rest are named for the
     background. Prints the plan, and how many passes over the data it makes when it repeats data."""
-    if not settings.downloads_allowed:
+    if not settings.shard_downloads:
         shards = list_shards(settings, "train")
         report_passes(f"the local corpus {pretrain_dir(settings)}", shards, tokenizer, planned_tokens)
         return ShardPlan(shards, [])

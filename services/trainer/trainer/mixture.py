@@ -11,20 +11,23 @@ sft_classic.yaml: the classic mid and SFT):
       - {source: simple-spelling, rows: 200000}
       - {source: spelling-bee, rows: 80000}
       - {source: jsonl, path: my_conversations.jsonl, epochs: 2}
+      - {source: file, id: file-0123456789abcdef01234567, epochs: 2}   # uploaded through the API
     val:
       - {source: smoltalk, split: test}
 
 Sources: smoltalk (chat conversations), mmlu, arc-easy, arc-challenge (multiple choice), gsm8k (with
 calculator calls), simple-spelling and spelling-bee (synthetic spelling and letter counting, generated
 as the reference does), identity (the reference's synthetic conversations about who the model is),
-identity-template (ours: conversations generated from a template of facts, identity.yaml or `path`) and
+identity-template (ours: conversations generated from a template of facts, identity.yaml or `path`),
 jsonl (CustomJSON: one conversation a line, either {"messages": [...]} or a bare list of
-{"role", "content"} messages). Datasets come in the order of their seed-42 shuffle, as the reference's
-tasks do. `rows: N` keeps an entry's first N conversations (the synthetic sources generate N: a count,
-as the reference's sizes are, so on a small data kit they outweigh the real data), `epochs: E` repeats
-it (a fraction keeps a prefix), `optional: true` skips an entry whose data is missing instead of
-failing. Relative paths are relative to the mixture file. All entries are shuffled together
-(random.Random(seed), the reference's TaskMixture order at seed 42), so sources interleave.
+{"role", "content"} messages) and file (conversations uploaded through the API, by id, once validated:
+its `split` is train or val, as chosen at upload; user_files.py). Datasets come in the order of their
+seed-42 shuffle, as the reference's tasks do. `rows: N` keeps an entry's first N conversations (the
+synthetic sources generate N: a count, as the reference's sizes are, so on a small data kit they
+outweigh the real data), `epochs: E` repeats it (a fraction keeps a prefix), `optional: true` skips
+an entry whose data is missing instead of failing. Relative paths are relative to the mixture file. All
+entries are shuffled together (random.Random(seed), the reference's TaskMixture order at seed 42), so
+sources interleave.
 """
 
 import json
@@ -35,13 +38,17 @@ from typing import Any
 
 import yaml
 
-from trainer import task_data, tasks
+from trainer import task_data, tasks, user_files
 from trainer.chat_format import ConversationError, normalize
 from trainer.settings import TrainerSettings
 
 Conversation = dict[str, Any]
 DEFAULTS_DIR = Path(__file__).parent
-ENTRY_KEYS = {"source", "split", "rows", "epochs", "optional", "path"}
+ENTRY_KEYS = {"source", "split", "rows", "epochs", "optional", "path", "id"}
+SOURCES = (
+    "smoltalk", "mmlu", "arc-easy", "arc-challenge", "gsm8k", "simple-spelling", "spelling-bee", "identity",
+    "identity-template", "jsonl", "file",
+)  # fmt: skip
 
 
 @dataclass
@@ -132,12 +139,11 @@ def entry_conversations(settings: TrainerSettings, entry: Any, folder: Path) -> 
         if "path" not in entry:
             raise ValueError("a jsonl entry needs path: FILE")
         conversations = read_jsonl(resolve(entry["path"], folder))
+    elif source == "file":
+        uploaded = user_files.split_path(settings, str(entry.get("id")), "conversations", split)
+        conversations = read_jsonl(uploaded)
     else:
-        known = (
-            "smoltalk, mmlu, arc-easy, arc-challenge, gsm8k, simple-spelling, spelling-bee, identity, "
-            "identity-template, jsonl"
-        )
-        raise ValueError(f"unknown source {source!r}; known: {known}")
+        raise ValueError(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
     return conversations if rows is None else conversations[:rows]
 
 

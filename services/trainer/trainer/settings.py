@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # nanochat's pretraining corpus: ~100 MB parquet shards, shard_00000 … shard_06542 (the pinned val shard).
@@ -33,6 +33,9 @@ class TrainerSettings(BaseSettings):
         description="Index of the source's last shard, which is always fetched as the validation split.",
     )
 
+    # An uploaded corpus to pretrain on: set by a program's --corpus (with_corpus), never by the environment.
+    _corpus_dir: Path | None = PrivateAttr(default=None)
+
     gpu_hour_price: float = Field(
         default=3.0,
         ge=0,
@@ -58,6 +61,22 @@ class TrainerSettings(BaseSettings):
     def downloads_allowed(self) -> bool:
         """A local kit is used as it is; only the base dir's copy is filled by downloads."""
         return self.data_dir is None
+
+    def with_corpus(self, folder: Path) -> "TrainerSettings":
+        """These settings, pretraining on the shards in `folder` (an uploaded corpus, --corpus)."""
+        settings = self.model_copy()
+        settings._corpus_dir = folder
+        return settings
+
+    @property
+    def pretrain_dir(self) -> Path:
+        """Where the pretraining shards are: a corpus of one's own, else the data kit's layout."""
+        return self._corpus_dir or self.data_root / "pretrain"
+
+    @property
+    def shard_downloads(self) -> bool:
+        """Pretraining shards are downloaded only into the base dir's copy of the data kit."""
+        return self.downloads_allowed and self._corpus_dir is None
 
     def run_dir(self, run: str) -> Path:
         return self.base_dir.expanduser() / "runs" / run

@@ -27,12 +27,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from statistics import median
 
 import torch
 
-from trainer import checkpoint, eval_budget, training
+from trainer import checkpoint, eval_budget, training, user_files
 from trainer.chat_eval import chatcore
 from trainer.chat_eval import evaluate_task as evaluate_chat_task
 from trainer.common import (
@@ -191,7 +190,8 @@ def build_parser(program: str) -> argparse.ArgumentParser:
     group.add_argument(
         "--mixture",
         default=None,
-        help=f"task mixture file (default: {stage_default(program, 'mixture')[1]} beside mixture.py)",
+        help="task mixture file, or an uploaded mixture's id (default: "
+        f"{stage_default(program, 'mixture')[1]} beside mixture.py)",
     )
     if program == "chat_sft":
         group.add_argument(
@@ -434,7 +434,10 @@ def train(
         print0("note: rows change length every step, so this stage runs uncompiled (as the reference's)")
     train_model = compile_model(model, False if stage.one_per_row else args.compile, runtime)
 
-    mixture_path = Path(args.mixture)
+    try:
+        mixture_path = user_files.mixture_path(settings, args.mixture)
+    except user_files.UnusableFile as error:
+        raise SystemExit(f"--mixture: {error}") from error
     train_mixture = load_mixture(settings, mixture_path, "train", seed=args.seed)
     val_mixture = load_mixture(settings, mixture_path, "val", seed=args.seed)
     if stage.one_per_row and args.num_iterations is None:  # the reference's step count

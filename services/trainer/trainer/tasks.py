@@ -12,6 +12,7 @@ and how a reply is graded. Rows are shuffled with numpy's default_rng(42), which
   both generated exactly as nanochat 348fbb3 does.
 """
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -118,7 +119,11 @@ def solution_parts(answer: str) -> list[dict[str, str]]:
 
 
 def gsm8k(settings: TrainerSettings, split: str = "test") -> Task:
-    rows = shuffled(task_data.task_rows(settings, "gsm8k", split))
+    return gsm8k_task(shuffled(task_data.task_rows(settings, "gsm8k", split)))
+
+
+def gsm8k_task(rows: list[dict[str, str]]) -> Task:
+    """GSM8K-style rows ({"question", "answer"}, the answer's last line "#### <number>") as the task."""
     conversations = [
         {
             "messages": [
@@ -173,12 +178,22 @@ def humaneval(settings: TrainerSettings) -> Task:
     return Task("HumanEval", "generative", 0.0, conversations)
 
 
+@functools.cache
+def say_once(message: str) -> None:
+    print(message, flush=True)
+
+
 def grade_program(conversation: Conversation, reply: str) -> bool:
-    """pass@1: the reply's program, with the prompt's imports, passes the task's check() in the sandbox."""
+    """pass@1: the reply's program, with the prompt's imports, passes the task's check() in the sandbox.
+    Where the sandbox lacks a containment layer it refuses to run the program: the problem is graded an
+    error (never a pass), and why is said once."""
     imports = leading_imports(conversation["messages"][0]["content"])
     test = f"{conversation['test']}\ncheck({conversation['entry_point']})\n"
     program = f"{imports}\n\n{extract_program(reply)}\n\n{test}"
-    return run_program(program, timeout=5.0).passed
+    result = run_program(program, timeout=5.0)
+    if result.refused:
+        say_once(f"HumanEval: every program is graded an error: {result.error}")
+    return result.passed
 
 
 # -- SpellingBee and SimpleSpelling --------------------------------------------------------------

@@ -1,5 +1,6 @@
 """
-Train the BPE tokenizer on the pretraining shards and save it to runs/<run>/tokenizer/.
+Train the BPE tokenizer on the pretraining shards (or an uploaded corpus, --corpus) and save it to
+runs/<run>/tokenizer/.
 
     python -m trainer.tok_train --run demo --vocab-size 32768 --max-chars 2000000000
 """
@@ -9,7 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer import dataset
+from trainer import dataset, user_files
 from trainer.common import Bounded, add_run_flag, print_banner, progress_bar
 from trainer.report import write_section
 from trainer.settings import TrainerSettings
@@ -31,6 +32,7 @@ parser.add_argument(
     default=2_000_000_000,
     help="train on at most this many characters (default: 2B, nanochat's budget)",
 )
+user_files.add_corpus_flag(parser)
 parser.add_argument(
     "--doc-cap",
     type=Bounded(int, 100, 1_000_000),
@@ -61,7 +63,7 @@ def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
-    settings = TrainerSettings()
+    settings = user_files.with_corpus(TrainerSettings(), args.corpus)
     print_banner("tok_train", args, settings)
     dataset.ensure_shards_for(settings, args.max_chars)
 

@@ -11,12 +11,16 @@ from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from web.proxy import forward, upstream_client
+from web.proxy import Proxy
 from web.settings import WebSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
 LIBRARIES = ("marked", "dompurify", "@highlightjs/cdn-assets", "uplot")  # package.json's dependencies
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+PROXIED = ("/api/", "/v1/")
+# The services answer data, never a page of this origin: whatever they send (an HTML error page, a
+# downloaded file) may run nothing, load nothing and be framed by nothing.
+PROXIED_POLICY = "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; sandbox"
 
 
 def content_security_policy(page: str) -> str:
@@ -31,24 +35,30 @@ def content_security_policy(page: str) -> str:
     )
 
 
+def security_headers(policy: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-security-policy", policy.encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+    ]
+
+
 class SecurityHeaders:
-    """The page's own responses get the policy; proxied ones pass through as the services sent them."""
+    """Every response gets them: the page's own with its policy, proxied ones with PROXIED_POLICY."""
 
     def __init__(self, app: ASGIApp, policy: str) -> None:
         self.app = app
-        self.headers = [
-            (b"content-security-policy", policy.encode()),
-            (b"x-content-type-options", b"nosniff"),
-            (b"referrer-policy", b"no-referrer"),
-        ]
+        self.page_headers = security_headers(policy)
+        self.proxied_headers = security_headers(PROXIED_POLICY)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(("/api/", "/v1/")):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = self.proxied_headers if scope["path"].startswith(PROXIED) else self.page_headers
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *self.headers]
+                message["headers"] = [*message.get("headers", []), *headers]
             await send(message)
 
         await self.app(scope, receive, with_headers)
@@ -64,9 +74,9 @@ def create_app(settings: WebSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async with upstream_client() as client:
-            app.state.client = client
-            yield
+        app.state.proxy = Proxy(settings)
+        yield
+        await app.state.proxy.aclose()
 
     app = FastAPI(
         title="nanochat-stack web", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan
@@ -76,13 +86,16 @@ def create_app(settings: WebSettings) -> FastAPI:
     def health() -> dict:
         return {"status": "ok"}
 
+    api_url = settings.web_api_url.rstrip("/")
+    inference_url = f"{settings.web_inference_url.rstrip('/')}/v1"
+
     @app.api_route("/api/{path:path}", methods=METHODS, include_in_schema=False)
     async def api(path: str, request: Request):
-        return await forward(request.app.state.client, settings.web_api_url, path, request)
+        return await request.app.state.proxy.forward(request, api_url, "/api", path)
 
     @app.api_route("/v1/{path:path}", methods=METHODS, include_in_schema=False)
     async def inference(path: str, request: Request):
-        return await forward(request.app.state.client, settings.web_inference_url, f"v1/{path}", request)
+        return await request.app.state.proxy.forward(request, inference_url, "/v1", path)
 
     for name in LIBRARIES:
         app.mount(f"/vendor/{name}", StaticFiles(directory=settings.web_node_modules / name))

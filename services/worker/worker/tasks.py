@@ -464,6 +464,9 @@ def child_environment(settings: WorkerSettings, devices: str | None) -> dict[str
     }
     env |= {
         "PYTHONUNBUFFERED": "1",
+        # Its cwd is the base dir, which other services write: not on sys.path (python -P, for torchrun's
+        # children too), so a `trainer/` folder there cannot stand in for the trainer.
+        "PYTHONSAFEPATH": "1",
         "NANOCHAT_BASE_DIR": str(settings.base_dir.expanduser()),
         "NANOCHAT_METRICS_PREFIX": METRICS_PREFIX,
         "CUDA_DEVICE_ORDER": gpu_claims.PCI_BUS_ID,  # CUDA's GPU ids are then nvidia-smi's, as `devices` are

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse
-from jobs import queue, records, specs
+from jobs import files, queue, records, specs
 from jobs.records import JOB_ID_PATTERN, JobRecord, JobStatus
 from jobs.specs import AnyJobSpec, JobSpec
 from pydantic import BaseModel
@@ -14,7 +14,8 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from api import streams
-from api.deps import AsyncRedisDep, RedisDep, require_read_token, require_token
+from api.config import Settings
+from api.deps import AsyncRedisDep, RedisDep, SettingsDep, require_read_token, require_token
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="32 hex digits")]
@@ -69,17 +70,18 @@ def valid_entry_id(value: str | None, name: str) -> str | None:
     dependencies=[Depends(require_token)],
     responses={**ERRORS, **CONFLICT},
 )
-def submit_job(spec: AnyJobSpec, redis: RedisDep) -> JobRecord:
+def submit_job(spec: AnyJobSpec, redis: RedisDep, settings: SettingsDep) -> JobRecord:
     """Validate a job spec and queue it (a pipeline queues its first stage; the others wait).
-    409 while another job writes the same run's stage."""
-    return submit(redis, spec)
+    409 while another job writes the same run's stage, or when it names an uploaded file not ready."""
+    return submit(redis, settings, spec)
 
 
-def submit(redis: Redis, spec: JobSpec) -> JobRecord:
+def submit(redis: Redis, settings: Settings, spec: JobSpec) -> JobRecord:
     """Queue a job (every route that starts one: this one, the models' export and import)."""
     try:
+        files.check_usable(redis, settings.base_dir, spec)
         return queue.submit(redis, spec)
-    except queue.Conflict as error:
+    except (queue.Conflict, files.Unusable) as error:
         raise conflict(error) from error
 
 

@@ -136,11 +136,13 @@ def delete_model(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> R
     dependencies=[Depends(require_token)],
     responses={**ERRORS, 409: {"description": "a job is writing that stage or the run's tokenizer"}},
 )
-def import_model(body: ImportRequest, redis: RedisDep) -> JobRecord:
+def import_model(body: ImportRequest, redis: RedisDep, settings: SettingsDep) -> JobRecord:
     """Queue an import job (as POST /jobs with kind import): a folder in the data volume or a hub repo
     becomes the run's `stage` checkpoint; it is then listed here. 409 while a job writes that stage."""
     config = body.model_dump(exclude={"run"}, exclude_unset=True)
-    return submit(redis, ImportJob.model_validate({"kind": "import", "run": body.run, "config": config}))
+    return submit(
+        redis, settings, ImportJob.model_validate({"kind": "import", "run": body.run, "config": config})
+    )
 
 
 @router.post(
@@ -154,7 +156,7 @@ def export_model(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> J
     GET /models/{id}/download has the tarball."""
     checkpoint = found(settings, model_id)
     config = ExportConfig(stage=checkpoint.stage, step=checkpoint.step)
-    return submit(redis, ExportJob(kind="export", run=checkpoint.run, config=config))
+    return submit(redis, settings, ExportJob(kind="export", run=checkpoint.run, config=config))
 
 
 @router.get(

@@ -23,7 +23,7 @@ function headers(extra = {}) {
 }
 
 // The message of an error body, whatever its shape: OpenAI's {error: {message}}, FastAPI's {detail}.
-async function failure(response) {
+export async function failure(response) {
   let message = `${response.status} ${response.statusText}`;
   try {
     const body = await response.json();

@@ -1,6 +1,7 @@
-// The single-page app: a hash router over the chat, jobs, job, models and model pages; the token
+// The single-page app: a hash router over the chat, jobs, job, models, model, data and file pages; the token
 // dialog; light and dark.
 import { chatPage } from "./chat.js";
+import { dataPage, filePage } from "./data.js";
 import { token } from "./http.js";
 import { jobPage, jobsPage } from "./jobs.js";
 import { modelPage, modelsPage } from "./models.js";
@@ -12,6 +13,8 @@ const ROUTES = [
   [/^\/jobs\/([0-9a-f]+)$/, jobPage, "jobs"],
   [/^\/models$/, modelsPage, "models"],
   [/^\/models\/([A-Za-z0-9._-]+)$/, modelPage, "models"],
+  [/^\/data$/, dataPage, "data"],
+  [/^\/data\/(file-[0-9a-f]{24})$/, filePage, "data"],
 ];
 
 let leave = null; // the current page's clean-up (closes its streams and timers)
