@@ -22,14 +22,13 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from evals import timed  # bench/ is on sys.path: the script's folder
 
 from trainer.tasks import shuffled
 
@@ -59,17 +58,6 @@ target_delimiter: ""
 metric_list:
   - metric: acc
 """
-
-
-def run(args: list[str], env: dict[str, str], log: Path) -> float:
-    started = time.perf_counter()
-    with open(log, "w") as out:
-        code = subprocess.run(
-            [sys.executable, "-m", *args], env=env, stdout=out, stderr=subprocess.STDOUT
-        ).returncode
-    if code != 0:
-        raise SystemExit(f"{args[0]} exited with {code}; the end of {log}:\n{log.read_text()[-3000:]}")
-    return time.perf_counter() - started
 
 
 def lm_eval_accuracy(folder: Path, task_dir: Path, problems: list[int]) -> tuple[float, int, float]:
@@ -117,7 +105,7 @@ def main() -> None:
     }
     (base / "tasks").mkdir()
     (base / "tasks" / "arc_easy_kit_chat.yaml").write_text(TASK.format(parquet=parquet))
-    run(["trainer.tok_train", "--run", "tok", "--vocab-size", "8192"], env, base / "tok_train.log")
+    timed(["trainer.tok_train", "--run", "tok", "--vocab-size", "8192"], env, base / "tok_train.log")
 
     rows = []
     for i, (name, flags) in enumerate(ARCHITECTURES.items()):
@@ -133,15 +121,15 @@ def main() -> None:
             "--num-iterations",
             str(args.steps),
         ]
-        run(train, env, base / f"{model}_base_train.log")
+        timed(train, env, base / f"{model}_base_train.log")
         run_dir = (
             base / "runs" / model
         )  # the base checkpoint stands in for a chat model (chat_eval reads those)
         shutil.copytree(run_dir / "base", run_dir / "sft", ignore=shutil.ignore_patterns("metrics.jsonl"))
-        run(["trainer.export", "--run", model, "--stage", "sft"], env, base / f"{model}_export.log")
+        timed(["trainer.export", "--run", model, "--stage", "sft"], env, base / f"{model}_export.log")
         ours_args = ["--run", model, "-i", "sft", "-a", "ARC-Easy", "--dtype", "float32"]
         ours_args += ["--max-problems", str(args.limit)] if args.limit else []
-        seconds = run(["trainer.chat_eval", *ours_args], env, base / f"{model}_chat_eval.log")
+        seconds = timed(["trainer.chat_eval", *ours_args], env, base / f"{model}_chat_eval.log")
         ours = json.loads((run_dir / "report" / "chat_eval_sft.json").read_text())
         section = json.loads((run_dir / "report" / "export.json").read_text())
         rows_in_kit = pq.read_metadata(parquet).num_rows
