@@ -10,15 +10,30 @@ forward all run there in bf16; on a CPU in fp32.
 Models: random weights (timing depends on the shapes only) of a tiny model (d4, width 256, head dim 64,
 context 512) and a d12 (width 768, head dim 128, context 2048), both with a vocab-8,192 tokenizer
 trained on the data kit (the recipe's vocab is 32,768: its lm_head is 4× larger than here). Each
-request: a distinct prompt of about 32 tokens, greedy, up to 64 new tokens. Prints a table and one
-JSON line.
+request: a distinct prompt of about 32 tokens, greedy, up to 64 new tokens.
 
-    .venv/bin/python bench/inference.py [--models tiny d12] [--concurrency 1 4 16 64] [--new-tokens 64]
+The chat part: what the prefix cache buys a conversation. Conversations of --chat-turns turns, each turn
+a ~20-token user message and a greedy reply of up to --chat-reply-tokens, the whole history re-sent
+every turn (as a chat UI does), one conversation at a time; the time to first token of the last turn
+over that of the first, with the prefix cache (INFERENCE_PREFIX_CACHE_TOKENS at its default) and
+without it (0), each the median over --chat-conversations conversations.
+
+The long-prompt part: what chunked prefill buys running streams. 8 greedy streams run; once each has
+20 tokens, a prompt of the full context length (less 8 tokens) arrives. Each stream's inter-token
+latency (ITL, between text chunks as the client reads them) p99 before it arrived and while it was
+prefilled (the gaps that overlap its time to first token), for each INFERENCE_PREFILL_CHUNK_TOKENS in
+--prefill-chunks (0: whole prompts).
+
+Prints a table per part and one JSON line.
+
+    .venv/bin/python bench/inference.py [--models tiny d12] [--parts throughput (default) chat long-prompt]
+        [--concurrency 1 4 16 64] [--new-tokens 64] [--chat-turns 10] [--prefill-chunks 0 64 256]
         [--device auto|cpu|cuda]
 """
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -71,7 +86,9 @@ def prompts(count: int) -> list[list[dict]]:
     ]
 
 
-async def one_request(client: httpx.AsyncClient, model: str, messages: list[dict], new_tokens: int) -> dict:
+async def one_request(
+    client: httpx.AsyncClient, model: str, messages: list[dict], new_tokens: int, keep_text: bool = False
+) -> dict:
     body = {
         "model": model,
         "messages": messages,
@@ -82,7 +99,8 @@ async def one_request(client: httpx.AsyncClient, model: str, messages: list[dict
     }
     start = time.perf_counter()
     first = last = None
-    tokens = 0
+    tokens = prompt_tokens = 0
+    text = []
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         # The client shares the CPU with the server, so it parses only the usage chunk and spots text
@@ -91,9 +109,18 @@ async def one_request(client: httpx.AsyncClient, model: str, messages: list[dict
             if '"content": "' in line and '"content": ""' not in line:
                 last = time.perf_counter()
                 first = first or last
+                if keep_text:
+                    text.append(json.loads(line.removeprefix("data: "))["choices"][0]["delta"]["content"])
             elif '"usage": {' in line:
-                tokens = json.loads(line.removeprefix("data: "))["usage"]["completion_tokens"]
-    return {"ttft": first - start, "tokens": tokens, "decode": last - first}
+                usage = json.loads(line.removeprefix("data: "))["usage"]
+                tokens, prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
+    return {
+        "ttft": first - start,
+        "tokens": tokens,
+        "decode": last - first,
+        "prompt_tokens": prompt_tokens,
+        "text": "".join(text),
+    }
 
 
 async def concurrent_run(url: str, model: str, concurrency: int, new_tokens: int) -> dict:
@@ -112,6 +139,84 @@ async def concurrent_run(url: str, model: str, concurrency: int, new_tokens: int
         "ttft_p50": statistics.median(ttfts),
         "ttft_p99": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))],
     }
+
+
+async def conversation(url: str, model: str, turns: int, reply_tokens: int, number: int) -> list[dict]:
+    """One greedy chat, the whole history sent every turn: each turn's TTFT and prompt length."""
+    messages, turn_results = [], []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        for turn in range(turns):
+            topic = ["the sea", "bread", "rust", "a violin", "the moon", "taxes", "ants", "glass"][turn % 8]
+            content = f"Chat {number}, turn {turn}: and what did the {topic} do after that, in detail?"
+            messages.append({"role": "user", "content": content})
+            result = await one_request(client, model, messages, reply_tokens, keep_text=True)
+            messages.append({"role": "assistant", "content": result["text"]})
+            turn_results.append({"ttft": result["ttft"], "prompt_tokens": result["prompt_tokens"]})
+    return turn_results
+
+
+def chat_run(url: str, model: str, turns: int, reply_tokens: int, count: int) -> dict:
+    """Median TTFT of the first and the last turn over `count` conversations (after one warm-up)."""
+    asyncio.run(conversation(url, model, 2, 4, number=-1))
+    chats = [asyncio.run(conversation(url, model, turns, reply_tokens, number)) for number in range(count)]
+    return {
+        "first_turn_ttft": statistics.median(c[0]["ttft"] for c in chats),
+        "last_turn_ttft": statistics.median(c[-1]["ttft"] for c in chats),
+        "first_turn_prompt_tokens": statistics.median(c[0]["prompt_tokens"] for c in chats),
+        "last_turn_prompt_tokens": statistics.median(c[-1]["prompt_tokens"] for c in chats),
+    }
+
+
+async def timed_stream(client: httpx.AsyncClient, body: dict, times: list[float]) -> None:
+    """Stream a chat request, appending the arrival time of each text chunk to `times`."""
+    async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                times.append(time.perf_counter())
+
+
+def p99(values: list[float]) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
+
+
+async def streams_beside_long_prompt(url: str, model: str, long_text: str, streams: int = 8) -> dict:
+    """ITL p99 of `streams` running streams before and while a long prompt is prefilled."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await one_request(client, model, prompts(1)[0], 4)  # warm-up
+        arrivals: list[list[float]] = [[] for _ in range(streams)]
+        body = {"model": model, "max_tokens": 10_000, "temperature": 0}  # capped at the context
+        tasks = [
+            asyncio.create_task(timed_stream(client, {**body, "messages": m}, times))
+            for m, times in zip(prompts(streams), arrivals, strict=True)
+        ]
+        while min(len(times) for times in arrivals) < 20:
+            await asyncio.sleep(0.005)
+        sent = time.perf_counter()
+        long = await one_request(client, model, [{"role": "user", "content": long_text}], 1)
+        prefilled = sent + long["ttft"]
+        counts = [len(times) for times in arrivals]
+        while any(len(t) < c + 5 for t, c in zip(arrivals, counts, strict=True)):
+            await asyncio.sleep(0.005)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    gaps = [(b - a, a, b) for times in arrivals for a, b in itertools.pairwise(times[4:])]
+    before = [gap for gap, _, end in gaps if end < sent]
+    during = [gap for gap, start, end in gaps if end > sent and start < prefilled]
+    return {
+        "long_prompt_tokens": long["prompt_tokens"],
+        "long_prompt_ttft": long["ttft"],
+        "itl_p99_before": p99(before),
+        "itl_p99_during": p99(during),
+    }
+
+
+def long_text(tokenizer: Tokenizer, tokens: int) -> str:
+    """Text that a chat prompt turns into about `tokens` tokens."""
+    words = " ".join(f"word{i} about the {['sea', 'moon', 'glass'][i % 3]}" for i in range(tokens))
+    return tokenizer.decode(tokenizer.encode(words)[: tokens - 8])
 
 
 def load(base: Path, name: str, runtime: Runtime) -> GPT:
@@ -151,7 +256,9 @@ def decode_ceiling(
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def start_server(base: Path, port: int, batch: int, runtime: Runtime) -> subprocess.Popen:
+def start_server(
+    base: Path, port: int, batch: int, runtime: Runtime, settings: dict[str, str] | None = None
+) -> subprocess.Popen:
     env = {
         **os.environ,
         "NANOCHAT_BASE_DIR": str(base),
@@ -161,6 +268,7 @@ def start_server(base: Path, port: int, batch: int, runtime: Runtime) -> subproc
         "INFERENCE_PORT": str(port),
         "INFERENCE_MAX_BATCH_SIZE": str(batch),
         "INFERENCE_MAX_WAITING": str(batch),
+        **(settings or {}),
     }
     env.pop("API_TOKEN", None)
     server = subprocess.Popen(
@@ -182,14 +290,132 @@ def start_server(base: Path, port: int, batch: int, runtime: Runtime) -> subproc
     raise SystemExit("the model server did not become ready")
 
 
+def throughput_rows(
+    base: Path, name: str, tokenizer: Tokenizer, args: argparse.Namespace, runtime: Runtime
+) -> list[dict]:
+    serial = serial_engine(base, name, tokenizer, args.serial_requests, args.new_tokens, runtime)
+    port = 18000
+    server = start_server(base, port, max(args.concurrency), runtime)
+    rows = []
+    try:
+        for concurrency in args.concurrency:
+            result = asyncio.run(
+                concurrent_run(f"http://127.0.0.1:{port}", f"{name}-sft", concurrency, args.new_tokens)
+            )
+            ceiling = decode_ceiling(base, name, concurrency, runtime)
+            rows.append(
+                {
+                    "model": name,
+                    "concurrency": concurrency,
+                    "serial_tok_s": serial,
+                    "ceiling_tok_s": ceiling,
+                    **result,
+                }
+            )
+    finally:
+        server.terminate()
+        server.wait()
+    return rows
+
+
+def chat_rows(base: Path, name: str, args: argparse.Namespace, runtime: Runtime) -> list[dict]:
+    """The chat part with the prefix cache at its default size, then without it."""
+    rows = []
+    for prefix_cache, setting in (("on", {}), ("off", {"INFERENCE_PREFIX_CACHE_TOKENS": "0"})):
+        port = 18100
+        server = start_server(base, port, 4, runtime, setting)
+        try:
+            result = chat_run(
+                f"http://127.0.0.1:{port}",
+                f"{name}-sft",
+                args.chat_turns,
+                args.chat_reply_tokens,
+                args.chat_conversations,
+            )
+        finally:
+            server.terminate()
+            server.wait()
+        rows.append({"model": name, "prefix_cache": prefix_cache, **result})
+    return rows
+
+
+def long_prompt_rows(
+    base: Path, name: str, tokenizer: Tokenizer, args: argparse.Namespace, runtime: Runtime
+) -> list[dict]:
+    text = long_text(tokenizer, MODELS[name].sequence_len - 8)
+    rows = []
+    for chunk in args.prefill_chunks:
+        port = 18200
+        server = start_server(base, port, 16, runtime, {"INFERENCE_PREFILL_CHUNK_TOKENS": str(chunk)})
+        try:
+            result = asyncio.run(streams_beside_long_prompt(f"http://127.0.0.1:{port}", f"{name}-sft", text))
+        finally:
+            server.terminate()
+            server.wait()
+        rows.append({"model": name, "prefill_chunk": chunk, **result})
+    return rows
+
+
+def print_throughput(rows: list[dict]) -> None:
+    print(
+        f"{'model':>5} {'conc':>5} {'aggregate tok/s':>16} {'serial engine tok/s':>20} {'ratio':>6} "
+        f"{'bare forward tok/s':>19} {'its ratio':>10} {'share of it':>12} {'stream tok/s':>13} "
+        f"{'TTFT p50':>9} {'TTFT p99':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:>5} {r['concurrency']:>5} {r['aggregate_tok_s']:>16,.1f} "
+            f"{r['serial_tok_s']:>20,.1f} "
+            f"{r['aggregate_tok_s'] / r['serial_tok_s']:>5.1f}× {r['ceiling_tok_s']:>19,.1f} "
+            f"{r['ceiling_tok_s'] / r['serial_tok_s']:>9.1f}× "
+            f"{r['aggregate_tok_s'] / r['ceiling_tok_s']:>12.0%} "
+            f"{r['stream_tok_s'] or 0:>13,.1f} "
+            f"{r['ttft_p50']:>8.3f}s {r['ttft_p99']:>8.3f}s"
+        )
+
+
+def print_chat(rows: list[dict], turns: int) -> None:
+    print(
+        f"{'model':>5} {'prefix cache':>12} {'turn 1 prompt':>14} {'turn 1 TTFT':>12} "
+        f"{f'turn {turns} prompt':>15} {f'turn {turns} TTFT':>13} {'ratio':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:>5} {r['prefix_cache']:>12} {r['first_turn_prompt_tokens']:>14.0f} "
+            f"{r['first_turn_ttft']:>11.4f}s {r['last_turn_prompt_tokens']:>15.0f} "
+            f"{r['last_turn_ttft']:>12.4f}s {r['last_turn_ttft'] / r['first_turn_ttft']:>5.2f}×"
+        )
+
+
+def print_long_prompt(rows: list[dict]) -> None:
+    print(
+        f"{'model':>5} {'chunk':>6} {'long prompt':>12} {'its TTFT':>9} {'ITL p99 before':>15} "
+        f"{'ITL p99 during':>15} {'ratio':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:>5} {r['prefill_chunk'] or 'whole':>6} {r['long_prompt_tokens']:>12} "
+            f"{r['long_prompt_ttft']:>8.3f}s {r['itl_p99_before'] * 1000:>12.1f} ms "
+            f"{r['itl_p99_during'] * 1000:>12.1f} ms {r['itl_p99_during'] / r['itl_p99_before']:>5.1f}×"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parts = ["throughput", "chat", "long-prompt"]
+    parser.add_argument("--parts", nargs="+", choices=parts, default=["throughput"], help=f"of {parts}")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--serial-requests", type=int, default=8, help="requests in the serial baseline")
+    parser.add_argument("--chat-turns", type=int, default=10, help="turns of each chat (the last is timed)")
+    parser.add_argument("--chat-reply-tokens", type=int, default=24, help="longest reply of a chat turn")
+    parser.add_argument("--chat-conversations", type=int, default=3, help="chats per setting (medians)")
+    parser.add_argument(
+        "--prefill-chunks", type=int, nargs="+", default=[0, 64, 256], help="chunk sizes (0: whole prompts)"
+    )
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     args = parser.parse_args()
     runtime = setup_runtime(args.device)
@@ -202,50 +428,38 @@ def main() -> None:
     os.environ.update(NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATA_DIR=str(data_dir))
     tok_train.main(["--run", "bench", "--vocab-size", str(VOCAB), "--max-chars", "20000000"])
     tokenizer = Tokenizer.load(base / "runs" / "bench" / "tokenizer")
-    rows = []
+    rows, chats, long_prompts = [], [], []
     for name in args.models:
         tokenizer.save(base / "runs" / name / "tokenizer")
         write_random_checkpoint(base / "runs", name)
-        serial = serial_engine(base, name, tokenizer, args.serial_requests, args.new_tokens, runtime)
-        port = 18000 + len(rows)
-        server = start_server(base, port, max(args.concurrency), runtime)
-        try:
-            for concurrency in args.concurrency:
-                result = asyncio.run(
-                    concurrent_run(f"http://127.0.0.1:{port}", f"{name}-sft", concurrency, args.new_tokens)
-                )
-                ceiling = decode_ceiling(base, name, concurrency, runtime)
-                rows.append(
-                    {
-                        "model": name,
-                        "concurrency": concurrency,
-                        "serial_tok_s": serial,
-                        "ceiling_tok_s": ceiling,
-                        **result,
-                    }
-                )
-        finally:
-            server.terminate()
-            server.wait()
+        if "throughput" in args.parts:
+            rows += throughput_rows(base, name, tokenizer, args, runtime)
+        if "chat" in args.parts:
+            chats += chat_rows(base, name, args, runtime)
+        if "long-prompt" in args.parts:
+            long_prompts += long_prompt_rows(base, name, tokenizer, args, runtime)
     if runtime.device.type == "cuda":
         machine = f"{torch.cuda.get_device_name(runtime.device)}, torch {torch.__version__}"
     else:
         machine = f"{platform.machine()} cpu, torch {torch.__version__}, threads {torch.get_num_threads()}"
     dtype = str(runtime.dtype).removeprefix("torch.")
-    print(f"inference server | {machine} | {dtype} | ~32-token prompts, greedy, {args.new_tokens} new tokens")
-    print(
-        f"{'model':>5} {'conc':>5} {'aggregate tok/s':>16} {'serial engine tok/s':>20} {'ratio':>6} "
-        f"{'bare forward tok/s':>19} {'its ratio':>10} {'stream tok/s':>13} {'TTFT p50':>9} {'TTFT p99':>9}"
-    )
-    for r in rows:
+    if rows:
         print(
-            f"{r['model']:>5} {r['concurrency']:>5} {r['aggregate_tok_s']:>16,.1f} "
-            f"{r['serial_tok_s']:>20,.1f} "
-            f"{r['aggregate_tok_s'] / r['serial_tok_s']:>5.1f}× {r['ceiling_tok_s']:>19,.1f} "
-            f"{r['ceiling_tok_s'] / r['serial_tok_s']:>9.1f}× {r['stream_tok_s'] or 0:>13,.1f} "
-            f"{r['ttft_p50']:>8.3f}s {r['ttft_p99']:>8.3f}s"
+            f"inference server | {machine} | {dtype} | ~32-token prompts, greedy, "
+            f"{args.new_tokens} new tokens"
         )
-    print(json.dumps({"bench": "inference", "machine": machine, "dtype": dtype, "results": rows}))
+        print_throughput(rows)
+    if chats:
+        print(
+            f"chat turns | {machine} | {dtype} | {args.chat_turns} turns, replies ≤ {args.chat_reply_tokens} "
+            f"tokens, median of {args.chat_conversations} chats"
+        )
+        print_chat(chats, args.chat_turns)
+    if long_prompts:
+        print(f"8 streams beside a full-context prompt | {machine} | {dtype}")
+        print_long_prompt(long_prompts)
+    figures = {"results": rows, "chat": chats, "long_prompt": long_prompts}
+    print(json.dumps({"bench": "inference", "machine": machine, "dtype": dtype, **figures}))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def test_submit_returns_a_queued_job(finished_job: dict) -> None:
         "vocab_size": 1024,
         "max_chars": 2_000_000,
         "doc_cap": 10_000,
+        "corpus": None,
         "max_retries": 2,
         "time_limit": None,
     }

@@ -22,6 +22,7 @@ SCHEMA = json.loads(
     (resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text()
 )
 ENV = {"API_TOKEN": "a-test-token-of-sufficient-length", "REDIS_PASSWORD": "a-redis-password"}
+MULTINODE = {**ENV, "REDIS_HOST": "10.0.0.5", "SHARED_STORAGE_DIR": "/mnt/nfs/nanochat"}
 APP_SERVICES = ("api", "worker", "inference", "web")
 
 
@@ -130,8 +131,24 @@ def test_ml_services_reserve_gpus_and_share_the_base_dir_volume(compose: dict) -
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
         assert service["build"]["args"]["TORCH_VARIANT"] == "cuda"
-        assert "nanochat-data:/data/nanochat" in service["volumes"]
+        assert {"nanochat-data:/data/nanochat", "nanochat-data:/data/nanochat:ro"} & set(service["volumes"])
         assert service["environment"]["NANOCHAT_BASE_DIR"] == "/data/nanochat"
+
+
+@pytest.mark.parametrize("override", [None, "compose.cpu.yaml", "compose.multinode.yaml"])
+def test_the_model_server_reads_the_data_volume_only_and_writes_to_its_own(override: str | None) -> None:
+    """Nothing a request does to the model server can change checkpoints or what jobs run with."""
+    compose = load("compose.yaml", *[override] if override else [], env=MULTINODE)
+    inference = compose["services"]["inference"]
+    data = [v for v in inference["volumes"] if v.split(":")[1] == "/data/nanochat"]
+    assert len(data) == 1 and data[0].endswith(":/data/nanochat:ro"), data
+    # The FA3 kernel it downloads on first use lands in a volume of its own, which its user can write.
+    cache = inference["environment"]["KERNELS_CACHE"]
+    (volume,) = [v for v in inference["volumes"] if cache.startswith(v.split(":")[1] + "/")]
+    name, target = volume.split(":")
+    assert name in compose["volumes"] and not cache.startswith("/data/nanochat")
+    dockerfile = (ROOT / inference["build"]["dockerfile"]).read_text()
+    assert f"mkdir {target} && chown nanochat {target}" in dockerfile
 
 
 @pytest.mark.parametrize("secret", ["API_TOKEN", "REDIS_PASSWORD"])
@@ -241,9 +258,6 @@ def test_a_local_data_kit_is_mounted_read_only_where_the_programs_look(compose: 
         assert "/srv/kit:/data/kit:ro" in kit["volumes"]
 
 
-MULTINODE = {**ENV, "REDIS_HOST": "10.0.0.5", "SHARED_STORAGE_DIR": "/mnt/nfs/nanochat"}
-
-
 def test_multinode_workers_use_the_host_network_the_shared_storage_and_the_first_machines_redis() -> None:
     services = load("compose.yaml", "compose.multinode.yaml", env=MULTINODE)["services"]
     worker = services["worker"]
@@ -252,8 +266,8 @@ def test_multinode_workers_use_the_host_network_the_shared_storage_and_the_first
     assert "NCCL_SOCKET_IFNAME" in worker["environment"] and "GLOO_SOCKET_IFNAME" in worker["environment"]
     assert services["redis"]["ports"] == ["10.0.0.5:6379:6379"]  # the private address only, with a password
     for name in ("worker", "api", "inference", "trainer"):  # everyone sees the same runs
-        mounts = [v for v in services[name]["volumes"] if v.endswith(":/data/nanochat")]
-        assert mounts == ["/mnt/nfs/nanochat:/data/nanochat"], name
+        mounts = [v for v in services[name]["volumes"] if v.split(":")[1] == "/data/nanochat"]
+        assert mounts in (["/mnt/nfs/nanochat:/data/nanochat"], ["/mnt/nfs/nanochat:/data/nanochat:ro"]), name
 
 
 @pytest.mark.parametrize("missing", ["REDIS_HOST", "SHARED_STORAGE_DIR"])

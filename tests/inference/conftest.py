@@ -30,9 +30,11 @@ def write_checkpoint(
     seed: int,
     config: GPTConfig = CONFIG,
     never_stop: bool = False,
+    nan_token: int | None = None,
 ) -> GPT:
     """A checkpoint in the trainer's layout whose weights are random but far from the init's near-zero
-    logits, so that greedy choices are clear-cut."""
+    logits, so that greedy choices are clear-cut. A `nan_token` has a NaN embedding: the model gives
+    NaN logits after any prompt that holds it, and only there."""
     torch.manual_seed(seed)
     model = GPT(config)
     model.init_weights()
@@ -41,6 +43,8 @@ def write_checkpoint(
             parameter.add_(torch.randn_like(parameter) * 0.3)
         if never_stop:  # a special token's logit is half of token 0's: never the largest when greedy
             model.lm_head.weight[config.vocab_size - len(SPECIAL_TOKENS) :] = 0.5 * model.lm_head.weight[0]
+        if nan_token is not None:
+            model.wte.weight[nan_token] = float("nan")
     folder = step_dir(runs / run / stage, step)
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")

@@ -108,10 +108,11 @@ def test_n_samples_are_the_seeded_single_samples(client: openai.OpenAI) -> None:
 
 
 def test_a_vanishing_temperature_answers_greedily_and_spoils_no_other_stream(client: openai.OpenAI) -> None:
-    """temperature=1e-45 once made NaN probabilities that failed every row decoding beside it."""
+    """temperature=1e-45 once made NaN probabilities that failed every row decoding beside it (and
+    1e-46, 0 in float32, still did until temperatures below 1e-5 became greedy)."""
     options = {"model": "tiny-sft", "messages": HELLO, "max_tokens": 12}
     with ThreadPoolExecutor(2) as pool:
-        tiny = pool.submit(client.chat.completions.create, temperature=1e-45, **options)
+        tiny = pool.submit(client.chat.completions.create, temperature=1e-46, **options)
         other = pool.submit(client.chat.completions.create, temperature=1.0, seed=3, **options)
         assert tiny.result().choices[0].message.content == greedy(client, HELLO[0]["content"], max_tokens=12)
         assert other.result().choices[0].finish_reason in ("stop", "length")

@@ -115,6 +115,7 @@ def test_resume_carries_the_loop_state(env: Path) -> None:
         "training_time",
         "startup_time",
         "wall_time",
+        "evals_pending",
     }
     assert meta["loop_state"]["startup_time"] > 0 and meta["loop_state"]["training_time"] == 0
     # Pretend the first two steps took ten minutes and once reached an excellent bpb.

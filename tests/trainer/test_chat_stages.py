@@ -385,7 +385,7 @@ def test_off_cuda_chat_evaluations_are_sized_to_the_run_and_a_flag_wins(
     --chatcore-max-cat wins."""
     asked = {}
 
-    def evaluate(task, model, engine, tokenizer, runtime, options) -> float:  # what ChatCORE asks of a task
+    def evaluate(task, model, engine, tokenizer, runtime, options, stop) -> float:  # what ChatCORE asks
         asked[task.name] = (options.max_problems, options.max_new_tokens)
         return 0.5
 

@@ -132,7 +132,7 @@ def test_top_k_one_and_a_tiny_top_p_are_greedy(top_k, top_p) -> None:
     assert {sample(logits, 1.0, top_k, top_p, generator) for _ in range(50)} == {1}
 
 
-@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 1e-8])
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-45, 1e-46, 5e-324])  # the last two are 0 in float32
 def test_a_vanishing_temperature_samples_the_argmax_instead_of_failing(temperature: float) -> None:
     logits = torch.tensor([0.1, 2.0, 1.9, -1.0, float("-inf")])
     generator = torch.Generator().manual_seed(0)

@@ -3,6 +3,7 @@
 import sys
 
 import uvicorn
+from jobs.redaction import hide_secrets, settings_error
 from pydantic import ValidationError
 
 from api.config import Settings
@@ -13,8 +14,8 @@ def main() -> None:
     try:
         settings = Settings()
     except ValidationError as error:
-        reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
-        sys.exit(f"api: refusing to start: {reasons}")
+        sys.exit(f"api: refusing to start: {settings_error(error)}")
+    hide_secrets(settings.api_token, settings.redis_url)
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
 
 

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api import streams
@@ -25,11 +26,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis = Redis.from_url(settings.redis_url, **timeouts)
-        # Followers block in XREAD for up to streams.BLOCK_MS: the read timeout must outlast that.
+        # Followers block in XREAD for up to streams.BLOCK_MS: the read timeout must outlast that. Each
+        # admitted follower holds one connection while it waits (redis-py's pool stops at 100 by default).
         app.state.async_redis = AsyncRedis.from_url(
             settings.redis_url,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
             socket_timeout=streams.BLOCK_MS / 1000 + REDIS_TIMEOUT_SECONDS,
+            max_connections=settings.api_max_followers,
         )
         app.state.followers = streams.Followers(
             settings.api_max_followers_per_job, settings.api_max_followers
@@ -54,6 +57,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RedisTimeoutError)
     async def redis_unavailable(request: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"Redis is unreachable: {error}"}, status_code=503)
+
+    @app.exception_handler(OutOfMemoryError)  # what is still refused after the routes' retries
+    async def redis_full(request: Request, error: Exception) -> JSONResponse:
+        detail = f"Redis is out of memory ({error}): try again later, or raise REDIS_MAXMEMORY"
+        return JSONResponse({"detail": detail}, status_code=503)
 
     app.include_router(health.router)
     app.include_router(jobs.router)

@@ -2,9 +2,12 @@
 
 import logging
 import os
+import sys
 
 import uvicorn
 from jobs.gpu_claims import PCI_BUS_ID
+from jobs.redaction import hide_secrets, settings_error
+from pydantic import ValidationError
 
 from inference.app import create_app
 from inference.gpu_share import serving_devices
@@ -12,7 +15,11 @@ from inference.settings import InferenceSettings
 
 
 def main() -> None:
-    settings = InferenceSettings()
+    try:
+        settings = InferenceSettings()
+    except ValidationError as error:
+        sys.exit(f"inference: refusing to start: {settings_error(error)}")
+    hide_secrets(settings.api_token, settings.redis_url)
     # Before anything touches CUDA, which reads these once: its GPU ids are then nvidia-smi's (those of
     # INFERENCE_GPUS and WORKER_GPUS), and it sees the GPU the server serves on first.
     os.environ["CUDA_DEVICE_ORDER"] = PCI_BUS_ID

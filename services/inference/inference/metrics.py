@@ -18,7 +18,26 @@ class Metrics:
         self.rejected = Counter(
             "inference_rejected_requests", "Requests refused with 429 because the queue was full.", registry=r
         )
-        self.prompt_tokens = Counter("inference_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.prompt_tokens = Counter(
+            "inference_prompt_tokens", "Prompt tokens (prefilled or found in the prefix cache).", registry=r
+        )
+        self.prefix_cache_queries = Counter(
+            "inference_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "inference_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache, not prefilled again (hit rate: hits / queries).",
+            registry=r,
+        )
+        self.prefix_cache_blocks = Gauge(
+            "inference_prefix_cache_blocks", "Blocks held by the prefix cache.", ["model"], registry=r
+        )
+        self.prefix_cache_tokens = Gauge(
+            "inference_prefix_cache_tokens",
+            "Token positions held by the prefix cache.",
+            ["model"],
+            registry=r,
+        )
         self.generation_tokens = Counter("inference_generation_tokens", "Tokens generated.", registry=r)
         self.waiting = Gauge(
             "inference_queue_depth", "Requests waiting for a batch slot.", ["model"], registry=r

@@ -1,9 +1,9 @@
 """
 Loaded models: each with its tokenizer and its scheduler thread, loaded on first use and kept in
 least-recently-used order. When the estimated memory of the loaded models (weights plus a full KV
-cache) passes INFERENCE_MAX_MODEL_MEMORY_GB, idle models are unloaded, oldest use first; a model
-with requests in flight is never unloaded. While a training job holds the GPU (gpu_share), every model
-is unloaded and none loads.
+cache and prefix cache) passes INFERENCE_MAX_MODEL_MEMORY_GB, idle models are unloaded, oldest use
+first; a model with requests in flight is never unloaded. While a training job holds the GPU
+(gpu_share), every model is unloaded and none loads.
 """
 
 import gc
@@ -44,11 +44,12 @@ class ServedModel:
         return self.engine.model.config.sequence_len
 
 
-def memory_estimate(model: GPT, batch_size: int) -> int:
-    """Weights plus a KV cache of batch_size rows over the whole context."""
+def memory_estimate(model: GPT, batch_size: int, prefix_tokens: int) -> int:
+    """Weights plus a KV cache of batch_size rows over the whole context and a full prefix cache."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     c = model.config
-    cache = 2 * c.n_layer * batch_size * c.sequence_len * c.n_kv_head * c.head_dim
+    positions = batch_size * c.sequence_len + prefix_tokens
+    cache = 2 * c.n_layer * positions * c.n_kv_head * c.head_dim
     return weights + cache * torch.finfo(model.compute_dtype).bits // 8
 
 
@@ -83,9 +84,18 @@ class ModelPool:
             model.to(dtype)  # no fp32 master weights are needed to serve: half the memory, no casts
         model.eval()
         engine = Engine(model, Tokenizer.load(checkpoint.tokenizer_dir))
-        batch = self.settings.inference_max_batch_size
-        scheduler = Scheduler(engine, batch, self.settings.inference_max_waiting, self.metrics, checkpoint.id)
-        return ServedModel(checkpoint, engine, scheduler, memory_estimate(model, batch))
+        settings, batch = self.settings, self.settings.inference_max_batch_size
+        prefix = settings.inference_prefix_cache_tokens
+        scheduler = Scheduler(
+            engine,
+            batch,
+            settings.inference_max_waiting,
+            self.metrics,
+            checkpoint.id,
+            prefix_tokens=prefix,
+            chunk_tokens=settings.inference_prefill_chunk_tokens or None,
+        )
+        return ServedModel(checkpoint, engine, scheduler, memory_estimate(model, batch, prefix))
 
     def evict(self) -> None:
         budget = self.settings.inference_max_model_memory_gb * 2**30

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from trainer.engine import GREEDY_BELOW_TEMPERATURE
+
 MAX_STOP_STRINGS = 16
 MAX_N = 16
 
@@ -57,7 +59,9 @@ class SamplingFields(Lenient):
     """What chat and completions requests share."""
 
     model: str = "default"
-    temperature: float = Field(default=1.0, ge=0, le=2)
+    temperature: float = Field(
+        default=1.0, ge=0, le=2, description=f"below {GREEDY_BELOW_TEMPERATURE:g} (0 included): greedy"
+    )
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, description="extension: -1 or 0 turn it off")
     stop: str | list[str] | None = None

@@ -3,9 +3,11 @@ Continuous batching: one thread per loaded model runs a loop of steps, and every
 of every request shares each step.
 
     step: drop cancelled sequences → admit waiting requests into free rows (their prompts prefilled
-          together in one forward, then copied into the batch cache) → pick one token per sequence
-          → retire the finished ones (the last row moves into a freed row, so the running rows stay
-          at the front) → one decode forward over the running rows
+          together from where the prefix cache leaves off, up to INFERENCE_PREFILL_CHUNK_TOKENS per
+          step (prefill.py); a complete prompt is copied into the batch cache) → pick one token per
+          sequence (one that cannot be picked fails that request alone) → retire the finished ones
+          (their KV goes to the prefix cache; the last row moves into a freed row, so the running rows
+          stay at the front) → one decode forward over the running rows
 
 Each row has its own position and mask (engine.KVCache), and each sequence its own seeded generator,
 so what a request gets does not depend on what else is in the batch. Results go back to the event
@@ -26,7 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from inference.metrics import Metrics
-from trainer.engine import Engine, KVCache, Row, TextStream, sample
+from inference.prefill import Prefill
+from inference.prefix_cache import Hit, PrefixCache
+from trainer.engine import Engine, KVCache, Row, TextStream, is_greedy, sample
 
 log = logging.getLogger("inference")
 INITIAL_CACHE_LEN = 256  # positions per row at first; the cache doubles when a row needs more
@@ -120,6 +124,7 @@ class Sequence:
     stream: TextStream
     held: str = ""  # decoded text not yet sent: it may be the start of a stop string
     last_token: int = 0
+    tokens: list[int] = field(default_factory=list)  # chosen so far (the last one not yet fed)
     generated: int = 0
     last_time: float = 0.0
     finish_reason: str | None = None
@@ -152,13 +157,25 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
 
 class Scheduler:
     def __init__(
-        self, engine: Engine, max_batch_size: int, max_waiting: int, metrics: Metrics, name: str
+        self,
+        engine: Engine,
+        max_batch_size: int,
+        max_waiting: int,
+        metrics: Metrics,
+        name: str,
+        prefix_tokens: int = 0,
+        chunk_tokens: int | None = None,
     ) -> None:
         self.engine, self.model = engine, engine.model
         self.context = self.model.config.sequence_len
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
         self.metrics, self.name = metrics, name
         self.cache = KVCache(self.model, max_batch_size, min(INITIAL_CACHE_LEN, self.context))
+        self.prefix = PrefixCache(prefix_tokens)
+        self.chunk_tokens = chunk_tokens  # of prompt prefilled per step; None: whole prompts
+        self.prefilling: Prefill | None = None  # of the group below, while its prompts are computed
+        # The submissions being prefilled, by row of `prefilling`; None once answered or in the batch.
+        self.group: list[Submission | None] = []
         self.logits: torch.Tensor | None = None  # next-token logits of the running rows
         self.running: list[Sequence] = []  # row i of the cache is running[i]
         self.waiting: deque[Submission] = deque()
@@ -186,7 +203,7 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilling)
 
     def close_if_idle(self) -> bool:
         with self.wake:
@@ -211,7 +228,7 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.wake:
-                    while not self.closed and not self.waiting and not self.running:
+                    while not self.closed and not self.busy:
                         self.wake.wait()
                     if self.closed:
                         return
@@ -226,58 +243,102 @@ class Scheduler:
         self.admit()
         if self.running:
             self.choose_tokens()
-            self.retire([i for i, s in enumerate(self.running) if s.finish_reason is not None])
+            self.remember([i for i, s in enumerate(self.running) if s.finish_reason])
+            self.retire([i for i, s in enumerate(self.running) if s.finish_reason or s.submission.cancelled])
         self.flush()
         if self.running:
             self.decode()
         self.metrics.running.labels(self.name).set(len(self.running))
 
     def admit(self) -> None:
-        """Move waiting submissions into free rows, prefilling as many as fit in one forward."""
-        while True:
-            group, rows, longest = [], len(self.running), 0
-            with self.wake:
-                while self.waiting and rows + self.waiting[0].n <= self.max_batch_size:
-                    padded = max(longest, len(self.waiting[0].prompt)) * (len(group) + 1)
-                    if group and padded > PREFILL_TOKEN_BUDGET:
-                        break
-                    submission = self.waiting.popleft()
-                    if not submission.cancelled:
-                        group.append(submission)
-                        rows, longest = rows + submission.n, max(longest, len(submission.prompt))
-                self.metrics.waiting.labels(self.name).set(len(self.waiting))
-            if not group:
-                return
+        """Prefill waiting submissions into free rows: a group of them at a time, as many as fit in one
+        forward, up to chunk_tokens (when set) of prompt per step; rows whose prompt is complete join."""
+        spent = 0
+        if self.prefilling and all(s is None or s.cancelled for s in self.group):
+            self.prefilling = None  # every client of the group still waiting for it has gone
+        while self.chunk_tokens is None or spent < self.chunk_tokens:
+            if self.prefilling is None:
+                group = self.take_group()
+                if not group:
+                    return
+                hits = [self.cached_prefix(s) for s in group]
+                scored = [s.params.prompt_logprobs is not None for s in group]
+                prompts = [s.prompt for s in group]
+                self.prefilling = Prefill.start(self.model, prompts, hits, scored, self.chunk_tokens)
+                self.group = group
             try:
-                self.prefill(group)
+                spent += self.prefill_chunk()
             except Exception as error:  # these requests fail; the running ones go on
                 log.exception("prefill failed")
-                for submission in group:
+                for submission in self.unanswered():
                     self.send(submission, Failure(f"generation failed: {error}"))
+                self.prefilling = None
 
-    def prefill(self, group: list[Submission]) -> None:
-        """Run the prompts together on a cache of their own (padded at the end to the longest), then
-        copy each into its n free rows."""
-        prompts = [s.prompt for s in group]
-        longest = max(len(p) for p in prompts)
-        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
-        single = KVCache(self.model, len(group), longest)
-        single.pad_next([len(p) for p in prompts])
-        padded = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=self.engine.device)
-        all_logits = self.model(padded, kv_cache=single)
-        first_logits = []
-        for row, submission in enumerate(group):
-            logits = all_logits[row, : len(submission.prompt)]
-            if self.start_sequences(submission, logits):
-                first_logits.append((row, submission, logits[-1:]))
+    def take_group(self) -> list[Submission]:
+        """Waiting submissions for one prefill: as many as have free rows, within the token budget."""
+        group, rows, longest = [], len(self.running), 0
+        with self.wake:
+            while self.waiting and rows + self.waiting[0].n <= self.max_batch_size:
+                padded = max(longest, len(self.waiting[0].prompt)) * (len(group) + 1)
+                if group and padded > PREFILL_TOKEN_BUDGET:
+                    break
+                submission = self.waiting.popleft()
+                if not submission.cancelled:
+                    group.append(submission)
+                    rows, longest = rows + submission.n, max(longest, len(submission.prompt))
+            self.metrics.waiting.labels(self.name).set(len(self.waiting))
+        return group
+
+    def prefill_chunk(self) -> int:
+        """One chunk of the prefill in progress; each prompt it completes joins the batch in its n rows.
+        The tokens computed."""
+        prefill = self.prefilling
+        spent, ready = prefill.step()
+        started = []
+        for r in ready:
+            if self.start_sequences(self.group[r.row], r.logits):
+                started.append((r, self.group[r.row]))
+            else:
+                self.group[r.row] = None  # answered: nothing to generate
         # Nothing above changed the batch: a failure there fails these requests alone.
-        self.grow_cache(longest)
-        for row, submission, logits in first_logits:
+        self.grow_cache(max((len(submission.prompt) for _, submission in started), default=0))
+        for r, submission in started:
             first = len(self.running)
-            self.cache.copy_rows(single, row, list(range(first, first + submission.n)))
-            new_logits = logits.expand(submission.n, -1).clone()  # rows get moved in place later
+            self.cache.copy_rows(prefill.cache, r.row, list(range(first, first + submission.n)))
+            new_logits = r.logits[-1:].expand(submission.n, -1).clone()  # rows get moved in place later
             self.logits = new_logits if self.logits is None else torch.cat([self.logits[:first], new_logits])
             self.running += submission.sequences
+            self.group[r.row] = None
+        if prefill.finished:
+            self.prefilling = None
+        return spent
+
+    def unanswered(self) -> list[Submission]:
+        """The submissions of the prefill in progress that have neither joined the batch nor been
+        answered."""
+        return [s for s in self.group if s is not None] if self.prefilling else []
+
+    def cached_prefix(self, submission: Submission) -> Hit | None:
+        """The longest start of the prompt the prefix cache holds (none for a prompt to score: that
+        needs the logits at every position)."""
+        self.metrics.prompt_tokens.inc(len(submission.prompt))
+        if submission.params.prompt_logprobs is not None:
+            return None
+        self.metrics.prefix_cache_queries.inc(len(submission.prompt))
+        hit = self.prefix.lookup(submission.prompt)
+        self.metrics.prefix_cache_hits.inc(0 if hit is None else hit.length)
+        return hit
+
+    def remember(self, rows: list[int]) -> None:
+        """Keep the KV of these finished rows in the prefix cache: the next turn of their chat starts
+        with their prompt and reply."""
+        for row in rows:
+            sequence = self.running[row]
+            length = int(self.cache.lengths[row])
+            tokens = (sequence.submission.prompt + sequence.tokens)[:length]
+            self.prefix.store(tokens, self.cache.keys[:, row], self.cache.values[:, row])
+        self.metrics.prefix_cache_blocks.labels(self.name).set(len(self.prefix.blocks))
+        self.metrics.prefix_cache_tokens.labels(self.name).set(self.prefix.tokens)
 
     def start_sequences(self, submission: Submission, logits: torch.Tensor) -> bool:
         """Send the prompt's scores when asked for, and make the submission's n sequences; False
@@ -294,7 +355,7 @@ class Scheduler:
         now = time.perf_counter()
         for index in range(submission.n):
             seed = random.randrange(2**62) if params.seed is None else params.seed + index
-            generator = self.engine.row_generator(seed) if params.temperature > 0 else None
+            generator = None if is_greedy(params.temperature) else self.engine.row_generator(seed)
             stream = TextStream(self.engine.tokenizer)
             row = Row(generator)
             submission.sequences.append(Sequence(submission, submission.first_index + index, row, stream))
@@ -307,29 +368,43 @@ class Scheduler:
             self.cache.grow(min(max(needed, 2 * self.cache.max_len), self.context))
 
     def choose_tokens(self) -> None:
-        tokens = []
+        """One token per running sequence. A sequence whose token cannot be chosen (the model gave its
+        row non-finite logits, say) fails its own request; the other requests in the batch go on."""
         greedy = self.logits.argmax(dim=-1).tolist()  # one call for every greedy row
-        for sequence, logits, best in zip(self.running, self.logits, greedy, strict=False):
-            row, params = sequence.row, sequence.submission.params
-            if row.forced:  # the tool's output, not sampled
-                tokens.append(row.forced.popleft())
-            elif params.temperature == 0:
-                tokens.append(best)
-            else:
-                tokens.append(sample(logits, params.temperature, params.top_k, params.top_p, row.generator))
-        wanted = [s.submission.params.logprobs for s in self.running]
+        finite = torch.isfinite(self.logits).all(dim=-1).tolist()
+        chosen: dict[int, int] = {}  # batch row → its token
+        for i, sequence in enumerate(self.running):
+            try:
+                chosen[i] = self.choose(sequence, self.logits[i], greedy[i], finite[i])
+            except Exception as error:
+                log.exception("sampling failed for one request")
+                self.send(sequence.submission, Failure(f"generation failed: {error}"))
+                sequence.submission.cancelled = True  # its other sequences stop too: the request has failed
+        chosen = {i: token for i, token in chosen.items() if not self.running[i].submission.cancelled}
+        rows, tokens = list(chosen), list(chosen.values())
+        wanted = [self.running[i].submission.params.logprobs for i in rows]
         scores: list[TokenScore | None] = [None] * len(tokens)
         if any(w is not None for w in wanted):
-            logprobs = torch.log_softmax(self.logits[: len(tokens)].float(), dim=-1)
-            top = max(w or 0 for w in wanted)
-            scores = token_scores(logprobs, tokens, top)
+            logprobs = torch.log_softmax(self.logits[rows].float(), dim=-1)
+            scores = token_scores(logprobs, tokens, max(w or 0 for w in wanted))
             for score, w in zip(scores, wanted, strict=True):
                 score.top = score.top[: w or 0]
         now = time.perf_counter()
-        for sequence, token, score in zip(self.running, tokens, scores, strict=True):
-            self.accept(sequence, token, score, now)
+        for i, token, score in zip(rows, tokens, scores, strict=True):
+            self.accept(self.running[i], token, score, now)
         self.metrics.generation_tokens.inc(len(tokens))
         self.has_generated = True
+
+    def choose(self, sequence: Sequence, logits: torch.Tensor, best: int, finite: bool) -> int:
+        """The sequence's next token: the tool's output while it is forced, else greedy or sampled."""
+        if not finite:
+            raise ValueError("the model's next-token logits for this sequence are not finite (NaN or inf)")
+        row, params = sequence.row, sequence.submission.params
+        if row.forced:  # the tool's output, not sampled
+            return row.forced.popleft()
+        if is_greedy(params.temperature):
+            return best
+        return sample(logits, params.temperature, params.top_k, params.top_p, row.generator)
 
     def accept(self, sequence: Sequence, token: int, score: TokenScore | None, now: float) -> None:
         """Record one token: the tool state machine, stop tokens and strings, the length limit."""
@@ -341,6 +416,7 @@ class Scheduler:
         sequence.last_time = now
         sequence.generated += 1
         sequence.last_token = token
+        sequence.tokens.append(token)
         self.engine.advance_row(sequence.row, token)
         if sequence.row.done:  # a stop token: it ends the sequence and is not part of the text
             sequence.finish_reason = "stop"
@@ -380,8 +456,11 @@ class Scheduler:
         self.logits = self.model(fed, kv_cache=self.cache.head(count))[:, -1]
 
     def fail_all(self, message: str, waiting: bool = False) -> None:
-        """Fail the running requests (and the waiting ones too when the scheduler closes)."""
+        """Fail the running requests and those being prefilled (and the waiting ones too when the
+        scheduler closes)."""
         failed = {id(s.submission): s.submission for s in self.running}
+        failed |= {id(s): s for s in self.unanswered()}
+        self.prefilling = None
         if waiting:
             with self.wake:
                 failed |= {id(s): s for s in self.waiting}

@@ -50,6 +50,18 @@ class InferenceSettings(BaseSettings):
     inference_max_waiting: int = Field(
         default=64, ge=0, description="Requests waiting for a batch slot, per model; beyond: 429."
     )
+    inference_prefix_cache_tokens: int = Field(
+        default=16384,
+        ge=0,
+        description="Token positions of finished requests' KV kept per model, least recently used out "
+        "first, so a prompt that starts the same (the next chat turn) prefills only its new tokens; 0: off.",
+    )
+    inference_prefill_chunk_tokens: int = Field(
+        default=512,
+        ge=0,
+        description="Prompt tokens prefilled per step between decode steps, so a long prompt delays the "
+        "running streams by one chunk at a time; 0: whole prompts in one forward.",
+    )
     inference_max_model_memory_gb: float = Field(
         default=8.0,
         gt=0,

@@ -13,6 +13,7 @@ record in Redis is the truth.
 
 import contextlib
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from redis import Redis, WatchError
@@ -54,14 +55,22 @@ def put_on_queue(redis: Redis, pipe: Pipeline, record: JobRecord) -> None:
     )
 
 
-def enqueue(redis: Redis, job_id: str, allowed: set[JobStatus], **changes: Any) -> JobRecord | None:
+def enqueue(
+    redis: Redis,
+    job_id: str,
+    allowed: set[JobStatus],
+    check: Callable[[Pipeline, JobRecord], None] | None = None,
+    **changes: Any,
+) -> JobRecord | None:
     """Mark the job queued (if its status is one of `allowed`, with `changes`) and put it on RQ's
-    queue, in one transaction: both happen, or neither. None when its status did not allow it."""
+    queue, in one transaction: both happen, or neither. None when its status did not allow it. `check`
+    may refuse (raise) on what it reads of the run's active jobs (see records.transition)."""
     return records.transition(
         redis,
         job_id,
         allowed,
         then=lambda pipe, record: put_on_queue(redis, pipe, record),
+        check=check,
         status=JobStatus.QUEUED,
         rq_job_id=lambda record: rq_job_id(record.id, len(record.attempts) + 1),
         **changes,
@@ -69,26 +78,42 @@ def enqueue(redis: Redis, job_id: str, allowed: set[JobStatus], **changes: Any) 
 
 
 def enqueue_new(redis: Redis, first: JobRecord, *others: JobRecord) -> JobRecord:
-    """Store new records and queue the first, in one transaction."""
+    """Store new records and queue the first, in one transaction, unless another active job already
+    writes a stage of the run that one of them writes (Conflict): the check reads the run's active jobs
+    under WATCH, so two submits racing for a stage cannot both pass it."""
     queued = first.model_copy(update={"status": JobStatus.QUEUED, "rq_job_id": rq_job_id(first.id, 1)})
+    writes = set().union(*(spec_of(r).writes for r in (first, *others) if r.kind != "pipeline"))
+    records.ensure_indexed(redis)
     with redis.pipeline() as pipe:
-        pipe.multi()  # one MULTI/EXEC for our commands and RQ's
-        for record in (queued, *others):
-            records.add(pipe, record)
-        put_on_queue(redis, pipe, queued)
-        pipe.execute()
-    return queued
+        while True:
+            try:
+                pipe.watch(records.active_index(first.run))
+                refuse_second_writer(pipe, first.run, writes)
+                pipe.multi()  # one MULTI/EXEC for our commands and RQ's
+                for record in (queued, *others):
+                    records.add(pipe, record)
+                put_on_queue(redis, pipe, queued)
+                pipe.execute()
+                return queued
+            except WatchError:
+                continue  # a job of the run started or ended meanwhile: check again
 
 
 def active_jobs(redis: Redis, run: str) -> list[JobRecord]:
-    """Jobs of the run that are waiting, queued or started."""
-    return [record for record in records.iter_records(redis, run=run) if record.is_active]
+    """Jobs that are waiting, queued or started and write or read the run (a chat stage that starts
+    from it reads it)."""
+    records.ensure_indexed(redis)
+    return records.active_records(redis, run)
 
 
-def active_writer(redis: Redis, run: str, stages: set[str]) -> JobRecord | None:
-    """An active job that writes one of these stages of the run."""
-    writers = (r for r in active_jobs(redis, run) if r.kind != "pipeline" and spec_of(r).writes & stages)
-    return next(writers, None)
+def refuse_second_writer(redis: Redis | Pipeline, run: str, stages: set[str]) -> None:
+    """Conflict when an active job writes one of these stages of the run (call ensure_indexed first)."""
+    for busy in records.active_records(redis, run):
+        if busy.run == run and busy.kind != "pipeline" and spec_of(busy).writes & stages:
+            raise Conflict(
+                f"job {busy.id} ({busy.kind}, {busy.status}) is writing run {run!r}: wait for it to end, "
+                "stop it, or use another run name"
+            )
 
 
 def spec_of(record: JobRecord) -> ProgramJob:
@@ -98,13 +123,6 @@ def spec_of(record: JobRecord) -> ProgramJob:
 def submit(redis: Redis, spec: JobSpec) -> JobRecord:
     """Store and queue a job; a pipeline queues its first stage and waits with the others.
     Refused (Conflict) while another job writes one of the same run's stages."""
-    stage_specs = spec.stages() if isinstance(spec, PipelineJob) else [spec]
-    written = set().union(*(s.writes for s in stage_specs))
-    if busy := active_writer(redis, spec.run, written):
-        raise Conflict(
-            f"job {busy.id} ({busy.kind}, {busy.status}) is writing run {spec.run!r}: wait for it to end, "
-            f"stop it, or use another run name"
-        )
     config = spec.config.model_dump(mode="json")
     if not isinstance(spec, PipelineJob):
         return enqueue_new(redis, JobRecord.new(spec.kind, spec.run, config))
@@ -113,7 +131,7 @@ def submit(redis: Redis, spec: JobSpec) -> JobRecord:
         JobRecord.new(s.kind, s.run, s.config.model_dump(mode="json"), JobStatus.WAITING).model_copy(
             update={"pipeline_id": pipeline.id}
         )
-        for s in stage_specs
+        for s in spec.stages()
     ]
     pipeline.stages = [s.id for s in stages]
     enqueue_new(redis, stages[0], pipeline, *stages[1:])
@@ -180,10 +198,16 @@ def retry(redis: Redis, job_id: str) -> JobRecord | None:
         earlier = stages[: [s.id for s in stages].index(job_id)]
         if unfinished := [s for s in earlier if s.status != JobStatus.FINISHED]:
             raise Conflict(f"stage {unfinished[0].kind} before it has not finished: retry the pipeline")
-    if busy := active_writer(redis, record.run, spec_of(record).writes):
-        raise Conflict(f"job {busy.id} ({busy.kind}, {busy.status}) is writing run {record.run!r}")
+    records.ensure_indexed(redis)
     again = enqueue(
-        redis, job_id, set(RETRYABLE), stop_requested=False, error=None, ended_at=None, result=None
+        redis,
+        job_id,
+        set(RETRYABLE),
+        check=lambda pipe, current: refuse_second_writer(pipe, current.run, spec_of(current).writes),
+        stop_requested=False,
+        error=None,
+        ended_at=None,
+        result=None,
     )
     if again is None:
         raise Conflict(f"job {job_id} changed state meanwhile; look again")
@@ -233,7 +257,7 @@ def settle_pipeline(redis: Redis, pipeline_id: str) -> JobRecord:
                 pipe.watch(*(records.record_key(i) for i in pipeline.stages))
                 updated = pipeline.model_copy(update=pipeline_view(records.load_many(pipe, pipeline.stages)))
                 pipe.multi()
-                records.save(pipe, updated)
+                records.save(pipe, pipeline, updated)
                 pipe.execute()
                 return updated
             except WatchError:

@@ -1,7 +1,8 @@
 """
 Causal (sliding-window) attention behind one function. Flash attention runs it on GPUs for bf16/fp16
 tensors: FA3 on Hopper, loaded through Hugging Face's `kernels` package (the kernel is downloaded once
-into KERNELS_CACHE, by default the base dir's kernels/ folder, i.e. the data volume in Docker), FA2
+into KERNELS_CACHE, by default the base dir's kernels/ folder: the data volume in Docker, except for the
+model server, which mounts that read-only and has a cache volume of its own), FA2
 where the flash-attn wheel is installed (SM ≥ 8.0). PyTorch's scaled_dot_product_attention runs it
 otherwise (CPU, fp32, older GPUs, no flash kernel), with an explicit mask when a window or a KV cache
 needs one. `backend(device)` says which path a device takes, and why.

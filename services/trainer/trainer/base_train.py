@@ -456,35 +456,38 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     for step in range(start_step, total + 1):
         last = step == total
         stopping = runtime.any(stop.requested)
-        # The checkpoint we resumed from was written after this step's evaluation and sampling.
-        done_before_checkpoint = resuming and step == start_step
-        if not done_before_checkpoint and eval_budget.due(args.eval_every, step, last, at_start=True):
-            model.eval()  # the training model, compiled when training is: the reference evaluates so
-            val_loader = PackingLoader(tokenizer, val_shards, **loader_args)
-            eval_steps = max(1, eval_tokens // (horizon.total_batch_size // accumulation))
-            val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
-            model.train()
-            loop.record_eval(val_bpb)
-            log(f"step {step}/{total} | val bpb {val_bpb:.4f}")
-            metrics.write({"step": step, "val_bpb": val_bpb})
-            wandb_run.log({"val/bpb": val_bpb}, step=step)
-        sample_now = eval_budget.due(args.sample_every, step, last)
-        if runtime.is_master and not done_before_checkpoint and sample_now:
-            model.eval()
-            for line in sample(model, tokenizer):
-                log(f"  sample | {line}")
-            model.train()
-        if not done_before_checkpoint and eval_budget.due(args.core_metric_every, step, last):
-            model.eval()  # the uncompiled model: CORE's prompts change shape all the time
-            bundle, core_config = core_tasks
-            results = core_eval.evaluate_core(
-                model, tokenizer, bundle, runtime.device, core_config, core_per_task, log
-            )
-            model.train()
-            loop.core = results["core"]
-            log(f"step {step}/{total} | CORE {loop.core:.4f}")
-            metrics.write({"step": step, "core": loop.core})
-            wandb_run.log({"core_metric": loop.core}, step=step)
+        # The checkpoint we resumed from was written after this step's evaluation and sampling (unless a
+        # stop cut them short).
+        done_before_checkpoint = resuming and step == start_step and not loop.evals_pending
+        with training.evaluations(model, loop):
+            if not done_before_checkpoint and eval_budget.due(args.eval_every, step, last, at_start=True):
+                model.eval()  # the training model, compiled when training is: the reference evaluates so
+                val_loader = PackingLoader(tokenizer, val_shards, **loader_args)
+                eval_steps = max(1, eval_tokens // (horizon.total_batch_size // accumulation))
+                val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes, stop)
+                model.train()
+                loop.record_eval(val_bpb)
+                log(f"step {step}/{total} | val bpb {val_bpb:.4f}")
+                metrics.write({"step": step, "val_bpb": val_bpb})
+                wandb_run.log({"val/bpb": val_bpb}, step=step)
+            sample_now = eval_budget.due(args.sample_every, step, last)
+            if runtime.is_master and not done_before_checkpoint and sample_now:
+                model.eval()
+                for line in sample(model, tokenizer):
+                    log(f"  sample | {line}")
+                model.train()
+            if not done_before_checkpoint and eval_budget.due(args.core_metric_every, step, last):
+                model.eval()  # the uncompiled model: CORE's prompts change shape all the time
+                bundle, core_config = core_tasks
+                results = core_eval.evaluate_core(
+                    model, tokenizer, bundle, runtime.device, core_config, core_per_task, log, stop
+                )
+                model.train()
+                loop.core = results["core"]
+                log(f"step {step}/{total} | CORE {loop.core:.4f}")
+                metrics.write({"step": step, "core": loop.core})
+                wandb_run.log({"core_metric": loop.core}, step=step)
+        stopping = stopping or loop.evals_pending
         if step > start_step and (last or stopping or (args.save_every > 0 and step % args.save_every == 0)):
             loop.wall_time = wall_before + time.time() - invocation_start
             meta = {
@@ -547,7 +550,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     if bar is not None:
         bar.close()
     wandb_run.finish()
-    if stopping and not last:
+    if stopping and (not last or loop.evals_pending):
         training.exit_stopped(runtime, step)
     tok_per_s = horizon.total_batch_size / median(step_times) if step_times else None
     summary = {

@@ -41,7 +41,15 @@ from trainer.engine import Engine
 from trainer.execution import containment
 from trainer.gpt import GPT
 from trainer.report import write_section
-from trainer.runtime import Runtime, add_runtime_flags, setup_runtime, shutdown
+from trainer.runtime import (
+    Runtime,
+    StopRequest,
+    add_runtime_flags,
+    end_if_stopped,
+    setup_runtime,
+    shutdown,
+    until_stopped,
+)
 from trainer.settings import TrainerSettings
 from trainer.tasks import CHAT_TASKS, PUBLISHED_CHATCORE_TASKS, Task
 from trainer.tokenizer import Tokenizer
@@ -93,12 +101,18 @@ def letter_token(tokenizer: Tokenizer, letter: str) -> int:
 
 @torch.no_grad()
 def categorical(
-    task: Task, model: GPT, tokenizer: Tokenizer, runtime: Runtime, problems: int, batch: int
+    task: Task,
+    model: GPT,
+    tokenizer: Tokenizer,
+    runtime: Runtime,
+    problems: int,
+    batch: int,
+    stop: StopRequest | None = None,
 ) -> tuple[int, int]:
     """(passed, total) on this rank: the likeliest answer letter at the reply position is graded."""
     passed = total = 0
     starts = range(runtime.rank * batch, problems, runtime.world_size * batch)
-    for start in progress_bar(starts, desc=task.name, unit="batch"):
+    for start in until_stopped(progress_bar(starts, desc=task.name, unit="batch"), stop):
         conversations = [task[i] for i in range(start, min(start + batch, problems))]
         prompts = [render_for_completion(tokenizer, c["messages"]) for c in conversations]
         width = max(len(p) for p in prompts)
@@ -113,11 +127,18 @@ def categorical(
 
 
 def generative(
-    task: Task, engine: Engine, tokenizer: Tokenizer, runtime: Runtime, problems: int, args
+    task: Task,
+    engine: Engine,
+    tokenizer: Tokenizer,
+    runtime: Runtime,
+    problems: int,
+    args,
+    stop: StopRequest | None = None,
 ) -> tuple[int, int]:
     """(passed, total) on this rank: a problem passes when any of its sampled replies is graded right."""
     passed = total = 0
-    for i in progress_bar(range(runtime.rank, problems, runtime.world_size), desc=task.name, unit="problem"):
+    indices = range(runtime.rank, problems, runtime.world_size)
+    for i in until_stopped(progress_bar(indices, desc=task.name, unit="problem"), stop):
         conversation = task[i]
         replies = engine.complete(
             render_for_completion(tokenizer, conversation["messages"]),
@@ -135,13 +156,21 @@ def generative(
 
 
 def evaluate_task(
-    task: Task, model: GPT, engine: Engine, tokenizer: Tokenizer, runtime: Runtime, args
+    task: Task,
+    model: GPT,
+    engine: Engine,
+    tokenizer: Tokenizer,
+    runtime: Runtime,
+    args,
+    stop: StopRequest | None = None,
 ) -> float:
+    """The task's accuracy; a stop request ends it (EvalStopped)."""
     problems = len(task) if args.max_problems is None else min(len(task), args.max_problems)
     if task.eval_type == "categorical":
-        passed, total = categorical(task, model, tokenizer, runtime, problems, args.batch_size)
+        passed, total = categorical(task, model, tokenizer, runtime, problems, args.batch_size, stop)
     else:
-        passed, total = generative(task, engine, tokenizer, runtime, problems, args)
+        passed, total = generative(task, engine, tokenizer, runtime, problems, args, stop)
+    end_if_stopped(stop, runtime.device)
     if runtime.distributed:
         counts = torch.tensor([passed, total], dtype=torch.long, device=runtime.device)
         dist.all_reduce(counts)

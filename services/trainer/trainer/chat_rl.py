@@ -43,7 +43,15 @@ from trainer.engine import Engine
 from trainer.gpt import GPT
 from trainer.optim import MuonAdamW
 from trainer.report import write_section
-from trainer.runtime import Runtime, StopRequest, add_checkpoint_flags, add_runtime_flags, init_wandb
+from trainer.runtime import (
+    Runtime,
+    StopRequest,
+    add_checkpoint_flags,
+    add_runtime_flags,
+    end_if_stopped,
+    init_wandb,
+    until_stopped,
+)
 from trainer.settings import TrainerSettings
 from trainer.tasks import Task, gsm8k, gsm8k_task
 from trainer.tokenizer import Tokenizer
@@ -169,13 +177,16 @@ def policy_gradient_backward(
 
 
 @torch.no_grad()
-def pass_at_k(engine: Engine, task: Task, runtime: Runtime, args: argparse.Namespace) -> list[float]:
-    """pass@1…k (k = device batch size, temperature 1) over the first args.eval_examples test questions."""
+def pass_at_k(
+    engine: Engine, task: Task, runtime: Runtime, args: argparse.Namespace, stop: StopRequest | None = None
+) -> list[float]:
+    """pass@1…k (k = device batch size, temperature 1) over the first args.eval_examples test questions;
+    a stop request ends it (EvalStopped)."""
     k = args.device_batch_size
     passed = torch.zeros(k, device=runtime.device)
     count = torch.zeros((), device=runtime.device)
     problems = range(runtime.rank, min(args.eval_examples, len(task)), runtime.world_size)
-    for index in progress_bar(problems, desc="pass@k", unit="problem", leave=False):
+    for index in until_stopped(progress_bar(problems, desc="pass@k", unit="problem", leave=False), stop):
         conversation = task[index]
         replies = engine.complete(
             render_for_completion(engine.tokenizer, conversation["messages"]),
@@ -189,6 +200,7 @@ def pass_at_k(engine: Engine, task: Task, runtime: Runtime, args: argparse.Names
         for i in range(k):
             passed[i] += any(correct[: i + 1])
         count += 1
+    end_if_stopped(stop, runtime.device)
     if runtime.distributed:
         torch.distributed.all_reduce(passed)
         torch.distributed.all_reduce(count)
@@ -269,16 +281,19 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
     invocation_start, wall_before = time.time(), loop.wall_time
     for step in range(start_step, total + 1):
         last, stopping = step == total, runtime.any(stop.requested)
-        done_before_checkpoint = resuming and step == start_step
-        if not done_before_checkpoint and eval_budget.due(args.eval_every, step, last, at_start=True):
-            model.eval()
-            passk = pass_at_k(engine, test_task, runtime, args)
-            loop.pass_at_1 = passk[0]
-            print0(
-                f"step {step}/{total} | " + " | ".join(f"pass@{k + 1} {p:.4f}" for k, p in enumerate(passk))
-            )
-            metrics.write({"step": step, **{f"pass@{k + 1}": p for k, p in enumerate(passk)}})
-            wandb_run.log({f"pass@{k + 1}": p for k, p in enumerate(passk)}, step=step)
+        done_before_checkpoint = resuming and step == start_step and not loop.evals_pending
+        with training.evaluations(model, loop):
+            if not done_before_checkpoint and eval_budget.due(args.eval_every, step, last, at_start=True):
+                model.eval()
+                passk = pass_at_k(engine, test_task, runtime, args, stop)
+                loop.pass_at_1 = passk[0]
+                print0(
+                    f"step {step}/{total} | "
+                    + " | ".join(f"pass@{k + 1} {p:.4f}" for k, p in enumerate(passk))
+                )
+                metrics.write({"step": step, **{f"pass@{k + 1}": p for k, p in enumerate(passk)}})
+                wandb_run.log({f"pass@{k + 1}": p for k, p in enumerate(passk)}, step=step)
+        stopping = stopping or loop.evals_pending
         if step > start_step and (last or stopping or (args.save_every > 0 and step % args.save_every == 0)):
             loop.wall_time = wall_before + time.time() - invocation_start
             meta = {
@@ -331,7 +346,7 @@ def train(args: argparse.Namespace, settings: TrainerSettings, runtime: Runtime,
         wandb_run.log(record, step=step + 1)
 
     wandb_run.finish()
-    if stopping and not last:
+    if stopping and (not last or loop.evals_pending):
         training.exit_stopped(runtime, step)
     summary = {
         "source": f"{source.folder.parent.name}/{source.folder.name} step {source.step}",

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import yaml
 
 from trainer.common import progress_bar
+from trainer.runtime import StopRequest, end_if_stopped, until_stopped
 from trainer.tokenizer import Tokenizer
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -172,15 +173,17 @@ def evaluate_task(
     task: CoreTask,
     examples: list[dict],
     device: torch.device,
+    stop: StopRequest | None = None,
 ) -> float:
-    """Accuracy over the examples; with torch.distributed each rank scores every world_size-th one."""
+    """Accuracy over the examples; with torch.distributed each rank scores every world_size-th one. A stop
+    request ends it (EvalStopped)."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     correct = torch.zeros(len(examples), dtype=torch.float32, device=device)
-    for idx in progress_bar(
-        range(rank, len(examples), world_size), desc=task.label, unit="example", leave=False
-    ):
+    indices = range(rank, len(examples), world_size)
+    for idx in until_stopped(progress_bar(indices, desc=task.label, unit="example", leave=False), stop):
         correct[idx] = float(score_example(model, tokenizer, task, examples, idx, device))
+    end_if_stopped(stop, device)
     if distributed:
         dist.all_reduce(correct)
     return correct.mean().item()
@@ -199,12 +202,14 @@ def evaluate_core(
     config: str = "core.yaml",
     max_per_task: int = -1,
     log: Callable[[str], None] = print,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
-    """CORE over the config's tasks: {'core', 'tasks': {label: {accuracy, centered, ...}}}."""
+    """CORE over the config's tasks: {'core', 'tasks': {label: {accuracy, centered, ...}}}; a stop request
+    ends it (EvalStopped)."""
     results = {}
     for task in load_tasks(bundle, config):
         examples = load_examples(bundle, task, max_per_task)
-        accuracy = evaluate_task(model, tokenizer, task, examples, device)
+        accuracy = evaluate_task(model, tokenizer, task, examples, device, stop)
         results[task.label] = {
             "accuracy": accuracy,
             "centered": centered(accuracy, task.random_baseline),

@@ -25,6 +25,10 @@ from trainer.execution import calculator
 from trainer.gpt import GPT
 from trainer.tokenizer import Tokenizer
 
+# Below this temperature sampling is greedy, as in vLLM (its _SAMPLING_EPS): the distribution is already
+# all but one-hot, and dividing by a smaller temperature overflows float32 (1e-46 is 0 there: 0/0 is NaN).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 class KVCache:
     """Keys and values of every layer for batch_size rows of up to max_len positions, each row with its
@@ -111,6 +115,17 @@ class KVCache:
         self.lengths[target] = length
         self.last_embedding[target] = self.last_embedding[source]
 
+    def fill_row(
+        self, row: int, keys: torch.Tensor, values: torch.Tensor, last_embedding: torch.Tensor
+    ) -> None:
+        """Make `row` hold a prefix computed earlier: every layer's (L, kv_heads, head_dim) keys and
+        values, and the embedding of its last token (the smear of the next token mixes it in)."""
+        length = keys.size(1)
+        self.keys[:, row, :length] = keys
+        self.values[:, row, :length] = values
+        self.lengths[row] = length
+        self.last_embedding[row] = last_embedding
+
     def copy_rows(self, source: "KVCache", source_row: int, rows: list[int]) -> None:
         """Make `rows` of this cache continue from row `source_row` of another (e.g. a prefill)."""
         length = int(source.lengths[source_row])
@@ -129,11 +144,11 @@ def sample(
     top_p: float | None,
     generator: torch.Generator | None,
 ) -> int:
-    """One token from a row's logits: argmax at temperature 0, else from the top-k / nucleus (top-p)
-    share of the tempered distribution."""
-    if temperature == 0:
+    """One token from a row's logits: the argmax when greedy (temperature below
+    GREEDY_BELOW_TEMPERATURE), else from the top-k / nucleus (top-p) share of the tempered distribution."""
+    if is_greedy(temperature):
         return int(logits.argmax())
-    # Shifted so the largest is 0 before dividing: a tiny temperature (1e-45) then sends the others to
+    # Shifted so the largest is 0 before dividing: large logits over a small temperature then go to
     # -inf, never the largest to +inf, whose softmax would be NaN (inf - inf).
     logits = (logits.float() - logits.max()) / temperature
     if top_k is not None and top_k < logits.size(-1):
@@ -145,6 +160,10 @@ def sample(
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p  # the smallest set ≥ top_p
         probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass
@@ -201,7 +220,9 @@ class Engine:
         cache.copy_rows(prefill, 0, list(range(num_samples)))
         del prefill
         logits = logits.expand(num_samples, -1)
-        rows = [Row(self.row_generator(seed + i) if temperature > 0 else None) for i in range(num_samples)]
+        rows = [
+            Row(None if is_greedy(temperature) else self.row_generator(seed + i)) for i in range(num_samples)
+        ]
         for _ in range(max_tokens):
             column: list[GeneratedToken | None] = []
             for row, row_logits in zip(rows, logits, strict=True):

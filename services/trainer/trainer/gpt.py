@@ -271,7 +271,7 @@ class GPT(nn.Module):
             cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, head_dim/2)
 
         eps = self.config.norm_eps
-        x = norm(self.wte(idx).to(self.compute_dtype), eps)
+        x = self.embed(idx)
         if self.smear_gate is not None:
             previous = kv_cache.swap_last_embedding(x) if kv_cache is not None else None
             x = self.smear(x, previous)
@@ -304,6 +304,10 @@ class GPT(nn.Module):
         if loss_reduction == "mean":  # over the scored targets; a batch with none (SFT) scores 0, not NaN
             loss = loss / (targets != -1).sum().clamp(min=1)
         return loss
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """The normed token embeddings: what smear mixes forward (a KV cache keeps each row's last)."""
+        return norm(self.wte(idx).to(self.compute_dtype), self.config.norm_eps)
 
     def smear(self, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         """x[t] += smear_λ·σ(W·x[t, :24])·x[t−1]; `previous` is the embedding before x[0] (decoding)."""

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from trainer.runtime import StopRequest, end_if_stopped, until_stopped
+
 
 @torch.no_grad()
 def evaluate_bpb(
@@ -17,17 +19,20 @@ def evaluate_bpb(
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
     token_bytes: torch.Tensor,
+    stop: StopRequest | None = None,
 ) -> float:
-    """bpb over `steps` batches (summed over all processes when distributed)."""
+    """bpb over `steps` batches (summed over all processes when distributed); a stop request ends it
+    (EvalStopped)."""
     nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     num_bytes = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
-    for _ in range(steps):
+    for _ in until_stopped(range(steps), stop):
         inputs, targets = next(batches)
         losses = model(inputs, targets, loss_reduction="none").view(-1)
         targets = targets.reshape(-1)
         target_bytes = torch.where(targets >= 0, token_bytes[targets.clamp_min(0)], 0)
         nats += (losses * (target_bytes > 0)).sum(dtype=torch.float64)
         num_bytes += target_bytes.sum(dtype=torch.float64)
+    end_if_stopped(stop, token_bytes.device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(nats)
         dist.all_reduce(num_bytes)

@@ -11,9 +11,10 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -338,6 +339,35 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         print0(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping")
+
+
+class EvalStopped(Exception):
+    """A stop request came during an evaluation: it ends unfinished, on every process alike."""
+
+
+T = TypeVar("T")
+
+
+def until_stopped(items: Iterable[T], stop: StopRequest | None) -> Iterator[T]:
+    """An evaluation's items, until a stop request (looked at before each item). Then call
+    end_if_stopped, before the evaluation's own collectives."""
+    for item in items:
+        if stop is not None and stop.requested:
+            return
+        yield item
+
+
+def end_if_stopped(stop: StopRequest | None, device: torch.device) -> None:
+    """Raise EvalStopped on every process if a stop came to any during the evaluation: one all-reduce
+    when distributed, so every process takes the same branch (one that left its loop early and one that
+    did not would otherwise meet in different collectives)."""
+    if stop is None:
+        return
+    requested = torch.tensor(int(stop.requested), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(requested, op=dist.ReduceOp.MAX)
+    if requested.item():
+        raise EvalStopped
 
 
 class SurvivesBrokenPipe:

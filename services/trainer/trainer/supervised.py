@@ -368,10 +368,17 @@ def evaluation_budget(
 
 
 def evaluate_chatcore(
-    model, tokenizer: Tokenizer, tasks: list[Task], runtime: Runtime, limits: tuple[int, int], batch_size: int
+    model,
+    tokenizer: Tokenizer,
+    tasks: list[Task],
+    runtime: Runtime,
+    limits: tuple[int, int],
+    batch_size: int,
+    stop: StopRequest | None = None,
 ) -> dict[str, float]:
     """The chat tasks on their first problems (greedy), as the reference does during SFT; ChatCORE too
-    when they are its five. `limits`: problems per multiple-choice task and per generative task (-1: all)."""
+    when they are its five. `limits`: problems per multiple-choice task and per generative task (-1: all).
+    A stop request ends it (EvalStopped)."""
     engine, accuracies, baselines = Engine(model, tokenizer), {}, {}
     for task in tasks:
         name = task.name
@@ -384,7 +391,7 @@ def evaluate_chatcore(
             temperature=0.0,
             top_k=50,
         )
-        accuracies[name] = evaluate_chat_task(task, model, engine, tokenizer, runtime, options)
+        accuracies[name] = evaluate_chat_task(task, model, engine, tokenizer, runtime, options, stop)
         baselines[name] = task.baseline
     score = chatcore(accuracies, baselines, PUBLISHED_CHATCORE_TASKS)
     return accuracies if score is None else {**accuracies, "chatcore": score}
@@ -507,27 +514,29 @@ def train(
     step = start_step
     while True:
         last, stopping = finished(step), runtime.any(stop.requested)
-        done_before_checkpoint = resuming and step == start_step
-        if not done_before_checkpoint and eval_budget.due(args.eval_every, step, last, at_start=True):
-            model.eval()
-            val_loader = ConversationLoader(tokenizer, val_mixture, **loader_args)
-            eval_steps = max(1, eval_tokens // (rows_per_pass * recipe.max_seq_len))
-            val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
-            model.train()
-            loop.record_eval(val_bpb)
-            log(f"step {step} | val bpb {val_bpb:.4f}")
-            metrics.write({"step": step, "val_bpb": val_bpb})
-            wandb_run.log({"val/bpb": val_bpb}, step=step)
-        if not done_before_checkpoint and eval_budget.due(args.chatcore_every, step, last):
-            model.eval()  # the uncompiled model: prompts change shape all the time
-            scores = evaluate_chatcore(
-                model, tokenizer, chat_tasks, runtime, chatcore_limits, recipe.device_batch_size
-            )
-            model.train()
-            loop.chatcore = scores.get("chatcore")
-            log(f"step {step} | " + " | ".join(f"{name} {value:.4f}" for name, value in scores.items()))
-            metrics.write({"step": step, **scores})
-            wandb_run.log(scores, step=step)
+        done_before_checkpoint = resuming and step == start_step and not loop.evals_pending
+        with training.evaluations(model, loop):
+            if not done_before_checkpoint and eval_budget.due(args.eval_every, step, last, at_start=True):
+                model.eval()
+                val_loader = ConversationLoader(tokenizer, val_mixture, **loader_args)
+                eval_steps = max(1, eval_tokens // (rows_per_pass * recipe.max_seq_len))
+                val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes, stop)
+                model.train()
+                loop.record_eval(val_bpb)
+                log(f"step {step} | val bpb {val_bpb:.4f}")
+                metrics.write({"step": step, "val_bpb": val_bpb})
+                wandb_run.log({"val/bpb": val_bpb}, step=step)
+            if not done_before_checkpoint and eval_budget.due(args.chatcore_every, step, last):
+                model.eval()  # the uncompiled model: prompts change shape all the time
+                scores = evaluate_chatcore(
+                    model, tokenizer, chat_tasks, runtime, chatcore_limits, recipe.device_batch_size, stop
+                )
+                model.train()
+                loop.chatcore = scores.get("chatcore")
+                log(f"step {step} | " + " | ".join(f"{name} {value:.4f}" for name, value in scores.items()))
+                metrics.write({"step": step, **scores})
+                wandb_run.log(scores, step=step)
+        stopping = stopping or loop.evals_pending
         if step > start_step and (last or stopping or (args.save_every > 0 and step % args.save_every == 0)):
             loop.wall_time = wall_before + time.time() - invocation_start
             meta = {
@@ -591,7 +600,7 @@ def train(
     if bar is not None:
         bar.close()
     wandb_run.finish()
-    if stopping and not last:
+    if stopping and (not last or loop.evals_pending):
         training.exit_stopped(runtime, step)
     tok_per_s = per_step / median(step_times) if step_times and unit == "tokens" else None
     summary = {

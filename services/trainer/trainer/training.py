@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,7 +23,7 @@ from trainer import attention, checkpoint
 from trainer.common import CHECKPOINT_STEP, LEARNING_RATE, Bounded, print0, print_banner, run_name
 from trainer.gpt import GPT
 from trainer.optim import MuonAdamW
-from trainer.runtime import Runtime, StopRequest, setup_runtime, shutdown
+from trainer.runtime import EvalStopped, Runtime, StopRequest, setup_runtime, shutdown
 from trainer.settings import TrainerSettings
 
 # The reference's "total training time" leaves out steps 0-10 (its `step > 10`): compilation, warm-up.
@@ -235,6 +236,7 @@ class LoopState:
     training_time: float = 0.0  # seconds of steps ≥ UNTIMED_STEPS: the reference's "total training time"
     startup_time: float = 0.0  # seconds of the first UNTIMED_STEPS steps
     wall_time: float = 0.0  # seconds of the loop, evaluations and checkpoints included, up to the last save
+    evals_pending: bool = False  # a stop cut this step's evaluations short: a resume runs them first
 
     def record_eval(self, val_bpb: float) -> None:
         self.val_bpb = val_bpb
@@ -245,6 +247,20 @@ class LoopState:
             self.training_time += seconds
         else:
             self.startup_time += seconds
+
+
+@contextmanager
+def evaluations(model: torch.nn.Module, loop: LoopState) -> Iterator[None]:
+    """Around a step's evaluations: a stop request during one (EvalStopped, on every process alike) ends
+    them unfinished, with nothing of them recorded; the model trains again and loop.evals_pending says
+    so, for the checkpoint the stop then writes."""
+    loop.evals_pending = False
+    try:
+        yield
+    except EvalStopped:
+        model.train()
+        loop.evals_pending = True
+        print0("stopped during the evaluations: a resume runs them first")
 
 
 class MetricsLog:

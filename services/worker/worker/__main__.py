@@ -6,9 +6,9 @@ import os
 import signal
 import sys
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 from jobs.queue import QUEUE_NAME, SERIALIZER, rq_queue
+from jobs.redaction import hide_secrets, redact, settings_error
 from pydantic import ValidationError
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -36,25 +36,18 @@ class CheckpointingWorker(Worker):
             self.kill_horse(signal.SIGTERM)
 
 
-def without_password(url: str) -> str:
-    """The URL as it may be printed: a password in it replaced by ***."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
-
-
 def main() -> None:
     try:
         settings = WorkerSettings()
     except ValidationError as error:
-        sys.exit(f"worker: invalid settings:\n{error}")
+        sys.exit(f"worker: invalid settings: {settings_error(error)}")
+    hide_secrets(settings.redis_url)  # its jobs' output and errors, too (the work horse is a fork)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     redis = connect(settings)
     try:
         redis.ping()
     except RedisConnectionError as error:
-        sys.exit(f"worker: cannot reach Redis at {without_password(settings.redis_url)}: {error}")
+        sys.exit(f"worker: cannot reach Redis at {redact(settings.redis_url)}: {error}")
     # A fresh name each start: a container restarted after a SIGKILL would otherwise find its old
     # registration (same host, same pid 1) and refuse to start.
     name = f"{host_prefix()}{uuid.uuid4().hex[:12]}"

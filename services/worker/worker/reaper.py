@@ -3,8 +3,10 @@ Finding abandoned jobs: a started job whose lease has expired lost its worker (S
 machine). Every worker runs this check in a thread, so an abandoned job is re-queued within about
 two leases of its worker's death (its lease expires, then stays missing for a lease) even when
 nobody looks at it. The new attempt resumes from the job's latest checkpoint; after max_retries lost
-workers the job fails. The same thread deletes the records of jobs that ended longer ago than the
-retention period.
+workers the job fails. A worker that died between writing a pipeline stage's outcome and queuing the
+next stage leaves the pipeline waiting: the same thread queues that stage (or cancels the later ones)
+once the stage has been over for a lease. It also deletes the records of jobs that ended longer ago
+than the retention period.
 """
 
 import logging
@@ -78,6 +80,35 @@ def requeue_lost(redis: Redis, record: JobRecord, reason: str) -> None:
         queue.stage_ended(redis, failed)
 
 
+def repair_pipelines(redis: Redis, lease_seconds: float) -> list[str]:
+    """Do what queue.stage_ended did not for a pipeline none of whose stages is queued or started: queue
+    the stage after the last one that ended (or cancel the later ones), or settle the pipeline when every
+    stage has ended. A stage that ended less than a lease ago is left to its own worker, which may be
+    doing just that (and stage_ended's compare-and-sets make a double repair harmless). Returns the ids
+    of the pipelines repaired."""
+    records.ensure_indexed(redis)
+    cutoff = records.now() - timedelta(seconds=lease_seconds)
+    on_the_move = (JobStatus.QUEUED, JobStatus.STARTED)
+    listed = [r for status in on_the_move for r in records.iter_records(redis, records.status_index(status))]
+    repaired = []
+    for pipeline in (r for r in listed if r.kind == "pipeline"):
+        stages = records.load_many(redis, pipeline.stages)
+        if any(s.status in on_the_move for s in stages):
+            continue  # its worker carries the pipeline on
+        ended = [s for s in stages if not s.is_active]  # the stages before the waiting ones
+        last = ended[-1] if ended else None
+        if last is None or last.ended_at is None or last.ended_at > cutoff:
+            continue
+        if len(ended) < len(stages):
+            queue.stage_ended(redis, last)
+        else:
+            queue.settle_pipeline(redis, pipeline.id)
+        log.warning("pipeline %s: stage %s %s, but the rest was left undone; repaired", pipeline.id,
+                    last.kind, last.status)  # fmt: skip
+        repaired.append(pipeline.id)
+    return repaired
+
+
 def forget_old(redis: Redis, retention_days: float) -> list[str]:
     """Delete the records, logs and metrics of jobs that ended over `retention_days` ago (a pipeline
     with its stages; checkpoints are files of the run and stay)."""
@@ -99,6 +130,7 @@ def start_reaper(redis: Redis, lease_seconds: float, retention_days: float) -> t
         while True:
             try:
                 reap(redis, lease_seconds, missing_since)
+                repair_pipelines(redis, lease_seconds)
                 if time.monotonic() - last_cleanup > CLEANUP_SECONDS:
                     forget_old(redis, retention_days)
                     last_cleanup = time.monotonic()

@@ -30,10 +30,11 @@ from typing import IO, Any, TypeVar
 
 from jobs import gpu_claims, models, queue, records
 from jobs.records import Attempt, JobRecord, JobStatus
+from jobs.redaction import redact
 from jobs.specs import ProgramJob
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 
@@ -74,6 +75,7 @@ CHILD_ENV_NAMES = {
 # worker every documented setting, empty ones included, and NCCL would take "" as an interface name).
 EMPTY_MEANS_UNSET = ("NCCL_", "GLOO_")
 
+REDIS_TROUBLE = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError)  # what patiently waits out
 SHUTDOWN = "worker shut down"  # an attempt's end reason when its worker was told to stop
 T = TypeVar("T")
 shutting_down = threading.Event()  # set in the work horse when its worker is told to shut down
@@ -137,6 +139,10 @@ class Outcome:
     reason: str | None = None
     result: dict | None = None
 
+    def __post_init__(self) -> None:
+        # The reason becomes the record's error: it may quote the program's last line or an exception.
+        self.reason = self.reason and redact(self.reason)
+
 
 def finish(redis: Redis, job_id: str, outcome: Outcome, lease: "Lease") -> JobRecord | None:
     """Write the outcome, unless another attempt has the job by now. A job whose worker shut down goes
@@ -166,16 +172,22 @@ def finish(redis: Redis, job_id: str, outcome: Outcome, lease: "Lease") -> JobRe
 
 
 def patiently(action: Callable[[], T]) -> T | None:
-    """Run a Redis action, retrying while Redis is unreachable (a restart), for up to 10 minutes."""
-    deadline = time.monotonic() + REDIS_RETRY_SECONDS
-    while True:
-        try:
-            return action()
-        except (RedisConnectionError, RedisTimeoutError):
-            if time.monotonic() > deadline:
-                log.exception("Redis stayed unreachable; giving up on this write")
-                return None
-            time.sleep(1)
+    """Run a Redis action, retrying while Redis is unreachable (a restart) or out of memory, with
+    backoff, for up to 10 minutes (then None, logged)."""
+    try:
+        return records.retry_redis(action, REDIS_TROUBLE, REDIS_RETRY_SECONDS, report_redis_trouble)
+    except REDIS_TROUBLE:
+        log.exception("Redis stayed unreachable or out of memory; giving up on this write")
+        return None
+
+
+def report_redis_trouble(error: Exception, pause: float) -> None:
+    if isinstance(error, OutOfMemoryError):  # an outage says so where it is noticed: no line per try
+        log.warning(
+            "Redis is out of memory (%s): retrying in %.1f s (raise REDIS_MAXMEMORY, or delete old jobs)",
+            error,
+            pause,
+        )
 
 
 def run_dir(settings: WorkerSettings, spec: ProgramJob) -> Path:
@@ -525,7 +537,7 @@ class JobLog:
         # torchrun's report of a failed program (a log line, then its traceback and summary) follows the
         # program's own last words, which say why: those stay the last line.
         self.launcher_failed = self.launcher_failed or bool(TORCHRUN_FAILURE.match(line))
-        line = self.prefix + line
+        line = redact(self.prefix + line)  # a program may print a secret it was given (a mirror's URL)
         with self.lock:
             try:
                 self.file.write(line + "\n")

@@ -1,7 +1,9 @@
 """Jobs: submit, list, read, stop, retry, delete; logs and metrics, whole, paged or followed live."""
 
+import logging
 import re
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
@@ -12,6 +14,7 @@ from jobs.specs import AnyJobSpec, JobSpec
 from pydantic import BaseModel
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import OutOfMemoryError
 
 from api import streams
 from api.config import Settings
@@ -21,12 +24,16 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="32 hex digits")]
 LastEventId = Annotated[str | None, Header(description="resume after this entry id (SSE reconnect)")]
 MAX_OFFSET = 10_000_000
+OOM_RETRY_SECONDS = 3.0  # how long a change waits for room in a full Redis before it is a 503
+T = TypeVar("T")
+log = logging.getLogger("api")
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or wrong bearer token"},
     413: {"description": "request body too large"},
     422: {"description": "invalid parameters or body"},
-    503: {"description": "Redis is unreachable"},
+    503: {"description": "Redis is unreachable, or out of memory"},
 }
+JSON_BODY = {400: {"description": "the body is not UTF-8 (JSON's encoding)"}}
 NOT_FOUND = {404: {"description": "no such job"}}
 CONFLICT = {409: {"description": "not possible in the job's current state"}}
 STREAM = {
@@ -58,6 +65,16 @@ def conflict(error: queue.Conflict) -> HTTPException:
     return HTTPException(status.HTTP_409_CONFLICT, detail=str(error))
 
 
+def with_room(change: Callable[[], T]) -> T:
+    """Make a change; while Redis refuses it for want of memory, try again with backoff (a refused
+    transaction wrote nothing), then let the 503 say so."""
+
+    def report(error: Exception, pause: float) -> None:
+        log.warning("Redis is out of memory (%s): retrying in %.1f s", error, pause)
+
+    return records.retry_redis(change, (OutOfMemoryError,), OOM_RETRY_SECONDS, report)
+
+
 def valid_entry_id(value: str | None, name: str) -> str | None:
     if value is not None and not re.fullmatch(streams.ENTRY_ID_PATTERN, value):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"{name} must look like 1712345678901-0")
@@ -68,7 +85,7 @@ def valid_entry_id(value: str | None, name: str) -> str | None:
     "",
     status_code=status.HTTP_201_CREATED,
     dependencies=[Depends(require_token)],
-    responses={**ERRORS, **CONFLICT},
+    responses={**ERRORS, **CONFLICT, **JSON_BODY},
 )
 def submit_job(spec: AnyJobSpec, redis: RedisDep, settings: SettingsDep) -> JobRecord:
     """Validate a job spec and queue it (a pipeline queues its first stage; the others wait).
@@ -80,7 +97,7 @@ def submit(redis: Redis, settings: Settings, spec: JobSpec) -> JobRecord:
     """Queue a job (every route that starts one: this one, the models' export and import)."""
     try:
         files.check_usable(redis, settings.base_dir, spec)
-        return queue.submit(redis, spec)
+        return with_room(lambda: queue.submit(redis, spec))
     except (queue.Conflict, files.Unusable) as error:
         raise conflict(error) from error
 
@@ -118,7 +135,7 @@ def stop_job(job_id: JobId, redis: RedisDep) -> JobRecord:
     """Stop a job: a queued one is canceled; a running one gets SIGTERM (it saves a checkpoint), then
     SIGKILL after the grace period, and ends `stopped`. Later pipeline stages are canceled."""
     try:
-        return found(queue.stop(redis, job_id), job_id)
+        return found(with_room(lambda: queue.stop(redis, job_id)), job_id)
     except queue.Conflict as error:
         raise conflict(error) from error
 
@@ -139,7 +156,7 @@ router.add_api_route(
 def retry_job(job_id: JobId, redis: RedisDep) -> JobRecord:
     """Queue a failed, stopped or canceled job again; it resumes from its latest checkpoint."""
     try:
-        return found(queue.retry(redis, job_id), job_id)
+        return found(with_room(lambda: queue.retry(redis, job_id)), job_id)
     except queue.Conflict as error:
         raise conflict(error) from error
 
@@ -153,7 +170,7 @@ def retry_job(job_id: JobId, redis: RedisDep) -> JobRecord:
 def delete_job(job_id: JobId, redis: RedisDep) -> Response:
     """Remove an ended job's record, log and metrics; its checkpoints stay."""
     try:
-        deleted = queue.delete(redis, job_id)
+        deleted = with_room(lambda: queue.delete(redis, job_id))
     except queue.Conflict as error:
         raise conflict(error) from error
     if not deleted:

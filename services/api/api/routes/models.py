@@ -12,7 +12,7 @@ from jobs.specs import ExportConfig, ExportJob, ImportConfig, ImportJob, RunName
 from pydantic import BaseModel
 
 from api.deps import RedisDep, SettingsDep, require_read_token, require_token
-from api.routes.jobs import ERRORS, submit
+from api.routes.jobs import ERRORS, JSON_BODY, submit
 
 router = APIRouter(prefix="/models", tags=["models"])
 ModelId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}-(base|mid|sft|rl)-\d{6}$")]
@@ -119,12 +119,13 @@ def get_chart(model_id: ModelId, name: ChartName, settings: SettingsDep) -> File
     responses={**ERRORS, **NOT_FOUND, 409: {"description": "a job is using this model's run"}},
 )
 def delete_model(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> Response:
-    """Delete one checkpoint; refused while an active job works on its run."""
+    """Delete one checkpoint; refused while an active job works on its run or starts from it."""
     checkpoint = found(settings, model_id)
     if busy := queue.active_jobs(redis, checkpoint.run):
         raise HTTPException(
             status.HTTP_409_CONFLICT,
-            detail=f"job {busy[0].id} ({busy[0].kind}) is {busy[0].status} on run {checkpoint.run!r}",
+            detail=f"job {busy[0].id} ({busy[0].kind} of run {busy[0].run!r}) is {busy[0].status} and "
+            f"uses run {checkpoint.run!r}",
         )
     models.delete(checkpoint)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -134,7 +135,11 @@ def delete_model(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> R
     "/import",
     status_code=status.HTTP_201_CREATED,
     dependencies=[Depends(require_token)],
-    responses={**ERRORS, 409: {"description": "a job is writing that stage or the run's tokenizer"}},
+    responses={
+        **ERRORS,
+        **JSON_BODY,
+        409: {"description": "a job is writing that stage or the run's tokenizer"},
+    },
 )
 def import_model(body: ImportRequest, redis: RedisDep, settings: SettingsDep) -> JobRecord:
     """Queue an import job (as POST /jobs with kind import): a folder in the data volume or a hub repo

@@ -1,0 +1,109 @@
+"""Job control on a real Redis and RQ: submits are atomic, listing and the conflict check read only
+what they return (the indexes), and records written by an older version stay listed and still block."""
+
+import threading
+from collections.abc import Callable
+
+import pytest
+from jobs import queue, records
+from jobs.records import JobRecord, JobStatus
+from jobs.specs import JOB_SPEC
+from redis import Redis
+
+
+def tokenizer_job(run: str) -> object:
+    return JOB_SPEC.validate_python({"kind": "tokenizer", "run": run, "config": {"vocab_size": 1024}})
+
+
+def keys_read(redis: Redis, action: Callable[[], object]) -> int:
+    """How many keys Redis looked up (found or not) while `action` ran."""
+
+    def lookups() -> int:
+        stats = redis.info("stats")
+        return stats["keyspace_hits"] + stats["keyspace_misses"]
+
+    before = lookups()
+    action()
+    return lookups() - before
+
+
+def ended_jobs(redis: Redis, count: int, runs: int) -> None:
+    """`count` finished tokenizer jobs spread over `runs` runs, stored the way submits store them."""
+    with redis.pipeline() as pipe:
+        for i in range(count):
+            records.add(pipe, JobRecord.new("tokenizer", f"old{i % runs}", {}, JobStatus.FINISHED))
+        pipe.execute()
+
+
+def race(redis: Redis, run: str, clients: int) -> tuple[list[JobRecord], list[queue.Conflict]]:
+    """`clients` threads submit the run's tokenizer at the same moment: the jobs queued, the refusals."""
+    start, accepted, refused = threading.Barrier(clients), [], []
+
+    def submit() -> None:
+        start.wait()
+        try:
+            accepted.append(queue.submit(redis, tokenizer_job(run)))
+        except queue.Conflict as error:
+            refused.append(error)
+
+    threads = [threading.Thread(target=submit) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return accepted, refused
+
+
+def test_concurrent_submits_of_one_stage_queue_exactly_one(redis: Redis) -> None:
+    """Sixteen clients submit the same run's tokenizer at once, five times over: one wins each time."""
+    for round_ in range(5):
+        accepted, refused = race(redis, f"race{round_}", clients=16)
+        assert (len(accepted), len(refused)) == (1, 15)
+        assert f"job {accepted[0].id} " in str(refused[0])
+    assert len(queue.rq_queue(redis)) == 5
+    assert records.list_records(redis, status=JobStatus.QUEUED)[1] == 5
+
+
+def test_listing_and_the_conflict_check_read_only_the_page(redis: Redis) -> None:
+    ended_jobs(redis, 3000, runs=100)
+    newest = [queue.submit(redis, tokenizer_job(f"new{i}")) for i in range(3)]
+    queue.stop(redis, newest[0].id)
+
+    page, total = records.list_records(redis, limit=2)
+    assert [r.id for r in page] == [newest[2].id, newest[1].id] and total == 3003
+    queued, total = records.list_records(redis, status=JobStatus.QUEUED)
+    assert [r.id for r in queued] == [newest[2].id, newest[1].id] and total == 2
+    canceled, total = records.list_records(redis, status=JobStatus.CANCELED)
+    assert [r.id for r in canceled] == [newest[0].id] and total == 1
+    of_run, total = records.list_records(redis, run="old7", offset=10, limit=5)
+    assert len(of_run) == 5 and total == 30 and all(r.run == "old7" for r in of_run)
+    filters = {"status": JobStatus.FINISHED, "run": "old7", "kind": "tokenizer"}
+    both, total = records.list_records(redis, limit=3, **filters)
+    assert len(both) == 3 and total == 30
+
+    # 3,003 records; each call looks up about as many keys as it returns records
+    assert keys_read(redis, lambda: records.list_records(redis, limit=20)) < 30
+    assert keys_read(redis, lambda: records.list_records(redis, status=JobStatus.QUEUED)) < 10
+    assert keys_read(redis, lambda: records.list_records(redis, run="old7", limit=5)) < 10
+    with pytest.raises(queue.Conflict):
+        queue.submit(redis, tokenizer_job("new1"))
+    assert keys_read(redis, lambda: queue.submit(redis, tokenizer_job("new9"))) < 10
+    assert keys_read(redis, lambda: queue.active_jobs(redis, "old7")) < 5
+
+
+def test_records_of_an_older_version_are_listed_and_still_block_a_second_writer(redis: Redis) -> None:
+    """Records an older version stored (the record and the creation-time index only): the first reader
+    indexes them, so listing finds them and the conflict check sees the active one."""
+    ended = JobRecord.new("base_train", "legacy", {}, JobStatus.FAILED)
+    active = JobRecord.new("tokenizer", "legacy", {})
+    for record in (ended, active):
+        redis.set(records.record_key(record.id), record.model_dump_json())
+        redis.zadd(records.JOBS_INDEX, {record.id: record.created_at.timestamp()})
+
+    with pytest.raises(queue.Conflict, match=active.id):
+        queue.submit(redis, tokenizer_job("legacy"))
+    assert [r.id for r in records.list_records(redis, run="legacy")[0]] == [active.id, ended.id]
+    assert [r.id for r in records.list_records(redis, status=JobStatus.FAILED)[0]] == [ended.id]
+    assert queue.stop(redis, active.id).status == JobStatus.CANCELED
+    assert records.list_records(redis, status=JobStatus.QUEUED)[1] == 0
+    assert queue.submit(redis, tokenizer_job("legacy")).status == JobStatus.QUEUED
