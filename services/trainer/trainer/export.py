@@ -35,11 +35,20 @@ from safetensors.torch import load_file, save_file
 from trainer import checkpoint, hf_tokenizer, report
 from trainer.common import CHECKPOINT_STEP, add_run_flag, make_temp_dir, print0, replace_dir
 from trainer.gpt import GPTConfig
+from trainer.report import STAGES
 from trainer.settings import TrainerSettings
 from trainer.tokenizer import Tokenizer
 
 REMOTE_CODE = Path(__file__).with_name("modeling_nanochat_stack.py")
-STAGES = ("base", "mid", "sft", "rl")
+# Our block's linear layers → NanoChatForCausalLM's names for them (model_import reads them back).
+BUILTIN_PARTS = {
+    "attn.c_q": "self_attn.q_proj",
+    "attn.c_k": "self_attn.k_proj",
+    "attn.c_v": "self_attn.v_proj",
+    "attn.c_proj": "self_attn.o_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 
 
 def model_id(run: str, stage: str, step: int) -> str:
@@ -68,10 +77,8 @@ def builtin_weights(weights: dict[str, torch.Tensor], config: GPTConfig) -> dict
         "model.embed_tokens.weight": weights["wte.weight"][: config.vocab_size],
         "lm_head.weight": weights["lm_head.weight"][: config.vocab_size],
     }
-    parts = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
-             "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
     for layer in range(config.n_layer):
-        for ours, theirs in parts.items():
+        for ours, theirs in BUILTIN_PARTS.items():
             renamed[f"model.layers.{layer}.{theirs}.weight"] = weights[f"blocks.{layer}.{ours}.weight"]
     assert len(renamed) == len(weights), "a weight has no place in the built-in class"
     return renamed

@@ -28,8 +28,9 @@ from safetensors.torch import load_file
 from trainer import checkpoint, hf_tokenizer, nanochat_import, report
 from trainer.checkpoint import ImportRefused
 from trainer.common import CHECKPOINT_STEP, add_run_flag, print0
-from trainer.export import STAGES, model_id
+from trainer.export import BUILTIN_PARTS, model_id
 from trainer.gpt import GPTConfig
+from trainer.report import STAGES
 from trainer.scaling import REFERENCE_BATCH
 from trainer.settings import TrainerSettings
 from trainer.tokenizer import Tokenizer
@@ -128,8 +129,7 @@ def builtin_config(hf: dict[str, Any], vocab_size: int) -> GPTConfig:
 
 def builtin_weights(weights: dict[str, torch.Tensor], hf: dict[str, Any], config: GPTConfig) -> dict:
     """NanoChatForCausalLM's names → ours; the vocabulary rows fitted to our padded size."""
-    parts = {"self_attn.q_proj": "attn.c_q", "self_attn.k_proj": "attn.c_k", "self_attn.v_proj": "attn.c_v",
-             "self_attn.o_proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # fmt: skip
+    parts = {theirs: ours for ours, theirs in BUILTIN_PARTS.items()}
     layer_name = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
     embedding = weights["model.embed_tokens.weight"]
     head = embedding if hf.get("tie_word_embeddings") else weights["lm_head.weight"]
