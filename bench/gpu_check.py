@@ -13,7 +13,8 @@ others.
   fp16        base_train d12 in fp16 with the grad scaler: the loss stays finite
   torchrun    base_train in 2 processes: NCCL across 2 GPUs, or, with one GPU, gloo on the CPU (NCCL
               then stays unchecked, and the result says so)
-  inference   bench/inference.py on the GPU: the model server against the engine and the bare forward
+  inference   bench/inference.py on the GPU: the model server against the engine and the bare forward,
+              chat turns (prefix cache), a long prompt (chunked prefill), a fixed KV budget (paged)
 
 Prints one line per part and one JSON line at the end. `--smoke` runs every part tiny on the CPU: what
 the test suite does to keep this script working on machines without a GPU.
@@ -52,7 +53,7 @@ FULL = {
     },
     "torchrun": "--depth 4 --max-seq-len 1024 --device-batch-size 8 --total-batch-size 32768 "
     "--num-iterations 6 --eval-tokens 65536 --core-metric-every -1",
-    "inference": "--models tiny d12 --concurrency 1 16 64",
+    "inference": "--models tiny d12 --concurrency 1 16 64 --parts throughput chat long-prompt memory",
 }
 SMOKE = {  # only the first run compiles: on a CPU, compiling costs half a minute a run
     "vocab": 2048,
@@ -166,9 +167,10 @@ def main() -> None:
 
     device = "cpu" if args.smoke else "cuda"
     ok, output = run_part("inference", [*python, "bench/inference.py", *sizes["inference"].split(),
-                                        "--device", device], env, 420, logs)  # fmt: skip
+                                        "--device", device], env, 600, logs)  # fmt: skip
     figures = json_after(output, '{"bench": "inference"') if ok else None
-    results["inference"] = {"ok": True, "results": figures["results"]} if figures else failure(output)
+    parts = ("results", "chat", "long_prompt", "memory")
+    results["inference"] = {"ok": True, **{p: figures[p] for p in parts}} if figures else failure(output)
 
     machine = torch.cuda.get_device_name(0) if gpus else f"{platform.machine()} CPU"
     print(f"\ngpu check | {machine} | torch {torch.__version__} (CUDA {torch.version.cuda}) | logs: {logs}")

@@ -24,10 +24,19 @@ latency (ITL, between text chunks as the client reads them) p99 before it arrive
 prefilled (the gaps that overlap its time to first token), for each INFERENCE_PREFILL_CHUNK_TOKENS in
 --prefill-chunks (0: whole prompts).
 
+The memory part: what the paged KV cache buys at a fixed KV budget (--kv-budget-tokens positions,
+INFERENCE_KV_CACHE_TOKENS). 64 greedy requests arrive at once, one in eight with a prompt of half the
+context, the rest ~32 tokens, each up to --new-tokens; the peak of running streams (sampled from
+/metrics), preemptions and aggregate tok/s of the paged server, next to the streams a contiguous batch
+cache could hold in the same budget. That one is computed, not run: it is the rule of the cache the
+server had before (every row reserves the longest row's length, doubled from 256 up to the context),
+budget // that length once a long prompt runs.
+
 Prints a table per part and one JSON line.
 
-    .venv/bin/python bench/inference.py [--models tiny d12] [--parts throughput (default) chat long-prompt]
-        [--concurrency 1 4 16 64] [--new-tokens 64] [--chat-turns 10] [--prefill-chunks 0 64 256]
+    .venv/bin/python bench/inference.py [--models tiny d12]
+        [--parts throughput (default) chat long-prompt memory] [--concurrency 1 4 16 64]
+        [--new-tokens 64] [--chat-turns 10] [--prefill-chunks 0 64 256] [--kv-budget-tokens 4096]
         [--device auto|cpu|cuda]
 """
 
@@ -219,6 +228,47 @@ def long_text(tokenizer: Tokenizer, tokens: int) -> str:
     return tokenizer.decode(tokenizer.encode(words)[: tokens - 8])
 
 
+async def peak_streams(url: str, model: str, requests: list[list[dict]], new_tokens: int) -> dict:
+    """Send every request at once; the peak of running sequences the server reported while they ran."""
+    peak, done = 0, asyncio.Event()
+
+    async def watch(client: httpx.AsyncClient) -> None:
+        nonlocal peak
+        while not done.is_set():
+            for line in (await client.get("/metrics")).text.splitlines():
+                if line.startswith("inference_running_sequences{"):
+                    peak = max(peak, int(float(line.split()[-1])))
+            await asyncio.sleep(0.05)
+
+    async with httpx.AsyncClient(base_url=url, timeout=1200) as client:
+        watcher = asyncio.create_task(watch(client))
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_request(client, model, m, new_tokens) for m in requests))
+        wall = time.perf_counter() - start
+        done.set()
+        await watcher
+        preemptions = sum(
+            float(line.split()[-1])
+            for line in (await client.get("/metrics")).text.splitlines()
+            if line.startswith("inference_preemptions_total")
+        )
+    return {
+        "peak_streams": peak,
+        "preemptions": preemptions,
+        "aggregate_tok_s": sum(r["tokens"] for r in results) / wall,
+        "longest_prompt_tokens": max(r["prompt_tokens"] for r in results),
+    }
+
+
+def contiguous_streams(budget: int, longest_row: int, context: int) -> int:
+    """Rows a contiguous batch cache of `budget` positions holds once its longest row is `longest_row`:
+    every row reserves the same length, doubled from 256 as rows grow, up to the context."""
+    reserved = min(256, context)
+    while reserved < longest_row:
+        reserved = min(2 * reserved, context)
+    return budget // reserved
+
+
 def load(base: Path, name: str, runtime: Runtime) -> GPT:
     """The model as the server holds it: in the compute dtype, no fp32 master weights."""
     model, _ = load_model(base / "runs" / name / "sft", 1, runtime.device, runtime.dtype)
@@ -356,6 +406,32 @@ def long_prompt_rows(
     return rows
 
 
+def memory_rows(
+    base: Path, name: str, tokenizer: Tokenizer, args: argparse.Namespace, runtime: Runtime
+) -> list[dict]:
+    context = MODELS[name].sequence_len
+    long_message = long_text(tokenizer, context // 2)
+    requests = [
+        [{"role": "user", "content": long_message}] if i % 8 == 0 else messages
+        for i, messages in enumerate(prompts(64))
+    ]
+    port = 18300
+    settings = {"INFERENCE_KV_CACHE_TOKENS": str(args.kv_budget_tokens), "INFERENCE_MAX_WAITING": "64"}
+    server = start_server(base, port, 64, runtime, settings)
+    try:
+        result = asyncio.run(
+            peak_streams(f"http://127.0.0.1:{port}", f"{name}-sft", requests, args.new_tokens)
+        )
+    finally:
+        server.terminate()
+        server.wait()
+    longest_row = result["longest_prompt_tokens"] + args.new_tokens
+    contiguous = contiguous_streams(args.kv_budget_tokens, longest_row, context)
+    return [
+        {"model": name, "kv_budget_tokens": args.kv_budget_tokens, "contiguous_streams": contiguous, **result}
+    ]
+
+
 def print_throughput(rows: list[dict]) -> None:
     print(
         f"{'model':>5} {'conc':>5} {'aggregate tok/s':>16} {'serial engine tok/s':>20} {'ratio':>6} "
@@ -400,12 +476,26 @@ def print_long_prompt(rows: list[dict]) -> None:
         )
 
 
+def print_memory(rows: list[dict]) -> None:
+    print(
+        f"{'model':>5} {'KV budget':>10} {'longest prompt':>15} {'contiguous streams':>19} "
+        f"{'paged peak streams':>19} {'ratio':>6} {'preemptions':>12} {'paged tok/s':>12}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:>5} {r['kv_budget_tokens']:>10,} {r['longest_prompt_tokens']:>15} "
+            f"{r['contiguous_streams']:>19} {r['peak_streams']:>19} "
+            f"{r['peak_streams'] / max(r['contiguous_streams'], 1):>5.1f}× {r['preemptions']:>12.0f} "
+            f"{r['aggregate_tok_s']:>12,.1f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parts = ["throughput", "chat", "long-prompt"]
+    parts = ["throughput", "chat", "long-prompt", "memory"]
     parser.add_argument("--parts", nargs="+", choices=parts, default=["throughput"], help=f"of {parts}")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -415,6 +505,9 @@ def main() -> None:
     parser.add_argument("--chat-conversations", type=int, default=3, help="chats per setting (medians)")
     parser.add_argument(
         "--prefill-chunks", type=int, nargs="+", default=[0, 64, 256], help="chunk sizes (0: whole prompts)"
+    )
+    parser.add_argument(
+        "--kv-budget-tokens", type=int, default=4096, help="KV positions of the memory part's server"
     )
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     args = parser.parse_args()
@@ -428,7 +521,7 @@ def main() -> None:
     os.environ.update(NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATA_DIR=str(data_dir))
     tok_train.main(["--run", "bench", "--vocab-size", str(VOCAB), "--max-chars", "20000000"])
     tokenizer = Tokenizer.load(base / "runs" / "bench" / "tokenizer")
-    rows, chats, long_prompts = [], [], []
+    rows, chats, long_prompts, memory = [], [], [], []
     for name in args.models:
         tokenizer.save(base / "runs" / name / "tokenizer")
         write_random_checkpoint(base / "runs", name)
@@ -438,6 +531,8 @@ def main() -> None:
             chats += chat_rows(base, name, args, runtime)
         if "long-prompt" in args.parts:
             long_prompts += long_prompt_rows(base, name, tokenizer, args, runtime)
+        if "memory" in args.parts:
+            memory += memory_rows(base, name, tokenizer, args, runtime)
     if runtime.device.type == "cuda":
         machine = f"{torch.cuda.get_device_name(runtime.device)}, torch {torch.__version__}"
     else:
@@ -458,7 +553,13 @@ def main() -> None:
     if long_prompts:
         print(f"8 streams beside a full-context prompt | {machine} | {dtype}")
         print_long_prompt(long_prompts)
-    figures = {"results": rows, "chat": chats, "long_prompt": long_prompts}
+    if memory:
+        print(
+            f"64 requests at a fixed KV budget, 1 in 8 with a half-context prompt | {machine} | {dtype} | "
+            f"{args.new_tokens} new tokens"
+        )
+        print_memory(memory)
+    figures = {"results": rows, "chat": chats, "long_prompt": long_prompts, "memory": memory}
     print(json.dumps({"bench": "inference", "machine": machine, "dtype": dtype, **figures}))
 
 

@@ -98,16 +98,22 @@ def test_a_too_large_upload_is_cut_off_at_the_limit_and_leaves_nothing(api: Stac
 
 
 def raw_upload(stack: Stack, body: bytes, declared: int) -> bytes:
-    """POST /files by hand: `declared` bytes announced, `body` sent; the answer, if one comes before the
-    connection is closed (at once when fewer bytes were sent than announced)."""
+    """POST /files by hand: `declared` bytes announced, `body` sent; the whole answer, when all that was
+    announced was sent (else the client closes the connection at once)."""
     host, port = stack.api_url.removeprefix("http://").split(":")
     head = (
         f"POST /files HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {stack.token}\r\n"
-        f"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: {declared}\r\n\r\n"
+        f"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: {declared}\r\n"
+        "Connection: close\r\n\r\n"
     )
     with socket.create_connection((host, int(port)), timeout=10) as connection:
         connection.sendall(head.encode() + body)
-        return connection.recv(65536) if len(body) == declared else b""
+        if len(body) != declared:
+            return b""
+        answer = b""
+        while chunk := connection.recv(65536):  # headers and body may come in separate writes
+            answer += chunk
+        return answer
 
 
 PARTIAL = (

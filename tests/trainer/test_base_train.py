@@ -144,39 +144,43 @@ def test_float16_trains_on_cpu_with_a_grad_scaler_and_resumes(env: Path) -> None
     assert torch.load(next_dir / "rank00.pt", weights_only=True)["grad_scaler"]["scale"] == 1024.0
 
 
-def test_fp8_trains_a_d4_like_bf16_resumes_bitwise_and_saves_an_ordinary_checkpoint(
+def test_fp8_trains_like_the_compute_dtype_resumes_bitwise_and_saves_an_ordinary_checkpoint(
     env: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    # LRs 10× the recipe's, so that 8 steps at this batch's LR scale (0.03) move the loss.
-    common = "--depth 4 --dtype bfloat16 --total-batch-size 512 --num-iterations 8 --warmup-steps 1"
+    # d2 (width 128, the smallest a float8 layer may be) at 128 tokens a step: CPUs without float8 or
+    # bfloat16 units run _scaled_mm in a scalar loop. fp32 compute for the same reason; on GPUs --fp8
+    # runs beside bf16, and tests/trainer/test_fp8.py covers that there. LRs 10× the recipe's, so that
+    # 16 steps at this batch's LR scale move the loss.
+    common = "--depth 2 --dtype float32 --max-seq-len 64 --device-batch-size 2 --total-batch-size 128"
+    common += " --num-iterations 16 --warmup-steps 1 --eval-tokens 1024"
     common += " --embedding-lr 3 --unembedding-lr 0.3 --matrix-lr 0.3 --weight-decay 0"
-    common += " --eval-every 0 --save-every 4 --keep-checkpoints 0"
-    bf16 = train(env, "bf16", common)
+    common += " --eval-every 0 --save-every 8 --keep-checkpoints 0"
+    plain = train(env, "plain", common)
     float8 = train(env, "fp8", f"{common} --fp8")
-    assert "fp8: 25 of 28 linear layers train in float8" in capsys.readouterr().out
-    assert float8["fp8"] and not bf16["fp8"]
+    assert "fp8: 13 of 15 linear layers train in float8" in capsys.readouterr().out
+    assert float8["fp8"] and not plain["fp8"]
 
     def losses(run: str) -> list[float]:
         return [r["loss"] for r in metrics(env, run) if "loss" in r]
 
-    ours, reference = losses("fp8"), losses("bf16")
-    assert len(ours) == 8 and sum(ours[-2:]) / 2 < sum(ours[:2]) / 2 - 0.4
-    # Like bf16's, step by step, but not bf16's: the matmuls did run in float8.
+    ours, reference = losses("fp8"), losses("plain")
+    assert len(ours) == 16 and sum(ours[-4:]) / 4 < sum(ours[:4]) / 4 - 0.3  # 128-token batches are noisy
+    # Like fp32's, step by step, but not fp32's: the matmuls did run in float8.
     assert ours != reference and max(abs(a - b) for a, b in zip(ours, reference, strict=True)) < 0.05
-    assert float8["val_bpb"] == pytest.approx(bf16["val_bpb"], abs=0.02)
+    assert float8["val_bpb"] == pytest.approx(plain["val_bpb"], abs=0.02)
 
     # Dynamic scaling keeps no state: a resumed --fp8 run continues bitwise.
     shutil.copytree(
-        checkpoint.step_dir(run_dir(env, "fp8") / "base", 4),
-        checkpoint.step_dir(run_dir(env, "fp8-resumed") / "base", 4),
+        checkpoint.step_dir(run_dir(env, "fp8") / "base", 8),
+        checkpoint.step_dir(run_dir(env, "fp8-resumed") / "base", 8),
     )
     train(env, "fp8-resumed", f"{common} --fp8 --resume")
-    straight, resumed = weights(env, "fp8", 8), weights(env, "fp8-resumed", 8)
+    straight, resumed = weights(env, "fp8", 16), weights(env, "fp8-resumed", 16)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     # The checkpoint holds the ordinary fp32 weights: it loads without --fp8 (inference, the chat stages).
-    assert straight.keys() == weights(env, "bf16", 8).keys()
+    assert straight.keys() == weights(env, "plain", 16).keys()
     assert {t.dtype for name, t in straight.items() if "blocks" in name} == {torch.float32}
-    model, _ = checkpoint.load_model(run_dir(env, "fp8") / "base", 8, torch.device("cpu"), torch.bfloat16)
+    model, _ = checkpoint.load_model(run_dir(env, "fp8") / "base", 16, torch.device("cpu"), torch.bfloat16)
     assert all(type(m) is not fp8.Float8Linear for m in model.modules())
 
 

@@ -38,6 +38,17 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.kv_cache_used_blocks = Gauge(
+            "inference_kv_cache_used_blocks",
+            "Blocks of the paged KV cache held by running sequences (of INFERENCE_KV_CACHE_TOKENS / 16).",
+            ["model"],
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "inference_preemptions",
+            "Sequences taken out of the batch when the KV cache ran out of blocks, to be prefilled again.",
+            registry=r,
+        )
         self.generation_tokens = Counter("inference_generation_tokens", "Tokens generated.", registry=r)
         self.waiting = Gauge(
             "inference_queue_depth", "Requests waiting for a batch slot.", ["model"], registry=r

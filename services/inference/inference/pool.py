@@ -1,7 +1,7 @@
 """
 Loaded models: each with its tokenizer and its scheduler thread, loaded on first use and kept in
-least-recently-used order. When the estimated memory of the loaded models (weights plus a full KV
-cache and prefix cache) passes INFERENCE_MAX_MODEL_MEMORY_GB, idle models are unloaded, oldest use
+least-recently-used order. When the estimated memory of the loaded models (weights plus the KV cache
+and the prefix cache) passes INFERENCE_MAX_MODEL_MEMORY_GB, idle models are unloaded, oldest use
 first; a model with requests in flight is never unloaded. While a training job holds the GPU
 (gpu_share), every model is unloaded and none loads.
 """
@@ -44,11 +44,11 @@ class ServedModel:
         return self.engine.model.config.sequence_len
 
 
-def memory_estimate(model: GPT, batch_size: int, prefix_tokens: int) -> int:
-    """Weights plus a KV cache of batch_size rows over the whole context and a full prefix cache."""
+def memory_estimate(model: GPT, kv_tokens: int, prefix_tokens: int) -> int:
+    """Weights plus the paged KV cache and a full prefix cache."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     c = model.config
-    positions = batch_size * c.sequence_len + prefix_tokens
+    positions = kv_tokens + prefix_tokens
     cache = 2 * c.n_layer * positions * c.n_kv_head * c.head_dim
     return weights + cache * torch.finfo(model.compute_dtype).bits // 8
 
@@ -86,6 +86,7 @@ class ModelPool:
         engine = Engine(model, Tokenizer.load(checkpoint.tokenizer_dir))
         settings, batch = self.settings, self.settings.inference_max_batch_size
         prefix = settings.inference_prefix_cache_tokens
+        kv_tokens = settings.inference_kv_cache_tokens or batch * model.config.sequence_len
         scheduler = Scheduler(
             engine,
             batch,
@@ -94,8 +95,9 @@ class ModelPool:
             checkpoint.id,
             prefix_tokens=prefix,
             chunk_tokens=settings.inference_prefill_chunk_tokens or None,
+            kv_tokens=kv_tokens,
         )
-        return ServedModel(checkpoint, engine, scheduler, memory_estimate(model, batch, prefix))
+        return ServedModel(checkpoint, engine, scheduler, memory_estimate(model, kv_tokens, prefix))
 
     def evict(self) -> None:
         budget = self.settings.inference_max_model_memory_gb * 2**30

@@ -2,14 +2,19 @@
 Continuous batching: one thread per loaded model runs a loop of steps, and every running sequence
 of every request shares each step.
 
-    step: drop cancelled sequences → admit waiting requests into free rows (their prompts prefilled
-          together from where the prefix cache leaves off, up to INFERENCE_PREFILL_CHUNK_TOKENS per
-          step (prefill.py); a complete prompt is copied into the batch cache) → pick one token per
+    step: drop cancelled sequences → resume preempted sequences, then admit waiting requests into
+          free rows while the KV blocks of their prompts are free (their prompts prefilled together
+          from where the prefix cache leaves off, up to INFERENCE_PREFILL_CHUNK_TOKENS per step
+          (prefill.py); a complete prompt is copied into the paged batch cache) → pick one token per
           sequence (one that cannot be picked fails that request alone) → retire the finished ones
-          (their KV goes to the prefix cache; the last row moves into a freed row, so the running rows
-          stay at the front) → one decode forward over the running rows
+          (their KV goes to the prefix cache, their blocks back to the pool; the last row moves into a
+          freed row, so the running rows stay at the front) → give every row a block for its next
+          position, preempting the latest admitted sequence when none is left → one decode forward
 
-Each row has its own position and mask (engine.KVCache), and each sequence its own seeded generator,
+A preempted sequence keeps everything but its KV (its tokens, text, generator, tool state): its KV
+goes to the prefix cache, and it is prefilled again, ahead of new requests, once blocks are free.
+
+Each row has its own position and mask (paged_cache.py), and each sequence its own seeded generator,
 so what a request gets does not depend on what else is in the batch. Results go back to the event
 loop through an asyncio.Queue per request: a step's events are handed over together in one
 call_soon_threadsafe, before the decode forward, so the loop sends them while the model computes and
@@ -17,6 +22,7 @@ never waits on it.
 """
 
 import asyncio
+import itertools
 import logging
 import math
 import random
@@ -28,12 +34,12 @@ from dataclasses import dataclass, field
 import torch
 
 from inference.metrics import Metrics
+from inference.paged_cache import OutOfBlocks, PagedKVCache, blocks_for
 from inference.prefill import Prefill
-from inference.prefix_cache import Hit, PrefixCache
+from inference.prefix_cache import BLOCK_TOKENS, Hit, PrefixCache
 from trainer.engine import Engine, KVCache, Row, TextStream, is_greedy, sample
 
 log = logging.getLogger("inference")
-INITIAL_CACHE_LEN = 256  # positions per row at first; the cache doubles when a row needs more
 PREFILL_TOKEN_BUDGET = 8192  # prompts prefilled together in one forward, counted padded (one always goes)
 
 
@@ -129,6 +135,7 @@ class Sequence:
     last_time: float = 0.0
     finish_reason: str | None = None
     pending: list[TokenScore] = field(default_factory=list)
+    admitted: int = 0  # when it (last) joined the batch: the latest admitted is preempted first
 
 
 def token_scores(logprobs: torch.Tensor, tokens: list[int], top: int) -> list[TokenScore]:
@@ -165,12 +172,17 @@ class Scheduler:
         name: str,
         prefix_tokens: int = 0,
         chunk_tokens: int | None = None,
+        kv_tokens: int | None = None,
     ) -> None:
         self.engine, self.model = engine, engine.model
         self.context = self.model.config.sequence_len
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
         self.metrics, self.name = metrics, name
-        self.cache = KVCache(self.model, max_batch_size, min(INITIAL_CACHE_LEN, self.context))
+        # Positions of KV for the running rows (None: every row at the full context, none ever waits).
+        kv_blocks = blocks_for(kv_tokens or max_batch_size * self.context)
+        self.cache = PagedKVCache(self.model, max_batch_size, kv_blocks)
+        self.preempted: deque[Sequence] = deque()  # resumed in this order, before new requests
+        self.admissions = itertools.count(1)
         self.prefix = PrefixCache(prefix_tokens)
         self.chunk_tokens = chunk_tokens  # of prompt prefilled per step; None: whole prompts
         self.prefilling: Prefill | None = None  # of the group below, while its prompts are computed
@@ -203,7 +215,7 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running or self.prefilling)
+        return bool(self.waiting or self.running or self.prefilling or self.preempted)
 
     def close_if_idle(self) -> bool:
         with self.wake:
@@ -248,7 +260,10 @@ class Scheduler:
         self.flush()
         if self.running:
             self.decode()
+            self.flush()  # a sequence the KV cache could not hold ended there
         self.metrics.running.labels(self.name).set(len(self.running))
+        used = self.cache.num_blocks - self.cache.free_blocks
+        self.metrics.kv_cache_used_blocks.labels(self.name).set(used)
 
     def admit(self) -> None:
         """Prefill waiting submissions into free rows: a group of them at a time, as many as fit in one
@@ -256,8 +271,11 @@ class Scheduler:
         spent = 0
         if self.prefilling and all(s is None or s.cancelled for s in self.group):
             self.prefilling = None  # every client of the group still waiting for it has gone
+        self.resume_preempted()
         while self.chunk_tokens is None or spent < self.chunk_tokens:
             if self.prefilling is None:
+                if self.preempted:
+                    return  # new requests wait until the preempted sequences are back
                 group = self.take_group()
                 if not group:
                     return
@@ -275,17 +293,25 @@ class Scheduler:
                 self.prefilling = None
 
     def take_group(self) -> list[Submission]:
-        """Waiting submissions for one prefill: as many as have free rows, within the token budget."""
-        group, rows, longest = [], len(self.running), 0
+        """Waiting submissions for one prefill: as many as have free rows and free KV blocks for their
+        prompts, within the token budget. One that the whole cache could not hold fails."""
+        group, rows, longest, blocks = [], len(self.running), 0, 0
         with self.wake:
             while self.waiting and rows + self.waiting[0].n <= self.max_batch_size:
-                padded = max(longest, len(self.waiting[0].prompt)) * (len(group) + 1)
-                if group and padded > PREFILL_TOKEN_BUDGET:
+                submission = self.waiting[0]
+                needed = submission.n * blocks_for(len(submission.prompt) + 1)
+                if needed > self.cache.num_blocks:
+                    self.waiting.popleft()
+                    self.send(submission, Failure(too_long(submission, self.cache.num_blocks)))
+                    continue
+                padded = max(longest, len(submission.prompt)) * (len(group) + 1)
+                if blocks + needed > self.cache.free_blocks or (group and padded > PREFILL_TOKEN_BUDGET):
                     break
-                submission = self.waiting.popleft()
+                self.waiting.popleft()
                 if not submission.cancelled:
                     group.append(submission)
                     rows, longest = rows + submission.n, max(longest, len(submission.prompt))
+                    blocks += needed
             self.metrics.waiting.labels(self.name).set(len(self.waiting))
         return group
 
@@ -300,18 +326,58 @@ class Scheduler:
                 started.append((r, self.group[r.row]))
             else:
                 self.group[r.row] = None  # answered: nothing to generate
-        # Nothing above changed the batch: a failure there fails these requests alone.
-        self.grow_cache(max((len(submission.prompt) for _, submission in started), default=0))
         for r, submission in started:
-            first = len(self.running)
-            self.cache.copy_rows(prefill.cache, r.row, list(range(first, first + submission.n)))
-            new_logits = r.logits[-1:].expand(submission.n, -1).clone()  # rows get moved in place later
-            self.logits = new_logits if self.logits is None else torch.cat([self.logits[:first], new_logits])
-            self.running += submission.sequences
+            self.join(prefill.cache, r.row, submission.sequences, r.logits)
             self.group[r.row] = None
         if prefill.finished:
             self.prefilling = None
         return spent
+
+    def join(self, source: KVCache, source_row: int, sequences: list[Sequence], logits: torch.Tensor) -> None:
+        """Add sequences to the batch, each continuing from row source_row of a prefill's cache. Running
+        rows grew while a chunked prefill ran: the latest admitted ones make room if need be."""
+        self.make_room(len(sequences) * blocks_for(int(source.lengths[source_row])))
+        first = len(self.running)
+        self.cache.copy_rows(source, source_row, list(range(first, first + len(sequences))))
+        new_logits = logits[-1:].expand(len(sequences), -1).clone()  # rows get moved in place later
+        self.logits = new_logits if self.logits is None else torch.cat([self.logits[:first], new_logits])
+        for sequence in sequences:
+            sequence.admitted = next(self.admissions)
+        self.running += sequences
+
+    def make_room(self, blocks: int) -> None:
+        """Preempt the latest admitted sequences until `blocks` blocks are free (or none runs)."""
+        while self.cache.free_blocks < blocks and self.running:
+            self.preempt(max(range(len(self.running)), key=lambda row: self.running[row].admitted))
+
+    def preempt(self, row: int) -> None:
+        """Take a sequence out of the batch to be prefilled again later: its KV goes to the prefix
+        cache (its resume finds it there while it lasts), its blocks back to the pool."""
+        sequence = self.running[row]
+        self.remember([row])
+        self.retire([row])
+        self.preempted.append(sequence)
+        self.metrics.preemptions.inc()
+
+    def resume_preempted(self) -> None:
+        """Prefill preempted sequences again (their prompt and every token chosen so far), oldest
+        preemption first, while rows and the blocks for them are free."""
+        while self.preempted and len(self.running) < self.max_batch_size:
+            sequence = self.preempted[0]
+            tokens = sequence.submission.prompt + sequence.tokens
+            if not sequence.submission.cancelled and blocks_for(len(tokens) + 1) > self.cache.free_blocks:
+                return
+            self.preempted.popleft()
+            if sequence.submission.cancelled:
+                continue
+            try:
+                prefill = Prefill.start(self.model, [tokens], [self.prefix.lookup(tokens)], [False], None)
+                _, (ready,) = prefill.step()
+                self.join(prefill.cache, 0, [sequence], ready.logits)
+            except Exception as error:  # this request fails; the running ones go on
+                log.exception("resuming a preempted sequence failed")
+                self.send(sequence.submission, Failure(f"generation failed: {error}"))
+                sequence.submission.cancelled = True
 
     def unanswered(self) -> list[Submission]:
         """The submissions of the prefill in progress that have neither joined the batch nor been
@@ -334,9 +400,9 @@ class Scheduler:
         with their prompt and reply."""
         for row in rows:
             sequence = self.running[row]
-            length = int(self.cache.lengths[row])
+            length = self.cache.lengths[row]
             tokens = (sequence.submission.prompt + sequence.tokens)[:length]
-            self.prefix.store(tokens, self.cache.keys[:, row], self.cache.values[:, row])
+            self.prefix.store(tokens, *self.cache.row_kv(row))
         self.metrics.prefix_cache_blocks.labels(self.name).set(len(self.prefix.blocks))
         self.metrics.prefix_cache_tokens.labels(self.name).set(self.prefix.tokens)
 
@@ -361,11 +427,6 @@ class Scheduler:
             submission.sequences.append(Sequence(submission, submission.first_index + index, row, stream))
             submission.sequences[-1].last_time = now
         return True
-
-    def grow_cache(self, needed: int) -> None:
-        """Room for `needed` positions per row: double the cache (up to the context) when short."""
-        if needed > self.cache.max_len:
-            self.cache.grow(min(max(needed, 2 * self.cache.max_len), self.context))
 
     def choose_tokens(self) -> None:
         """One token per running sequence. A sequence whose token cannot be chosen (the model gave its
@@ -438,9 +499,11 @@ class Scheduler:
             sequence.pending = []
 
     def retire(self, rows: list[int]) -> None:
-        """Take these rows out of the batch; the last running row moves into each freed row."""
+        """Take these rows out of the batch (their blocks back to the pool); the last running row moves
+        into each freed row."""
         for row in sorted(rows, reverse=True):
             last = len(self.running) - 1
+            self.cache.release(row)
             if row != last:
                 self.cache.move_row(last, row)
                 self.running[row] = self.running[last]
@@ -450,10 +513,32 @@ class Scheduler:
             self.logits = self.logits[: len(self.running)]
 
     def decode(self) -> None:
-        count = len(self.running)
-        self.grow_cache(int(self.cache.lengths[:count].max()) + 1)
+        self.reserve_next_positions()
+        if not self.running:
+            return
         fed = torch.tensor([[s.last_token] for s in self.running], device=self.engine.device)
-        self.logits = self.model(fed, kv_cache=self.cache.head(count))[:, -1]
+        self.logits = self.model(fed, kv_cache=self.cache.head(len(self.running)))[:, -1]
+
+    def reserve_next_positions(self) -> None:
+        """A block for every running row's next position. When none is left the latest admitted
+        sequence is preempted; a sequence alone that fills the whole cache ends ("length")."""
+        row = 0
+        while row < len(self.running):
+            try:
+                self.cache.reserve(row, self.cache.lengths[row] + 1)
+                row += 1
+            except OutOfBlocks:
+                if len(self.running) == 1:
+                    self.end_at_capacity(self.running[0])
+                    self.retire([0])
+                    return
+                self.make_room(self.cache.free_blocks + 1)
+                row = 0  # rows moved: look again from the first (reserving twice takes nothing)
+
+    def end_at_capacity(self, sequence: Sequence) -> None:
+        log.warning("a sequence filled the whole KV cache (%d blocks)", self.cache.num_blocks)
+        text = sequence.held + sequence.stream.flush()
+        self.send(sequence.submission, Output(sequence.index, text, sequence.pending, "length"))
 
     def fail_all(self, message: str, waiting: bool = False) -> None:
         """Fail the running requests and those being prefilled (and the waiting ones too when the
@@ -465,7 +550,10 @@ class Scheduler:
             with self.wake:
                 failed |= {id(s): s for s in self.waiting}
                 self.waiting.clear()
-        self.running, self.logits = [], None
+        failed |= {id(s.submission): s.submission for s in self.preempted}
+        for row in range(len(self.running)):
+            self.cache.release(row)
+        self.running, self.logits, self.preempted = [], None, deque()
         for submission in failed.values():
             self.send(submission, Failure(message))
         self.flush()
@@ -481,3 +569,12 @@ class Scheduler:
         self.outbox = []
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(deliver, items)
+
+
+def too_long(submission: Submission, num_blocks: int) -> str:
+    positions = submission.n * (len(submission.prompt) + 1)
+    return (
+        f"this request needs {positions} positions of KV cache ({submission.n} × a prompt of "
+        f"{len(submission.prompt)} tokens and one generated), more than the server holds "
+        f"({num_blocks * BLOCK_TOKENS}, INFERENCE_KV_CACHE_TOKENS): shorten the prompt or lower n"
+    )

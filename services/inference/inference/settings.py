@@ -62,6 +62,13 @@ class InferenceSettings(BaseSettings):
         description="Prompt tokens prefilled per step between decode steps, so a long prompt delays the "
         "running streams by one chunk at a time; 0: whole prompts in one forward.",
     )
+    inference_kv_cache_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Token positions of KV cache per model, in blocks of 16 that running sequences take as "
+        "they grow (paged): a request waits for the blocks of its prompt, and when they run out the "
+        "latest admitted sequence is prefilled again later; 0: max batch size × the model's context.",
+    )
     inference_max_model_memory_gb: float = Field(
         default=8.0,
         gt=0,

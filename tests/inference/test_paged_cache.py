@@ -1,0 +1,147 @@
+"""The paged KV cache: attention over a row's gathered blocks computes what the contiguous cache does;
+a pool too small for every stream preempts and recomputes without changing a reply; memory follows the
+tokens held; a request the pool can never hold fails with the reason."""
+
+import asyncio
+
+import pytest
+import torch
+
+from inference.metrics import Metrics
+from inference.paged_cache import PagedKVCache, blocks_for
+from inference.prefix_cache import BLOCK_TOKENS
+from inference.scheduler import Failure, Output, SamplingParams, Scheduler, Submission
+from tests.inference.conftest import tiny_tokenizer, write_checkpoint
+from trainer.engine import Engine, KVCache
+from trainer.gpt import GPT
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> GPT:
+    runs = tmp_path_factory.mktemp("paged") / "runs"
+    return write_checkpoint(runs, "tiny", "sft", 1, seed=10, never_stop=True).eval()
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(0, 500, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+async def generate(scheduler: Scheduler, submission: Submission) -> tuple[list[int], str | None]:
+    """The tokens a submission got and its finish reason (a Failure's message instead, when it fails)."""
+    scheduler.submit([submission])
+    tokens = []
+    while True:
+        event = await submission.events.get()
+        if isinstance(event, Failure):
+            return tokens, event.message
+        if isinstance(event, Output):
+            tokens += [score.token for score in event.tokens]
+            if event.finish_reason:
+                return tokens, event.finish_reason
+
+
+Request = tuple[list[int], SamplingParams]
+
+
+def serve(scheduler: Scheduler, requests: list[Request]) -> list[tuple[list[int], str | None]]:
+    """Submit every request at once and collect their replies; the scheduler closes after."""
+
+    async def together() -> list[tuple[list[int], str | None]]:
+        return await asyncio.gather(*(generate(scheduler, Submission(*request)) for request in requests))
+
+    try:
+        return asyncio.run(together())
+    finally:
+        scheduler.close()
+
+
+def counter(scheduler: Scheduler, name: str) -> float:
+    return scheduler.metrics.registry.get_sample_value(name) or 0.0
+
+
+def test_attention_over_gathered_blocks_computes_what_the_contiguous_cache_does(model: GPT) -> None:
+    prompts = [prompt(5, 1), prompt(37, 2), prompt(16, 3)]  # inside a block, across two, exactly one
+    paged = PagedKVCache(model, max_rows=3, num_blocks=12)
+    contiguous = KVCache(model, 3, 64)
+    with torch.inference_mode():
+        for row, ids in enumerate(prompts):
+            single = KVCache(model, 1, len(ids))
+            model(torch.tensor([ids]), kv_cache=single)
+            paged.copy_rows(single, 0, [row])
+            contiguous.copy_rows(single, 0, [row])
+        assert paged.free_blocks == 12 - (1 + 3 + 1)
+        for step in range(20):  # decode: rows cross into new blocks at different steps
+            fed = torch.tensor([[step + 7 * row] for row in range(3)])
+            for row in range(3):
+                paged.reserve(row, paged.lengths[row] + 1)
+            expected = model(fed, kv_cache=contiguous)
+            torch.testing.assert_close(model(fed, kv_cache=paged.head(3)), expected, rtol=0, atol=1e-5)
+    assert paged.lengths == [25, 57, 36]
+    assert paged.free_blocks == 12 - sum(blocks_for(n) for n in (25, 57, 36))
+    for row in range(3):
+        paged.release(row)
+    assert paged.free_blocks == 12
+
+
+def test_a_pool_too_small_for_every_stream_preempts_and_replies_as_with_room_for_all(model: GPT) -> None:
+    """Four streams that end at 60 positions each (4 blocks) in a pool of 9 blocks: the newest are
+    preempted and prefilled again, greedy replies equal the engine's, and a sampled one keeps its seed's
+    tokens (its generator survives the preemption)."""
+    engine = Engine(model, tiny_tokenizer())
+    prompts = [prompt(20, seed) for seed in range(4)]
+
+    requests = [(p, SamplingParams(max_tokens=40, temperature=0)) for p in prompts[:3]]
+    requests.append((prompts[3], SamplingParams(max_tokens=40, temperature=1.0, seed=5)))
+
+    tight = Scheduler(engine, 4, 8, Metrics(), "tiny", kv_tokens=9 * BLOCK_TOKENS)
+    replies = serve(tight, requests)
+    roomy = Scheduler(engine, 4, 8, Metrics(), "tiny")
+    assert replies == serve(roomy, requests)
+    assert counter(tight, "inference_preemptions_total") >= 1
+    assert counter(roomy, "inference_preemptions_total") == 0
+    for ids, (tokens, reason) in zip(prompts[:3], replies[:3], strict=True):
+        (expected,) = engine.complete(ids, max_tokens=40, temperature=0)
+        assert (tokens, reason) == ([t.id for t in expected], "length")
+    assert tight.cache.free_blocks == tight.cache.num_blocks  # every block came back
+
+
+def test_rows_take_blocks_for_the_tokens_they_hold_not_the_longest_row(model: GPT) -> None:
+    """One long prompt among seven short ones: all eight run at once in a pool a fifth of what a
+    contiguous batch cache (every row as long as the longest) needs for them."""
+    engine = Engine(model, tiny_tokenizer())
+    prompts = [prompt(200, 0), *(prompt(10, seed) for seed in range(1, 8))]
+    kv_tokens = blocks_for(200 + 8) * BLOCK_TOKENS + 7 * BLOCK_TOKENS
+    assert 5 * kv_tokens < 8 * (200 + 8)
+    scheduler = Scheduler(engine, 8, 8, Metrics(), "tiny", kv_tokens=kv_tokens, chunk_tokens=None)
+    peak = []
+    real_decode = scheduler.decode
+
+    def decode() -> None:
+        peak.append(len(scheduler.running))
+        real_decode()
+
+    scheduler.decode = decode
+    replies = serve(scheduler, [(p, SamplingParams(max_tokens=6, temperature=0)) for p in prompts])
+    assert max(peak) == 8 and counter(scheduler, "inference_preemptions_total") == 0
+    assert all(reason == "length" and len(tokens) == 6 for tokens, reason in replies)
+
+
+def test_a_request_the_whole_pool_cannot_hold_fails_with_the_reason(model: GPT) -> None:
+    scheduler = Scheduler(
+        Engine(model, tiny_tokenizer()), 4, 4, Metrics(), "tiny", kv_tokens=2 * BLOCK_TOKENS
+    )
+    fits = (prompt(10, 1), SamplingParams(max_tokens=4, temperature=0))
+    too_long = (prompt(40, 2), SamplingParams(max_tokens=4, temperature=0))
+    (short, _), (nothing, message) = serve(scheduler, [fits, too_long])
+    assert len(short) == 4 and nothing == []
+    assert "41 positions of KV cache" in message and "INFERENCE_KV_CACHE_TOKENS" in message
+
+
+def test_a_sequence_that_fills_the_whole_pool_alone_ends_with_length(model: GPT) -> None:
+    engine = Engine(model, tiny_tokenizer())
+    ids = prompt(10, 3)
+    scheduler = Scheduler(engine, 4, 4, Metrics(), "tiny", kv_tokens=2 * BLOCK_TOKENS)
+    ((tokens, reason),) = serve(scheduler, [(ids, SamplingParams(max_tokens=100, temperature=0))])
+    # 32 positions: the prompt's 10 and 22 fed tokens; the 23rd chosen token has no room to be fed.
+    (expected,) = engine.complete(ids, max_tokens=23, temperature=0)
+    assert reason == "length" and tokens == [t.id for t in expected]
