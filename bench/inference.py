@@ -32,10 +32,19 @@ cache could hold in the same budget. That one is computed, not run: it is the ru
 server had before (every row reserves the longest row's length, doubled from 256 up to the context),
 budget // that length once a long prompt runs.
 
+The peer part: the same model served by Hugging Face `transformers serve --continuous-batching` (its
+paged-attention batching; it needs `pip install accelerate==1.16.0`, not in requirements-dev.txt) and
+by ours, the same prompts at --concurrency streams: aggregate tok/s and TTFT p99, and how many of the
+greedy replies are the same text. Transformers runs our exports of the architecture its built-in
+NanoChat class computes (full windows, no value embeddings, smear, backout or layer scalars, QK scale
+1), so these models have it: random weights larger than the others' (clear-cut greedy choices) whose
+special tokens are never the likeliest, so both servers write every requested token. Both get the
+whole machine, one at a time.
+
 Prints a table per part and one JSON line.
 
     .venv/bin/python bench/inference.py [--models tiny d12]
-        [--parts throughput (default) chat long-prompt memory] [--concurrency 1 4 16 64]
+        [--parts throughput (default) chat long-prompt memory peer] [--concurrency 1 4 16 64]
         [--new-tokens 64] [--chat-turns 10] [--prefill-chunks 0 64 256] [--kv-budget-tokens 4096]
         [--device auto|cpu|cuda]
 """
@@ -57,13 +66,13 @@ import httpx
 import torch
 from safetensors.torch import save_file
 
-from trainer import scaling, tok_train
+from trainer import export, scaling, tok_train
 from trainer.chat_format import render_for_completion
 from trainer.checkpoint import load_model, step_dir
 from trainer.engine import Engine, KVCache
-from trainer.gpt import GPT
+from trainer.gpt import GPT, GPTConfig
 from trainer.runtime import Runtime, setup_runtime
-from trainer.tokenizer import Tokenizer
+from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 8192
@@ -73,13 +82,27 @@ MODELS = {
 }
 
 
-def write_random_checkpoint(runs: Path, name: str) -> None:
+BUILTIN_ARCHITECTURE = {
+    "window_pattern": "L",
+    "value_embeds": False,
+    "smear": False,
+    "backout": False,
+    "layer_scalars": False,
+    "qk_scale": 1.0,
+}
+
+
+def write_random_checkpoint(
+    runs: Path, name: str, config: GPTConfig | None = None, scale: float = 0.02
+) -> None:
     torch.manual_seed(0)
-    model = GPT(MODELS[name])
+    model = GPT(config or MODELS[name])
     model.init_weights()
     with torch.no_grad():  # zero-initialised projections would make every layer an identity
         for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+            p.add_(scale * torch.randn_like(p))
+        if config is not None:  # the peer's model: special tokens' logits 0, below the likeliest token's
+            model.lm_head.weight[VOCAB - len(SPECIAL_TOKENS) :] = 0
     folder = step_dir(runs / name / "sft", 1)
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
@@ -267,6 +290,108 @@ def contiguous_streams(budget: int, longest_row: int, context: int) -> int:
     while reserved < longest_row:
         reserved = min(2 * reserved, context)
     return budget // reserved
+
+
+async def plain_request(client: httpx.AsyncClient, model: str, messages: list[dict], new_tokens: int) -> dict:
+    """A greedy streamed chat request read by any OpenAI-compatible server: every data line parsed."""
+    body = {"model": model, "messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+    start, first, text = time.perf_counter(), None, []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choices = json.loads(line.removeprefix("data: "))["choices"]
+            if choices and (content := choices[0]["delta"].get("content")):
+                first = first or time.perf_counter()
+                text.append(content)
+    return {"ttft": first - start, "text": "".join(text)}
+
+
+async def peer_run(url: str, model: str, concurrency: int, new_tokens: int, tokenizer: Tokenizer) -> dict:
+    """Aggregate tok/s (tokens counted by re-encoding the replies) and TTFT p99 at `concurrency`."""
+    async with httpx.AsyncClient(base_url=url, timeout=1200) as client:
+        await plain_request(client, model, prompts(1)[0], 4)  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(plain_request(client, model, m, new_tokens) for m in prompts(concurrency))
+        )
+        wall = time.perf_counter() - start
+    tokens = sum(len(tokenizer.encode(r["text"])) for r in results)
+    return {
+        "aggregate_tok_s": tokens / wall,
+        "ttft_p99": p99([r["ttft"] for r in results]),
+        "texts": [r["text"] for r in results],
+    }
+
+
+def start_peer(folder: Path, port: int, runtime: Runtime) -> subprocess.Popen:
+    """`transformers serve` with continuous batching on the export folder."""
+    command = [
+        str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--continuous-batching",
+        "--device", runtime.device.type, "--dtype", str(runtime.dtype).removeprefix("torch."),
+        "--port", str(port), "--host", "127.0.0.1", "--log-level", "warning",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a local folder: nothing to fetch
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            raise SystemExit(f"transformers serve exited ({server.returncode}): is accelerate installed?")
+        time.sleep(1)
+    server.kill()
+    raise SystemExit("transformers serve did not become ready")
+
+
+def peer_rows(
+    base: Path, name: str, tokenizer: Tokenizer, args: argparse.Namespace, runtime: Runtime
+) -> list[dict]:
+    """Our server and transformers serve on the same export, one after the other."""
+    peer_name = f"{name}-builtin"
+    config = GPTConfig(**{**MODELS[name].to_dict(), **BUILTIN_ARCHITECTURE})
+    tokenizer.save(base / "runs" / peer_name / "tokenizer")
+    write_random_checkpoint(base / "runs", peer_name, config, scale=0.3)
+    folder = base / "exports" / peer_name
+    assert export.main(["--run", peer_name, "--stage", "sft", "--out", str(folder)])["architecture"] == (
+        "NanoChatForCausalLM"
+    )
+    figures: dict[str, dict[int, dict]] = {}
+    for server_name in ("ours", "transformers serve"):
+        port = 18400
+        if server_name == "ours":
+            server = start_server(base, port, max(args.concurrency), runtime)
+        else:
+            server = start_peer(folder, port, runtime)
+        model = f"{peer_name}-sft" if server_name == "ours" else str(folder)
+        try:
+            figures[server_name] = {
+                c: asyncio.run(peer_run(f"http://127.0.0.1:{port}", model, c, args.new_tokens, tokenizer))
+                for c in args.concurrency
+            }
+        finally:
+            server.terminate()
+            server.wait()
+    rows = []
+    for concurrency in args.concurrency:
+        ours, peer = figures["ours"][concurrency], figures["transformers serve"][concurrency]
+        same = sum(a == b for a, b in zip(ours.pop("texts"), peer.pop("texts"), strict=True))
+        rows.append(
+            {
+                "model": name,
+                "concurrency": concurrency,
+                "ours_tok_s": ours["aggregate_tok_s"],
+                "peer_tok_s": peer["aggregate_tok_s"],
+                "ours_ttft_p99": ours["ttft_p99"],
+                "peer_ttft_p99": peer["ttft_p99"],
+                "same_greedy_text": f"{same}/{concurrency}",
+            }
+        )
+    return rows
 
 
 def load(base: Path, name: str, runtime: Runtime) -> GPT:
@@ -490,12 +615,25 @@ def print_memory(rows: list[dict]) -> None:
         )
 
 
+def print_peer(rows: list[dict]) -> None:
+    print(
+        f"{'model':>5} {'conc':>5} {'ours tok/s':>11} {'peer tok/s':>11} {'ratio':>6} "
+        f"{'ours TTFT p99':>14} {'peer TTFT p99':>14} {'same greedy text':>17}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:>5} {r['concurrency']:>5} {r['ours_tok_s']:>11,.1f} {r['peer_tok_s']:>11,.1f} "
+            f"{r['ours_tok_s'] / r['peer_tok_s']:>5.2f}× {r['ours_ttft_p99']:>13.3f}s "
+            f"{r['peer_ttft_p99']:>13.3f}s {r['same_greedy_text']:>17}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parts = ["throughput", "chat", "long-prompt", "memory"]
+    parts = ["throughput", "chat", "long-prompt", "memory", "peer"]
     parser.add_argument("--parts", nargs="+", choices=parts, default=["throughput"], help=f"of {parts}")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -521,7 +659,7 @@ def main() -> None:
     os.environ.update(NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATA_DIR=str(data_dir))
     tok_train.main(["--run", "bench", "--vocab-size", str(VOCAB), "--max-chars", "20000000"])
     tokenizer = Tokenizer.load(base / "runs" / "bench" / "tokenizer")
-    rows, chats, long_prompts, memory = [], [], [], []
+    rows, chats, long_prompts, memory, peers = [], [], [], [], []
     for name in args.models:
         tokenizer.save(base / "runs" / name / "tokenizer")
         write_random_checkpoint(base / "runs", name)
@@ -533,6 +671,8 @@ def main() -> None:
             long_prompts += long_prompt_rows(base, name, tokenizer, args, runtime)
         if "memory" in args.parts:
             memory += memory_rows(base, name, tokenizer, args, runtime)
+        if "peer" in args.parts:
+            peers += peer_rows(base, name, tokenizer, args, runtime)
     if runtime.device.type == "cuda":
         machine = f"{torch.cuda.get_device_name(runtime.device)}, torch {torch.__version__}"
     else:
@@ -559,7 +699,15 @@ def main() -> None:
             f"{args.new_tokens} new tokens"
         )
         print_memory(memory)
-    figures = {"results": rows, "chat": chats, "long_prompt": long_prompts, "memory": memory}
+    if peers:
+        import transformers  # only the peer part needs it
+
+        print(
+            f"side by side with transformers {transformers.__version__} serve --continuous-batching | "
+            f"{machine} | {dtype} | built-in NanoChat architecture, greedy, {args.new_tokens} new tokens"
+        )
+        print_peer(peers)
+    figures = {"results": rows, "chat": chats, "long_prompt": long_prompts, "memory": memory, "peer": peers}
     print(json.dumps({"bench": "inference", "machine": machine, "dtype": dtype, **figures}))
 
 

@@ -8,7 +8,10 @@ contiguous batch cache must.
 For the forward pass it is a KV cache like engine.KVCache (start, store, advance, the smear state):
 each layer writes the step's keys and values into the rows' blocks, then attends over its rows'
 blocks gathered in order (block 0 is a zero block that pads the shorter tables; the mask of
-cached_attention hides everything past a row's position, so the pads are never seen).
+cached_attention hides everything past a row's position, so the pads are never seen). The pool is
+stored as one run of slots per layer (block b holds slots b·16 to b·16+15), and the slots a forward
+writes and reads are worked out once, in start, for every layer: a layer costs one index_copy_ and
+one index_select per tensor.
 
 The scheduler decides what the pool holds: a request is admitted when the blocks of its prompt are
 free, and when a running row needs a block and none is left, the latest admitted sequence gives its
@@ -33,10 +36,15 @@ def blocks_for(positions: int) -> int:
     return math.ceil(positions / BLOCK_TOKENS)
 
 
+def block_slots(blocks: torch.Tensor) -> torch.Tensor:
+    """The pool slots of blocks (..., W), in order: (..., W·BLOCK_TOKENS)."""
+    return (blocks[..., None] * BLOCK_TOKENS + torch.arange(BLOCK_TOKENS, device=blocks.device)).flatten(-2)
+
+
 class PagedKVCache:
     def __init__(self, model: GPT, max_rows: int, num_blocks: int) -> None:
         c = model.config
-        shape = (c.n_layer, num_blocks + 1, BLOCK_TOKENS, c.n_kv_head, c.head_dim)  # + the zero block
+        shape = (c.n_layer, (num_blocks + 1) * BLOCK_TOKENS, c.n_kv_head, c.head_dim)  # + the zero block
         device, dtype = model.wte.weight.device, model.compute_dtype
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
@@ -47,7 +55,8 @@ class PagedKVCache:
         self.last_embedding = torch.zeros(max_rows, 1, c.n_embd, device=device, dtype=dtype)
         self.rows = max_rows  # the forward runs over the first `rows` rows (see head)
         self.positions = torch.zeros(max_rows, 0, dtype=torch.long, device=device)  # of this forward
-        self.table = torch.zeros(max_rows, 0, dtype=torch.long, device=device)
+        self.written = torch.zeros(0, dtype=torch.long, device=device)  # its new tokens' slots
+        self.read = torch.zeros(0, dtype=torch.long, device=device)  # every row's first `end` slots
         self.end = 0
 
     # -- the scheduler's side ----------------------------------------------------------
@@ -82,24 +91,22 @@ class PagedKVCache:
         length = int(source.lengths[source_row])
         if len(rows) * blocks_for(length) > len(self.free):
             raise OutOfBlocks(f"{len(rows) * blocks_for(length)} blocks needed, {len(self.free)} free")
-        padded = blocks_for(length) * BLOCK_TOKENS
-        keys, values = (
-            torch.nn.functional.pad(t[:, source_row, :length], (0, 0, 0, 0, 0, padded - length)).unflatten(
-                1, (-1, BLOCK_TOKENS)
-            )
-            for t in (source.keys, source.values)
-        )
         for row in rows:
             self.reserve(row, length)
-            index = torch.tensor(self.tables[row], device=self.keys.device)
-            self.keys[:, index], self.values[:, index] = keys, values
+            slots = self.slots(self.tables[row], length)
+            self.keys.index_copy_(1, slots, source.keys[:, source_row, :length])
+            self.values.index_copy_(1, slots, source.values[:, source_row, :length])
             self.lengths[row] = length
             self.last_embedding[row] = source.last_embedding[source_row]
 
     def row_kv(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer's (length, kv_heads, head_dim) keys and values of one row, in order."""
-        length, index = self.lengths[row], torch.tensor(self.tables[row], device=self.keys.device)
-        return tuple(t[:, index].flatten(1, 2)[:, :length] for t in (self.keys, self.values))
+        slots = self.slots(self.tables[row], self.lengths[row])
+        return self.keys.index_select(1, slots), self.values.index_select(1, slots)
+
+    def slots(self, table: list[int], length: int) -> torch.Tensor:
+        """The pool slots of a row's first `length` positions."""
+        return block_slots(torch.tensor(table, device=self.keys.device))[:length]
 
     def head(self, num_rows: int) -> "PagedKVCache":
         """The first num_rows rows, for a forward pass (sharing this cache's pool and state)."""
@@ -120,18 +127,20 @@ class PagedKVCache:
         self.end = max(lengths) + num_tokens
         width = blocks_for(self.end)
         padded = [t + [0] * (width - len(t)) for t in tables]  # block 0: zeros, past every row's end
-        self.table = torch.tensor(padded, device=device)
+        slots = block_slots(torch.tensor(padded, device=device))
+        self.written = slots.gather(1, self.positions).flatten()
+        self.read = slots[:, : self.end].flatten()
         return self.positions
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this forward's keys/values into the rows' blocks; return every row's first `end`
         positions, its blocks gathered in order."""
-        blocks = self.table.gather(1, self.positions // BLOCK_TOKENS)
-        slots = self.positions % BLOCK_TOKENS
-        self.keys[layer, blocks, slots] = k
-        self.values[layer, blocks, slots] = v
-        gathered = (t[layer, self.table].flatten(1, 2)[:, : self.end] for t in (self.keys, self.values))
-        return tuple(gathered)
+        shape = (k.size(0), self.end, *k.shape[2:])
+        gathered = []
+        for pool, new in ((self.keys[layer], k), (self.values[layer], v)):
+            pool.index_copy_(0, self.written, new.flatten(0, 1))
+            gathered.append(pool.index_select(0, self.read).view(shape))
+        return gathered[0], gathered[1]
 
     def advance(self) -> None:
         for row in range(self.rows):
