@@ -83,16 +83,6 @@ MODELS = {
 }
 
 
-BUILTIN_ARCHITECTURE = {
-    "window_pattern": "L",
-    "value_embeds": False,
-    "smear": False,
-    "backout": False,
-    "layer_scalars": False,
-    "qk_scale": 1.0,
-}
-
-
 def write_random_checkpoint(
     runs: Path, name: str, config: GPTConfig | None = None, scale: float = 0.02
 ) -> None:
@@ -354,7 +344,7 @@ def peer_rows(
 ) -> list[dict]:
     """Our server and transformers serve on the same export, one after the other."""
     peer_name = f"{name}-builtin"
-    config = GPTConfig(**{**MODELS[name].to_dict(), **BUILTIN_ARCHITECTURE})
+    config = GPTConfig(**{**MODELS[name].to_dict(), **export.BUILTIN_ARCHITECTURE})
     tokenizer.save(base / "runs" / peer_name / "tokenizer")
     write_random_checkpoint(base / "runs", peer_name, config, scale=0.3)
     folder = base / "exports" / peer_name

@@ -21,15 +21,10 @@ from trainer.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-BUILTIN = {
-    "window_pattern": "L",
-    "value_embeds": False,
-    "smear": False,
-    "backout": False,
-    "layer_scalars": False,
-    "qk_scale": 1.0,
+ARCHITECTURES = {
+    "ours": ({}, "NanoChatStackForCausalLM"),
+    "builtin": (export.BUILTIN_ARCHITECTURE, "NanoChatForCausalLM"),
 }
-ARCHITECTURES = {"ours": ({}, "NanoChatStackForCausalLM"), "builtin": (BUILTIN, "NanoChatForCausalLM")}
 PROMPTS = [
     "doc0001: kato mine rusa lipo",
     "The quick brown fox jumps over the lazy dog, 12345 times.",

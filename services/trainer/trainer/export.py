@@ -56,6 +56,18 @@ def model_id(run: str, stage: str, step: int) -> str:
     return f"{run}-{stage}-{step:06d}"
 
 
+# The GPTConfig switches of the architecture transformers' built-in NanoChat class computes: a model
+# trained with --window-pattern L --no-value-embeds --no-smear --no-backout --no-layer-scalars --qk-scale 1.
+BUILTIN_ARCHITECTURE = {
+    "window_pattern": "L",
+    "value_embeds": False,
+    "smear": False,
+    "backout": False,
+    "layer_scalars": False,
+    "qk_scale": 1.0,
+}
+
+
 def builtin_compatible(config: GPTConfig) -> bool:
     """Whether transformers' NanoChatForCausalLM computes exactly this model (within its context)."""
     return (
