@@ -3,7 +3,9 @@ a pool too small for every stream preempts and recomputes without changing a rep
 tokens held; a request the pool can never hold fails with the reason."""
 
 import asyncio
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from inference.metrics import Metrics
 from inference.paged_cache import PagedKVCache, blocks_for
 from inference.prefix_cache import BLOCK_TOKENS
 from inference.scheduler import Failure, Output, SamplingParams, Scheduler, Submission
-from tests.inference.conftest import tiny_tokenizer, write_checkpoint
+from tests.inference.conftest import AUTH_HEADER, start_server, tiny_tokenizer, write_checkpoint
 from trainer.engine import Engine, KVCache
 from trainer.gpt import GPT
 
@@ -145,3 +147,29 @@ def test_a_sequence_that_fills_the_whole_pool_alone_ends_with_length(model: GPT)
     # 32 positions: the prompt's 10 and 22 fed tokens; the 23rd chosen token has no room to be fed.
     (expected,) = engine.complete(ids, max_tokens=23, temperature=0)
     assert reason == "length" and tokens == [t.id for t in expected]
+
+
+def test_the_api_answers_400_for_what_the_kv_cache_cannot_hold_and_caps_a_reply_at_it(
+    served_base: Path, tmp_path: Path
+) -> None:
+    """With INFERENCE_KV_CACHE_TOKENS=64 (4 blocks): a prompt past it, or n replies whose prompts do not
+    fit together, get 400 with the reason; a reply that may grow is cut where the cache is full."""
+    process, url = start_server(served_base, tmp_path, INFERENCE_KV_CACHE_TOKENS="64")
+    try:
+        with httpx.Client(base_url=url, headers=AUTH_HEADER, timeout=60) as client:
+
+            def chat(content: str, **fields: object) -> httpx.Response:
+                messages = [{"role": "user", "content": content}]
+                body = {"model": "tiny-sft", "messages": messages, "temperature": 0, **fields}
+                return client.post("/v1/chat/completions", json=body)
+
+            long = chat("tell me " * 10)  # ~90 tokens: within the context (256), past the cache
+            assert long.status_code == 400 and "INFERENCE_KV_CACHE_TOKENS" in long.json()["error"]["message"]
+            assert long.json()["error"]["code"] == "context_length_exceeded"
+            several = chat("hi there", n=8)
+            assert several.status_code == 400, several.text
+            assert "INFERENCE_KV_CACHE_TOKENS" in several.json()["error"]["message"]
+            capped = chat("hi there", max_tokens=200).json()
+            assert capped["usage"]["prompt_tokens"] + capped["usage"]["completion_tokens"] <= 64
+    finally:
+        process.stop()

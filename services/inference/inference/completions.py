@@ -62,7 +62,8 @@ def text_prompt(served: ServedModel, prompt: str | list[int], add_bos: bool = Tr
 def room_for(
     served: ServedModel, prompt: list[int], max_tokens: int | None, param: str, echo: bool = False
 ) -> int:
-    """max_tokens clamped to what the context leaves after the prompt; 400 when the prompt fills it."""
+    """max_tokens clamped to what the context (and the server's KV cache) leaves after the prompt; 400
+    when the prompt fills it."""
     limit = served.context
     if len(prompt) > limit or (len(prompt) == limit and not echo):
         raise OpenAIError(
@@ -72,7 +73,15 @@ def room_for(
             param=param,
             code="context_length_exceeded",
         )
-    room = limit - len(prompt)
+    if len(prompt) + 1 > served.kv_positions:
+        raise OpenAIError(
+            400,
+            f"This server's KV cache holds {served.kv_positions} positions (INFERENCE_KV_CACHE_TOKENS); the "
+            f"prompt has {len(prompt)} tokens and leaves no room for a reply.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    room = min(limit, served.kv_positions) - len(prompt)
     return room if max_tokens is None else min(max_tokens, room)
 
 
@@ -178,7 +187,8 @@ async def events(job: Job, request: Request) -> AsyncIterator[Output | PromptSco
                 batch.append(job.events.get_nowait())
             failure = next((e for e in batch if isinstance(e, Failure)), None)
             if failure is not None:
-                raise OpenAIError(500, failure.message, type="server_error")
+                kind = "server_error" if failure.status >= 500 else "invalid_request_error"
+                raise OpenAIError(failure.status, failure.message, type=kind)
             for event in merged(batch):
                 if isinstance(event, Output) and event.finish_reason is not None:
                     remaining -= 1

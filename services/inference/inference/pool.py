@@ -17,6 +17,7 @@ from jobs.models import Checkpoint, resolve
 
 from inference.gpu_share import GpuShare
 from inference.metrics import Metrics
+from inference.prefix_cache import BLOCK_TOKENS
 from inference.scheduler import Scheduler
 from inference.settings import InferenceSettings
 from trainer.checkpoint import load_model
@@ -42,6 +43,11 @@ class ServedModel:
     @property
     def context(self) -> int:
         return self.engine.model.config.sequence_len
+
+    @property
+    def kv_positions(self) -> int:
+        """Positions the paged KV cache holds: one sequence can grow to this many at most."""
+        return self.scheduler.cache.num_blocks * BLOCK_TOKENS
 
 
 def memory_estimate(model: GPT, kv_tokens: int, prefix_tokens: int) -> int:

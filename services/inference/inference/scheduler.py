@@ -92,6 +92,7 @@ class PromptScores:
 @dataclass
 class Failure:
     message: str
+    status: int = 500  # 400: the request itself cannot be served here
 
 
 class Submission:
@@ -302,7 +303,7 @@ class Scheduler:
                 needed = submission.n * blocks_for(len(submission.prompt) + 1)
                 if needed > self.cache.num_blocks:
                     self.waiting.popleft()
-                    self.send(submission, Failure(too_long(submission, self.cache.num_blocks)))
+                    self.send(submission, Failure(too_long(submission, self.cache.num_blocks), 400))
                     continue
                 padded = max(longest, len(submission.prompt)) * (len(group) + 1)
                 if blocks + needed > self.cache.free_blocks or (group and padded > PREFILL_TOKEN_BUDGET):
