@@ -366,10 +366,14 @@ class Scheduler:
         while self.preempted and len(self.running) < self.max_batch_size:
             sequence = self.preempted[0]
             tokens = sequence.submission.prompt + sequence.tokens
-            if not sequence.submission.cancelled and blocks_for(len(tokens) + 1) > self.cache.free_blocks:
+            needed = blocks_for(len(tokens))
+            if not sequence.submission.cancelled and self.cache.num_blocks >= needed > self.cache.free_blocks:
                 return
             self.preempted.popleft()
             if sequence.submission.cancelled:
+                continue
+            if needed > self.cache.num_blocks:  # it had grown to the whole cache: it ends there
+                self.end_at_capacity(sequence)
                 continue
             try:
                 prefill = Prefill.start(self.model, [tokens], [self.prefix.lookup(tokens)], [False], None)
