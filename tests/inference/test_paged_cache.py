@@ -136,7 +136,8 @@ def test_a_request_the_whole_pool_cannot_hold_fails_with_the_reason(model: GPT) 
     too_long = (prompt(40, 2), SamplingParams(max_tokens=4, temperature=0))
     (short, _), (nothing, message) = serve(scheduler, [fits, too_long])
     assert len(short) == 4 and nothing == []
-    assert "41 positions of KV cache" in message and "INFERENCE_KV_CACHE_TOKENS" in message
+    # 40 prompt tokens and one generated take 3 blocks: 48 positions
+    assert "48 positions of KV cache" in message and "INFERENCE_KV_CACHE_TOKENS" in message
 
 
 def test_a_sequence_that_fills_the_whole_pool_alone_ends_with_length(model: GPT) -> None:

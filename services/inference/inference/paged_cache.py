@@ -92,6 +92,7 @@ class PagedKVCache:
         if len(rows) * blocks_for(length) > len(self.free):
             raise OutOfBlocks(f"{len(rows) * blocks_for(length)} blocks needed, {len(self.free)} free")
         for row in rows:
+            self.release(row)  # a row left over from a failed step holds nothing now
             self.reserve(row, length)
             slots = self.slots(self.tables[row], length)
             self.keys.index_copy_(1, slots, source.keys[:, source_row, :length])

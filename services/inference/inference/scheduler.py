@@ -15,7 +15,8 @@ A preempted sequence keeps everything but its KV (its tokens, text, generator, t
 goes to the prefix cache, and it is prefilled again, ahead of new requests, once blocks are free.
 
 Each row has its own position and mask (paged_cache.py), and each sequence its own seeded generator,
-so what a request gets does not depend on what else is in the batch. Results go back to the event
+so what a request gets does not depend on what else is in the batch (but for a preempted sequence's
+recompute, which in bf16 can round differently from the steps it replaces). Results go back to the event
 loop through an asyncio.Queue per request: a step's events are handed over together in one
 call_soon_threadsafe, before the decode forward, so the loop sends them while the model computes and
 never waits on it.
@@ -180,7 +181,7 @@ class Scheduler:
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
         self.metrics, self.name = metrics, name
         # Positions of KV for the running rows (None: every row at the full context, none ever waits).
-        kv_blocks = blocks_for(kv_tokens or max_batch_size * self.context)
+        kv_blocks = blocks_for(kv_tokens) if kv_tokens else max_batch_size * blocks_for(self.context)
         self.cache = PagedKVCache(self.model, max_batch_size, kv_blocks)
         self.preempted: deque[Sequence] = deque()  # resumed in this order, before new requests
         self.admissions = itertools.count(1)
@@ -300,6 +301,9 @@ class Scheduler:
         with self.wake:
             while self.waiting and rows + self.waiting[0].n <= self.max_batch_size:
                 submission = self.waiting[0]
+                if submission.cancelled:
+                    self.waiting.popleft()
+                    continue
                 needed = submission.n * blocks_for(len(submission.prompt) + 1)
                 if needed > self.cache.num_blocks:
                     self.waiting.popleft()
@@ -308,11 +312,9 @@ class Scheduler:
                 padded = max(longest, len(submission.prompt)) * (len(group) + 1)
                 if blocks + needed > self.cache.free_blocks or (group and padded > PREFILL_TOKEN_BUDGET):
                     break
-                self.waiting.popleft()
-                if not submission.cancelled:
-                    group.append(submission)
-                    rows, longest = rows + submission.n, max(longest, len(submission.prompt))
-                    blocks += needed
+                group.append(self.waiting.popleft())
+                rows, longest = rows + submission.n, max(longest, len(submission.prompt))
+                blocks += needed
             self.metrics.waiting.labels(self.name).set(len(self.waiting))
         return group
 
@@ -342,8 +344,8 @@ class Scheduler:
         self.cache.copy_rows(source, source_row, list(range(first, first + len(sequences))))
         new_logits = logits[-1:].expand(len(sequences), -1).clone()  # rows get moved in place later
         self.logits = new_logits if self.logits is None else torch.cat([self.logits[:first], new_logits])
-        for sequence in sequences:
-            sequence.admitted = next(self.admissions)
+        for sequence in sequences:  # first come, first served: a resumed sequence keeps its place
+            sequence.admitted = sequence.admitted or next(self.admissions)
         self.running += sequences
 
     def make_room(self, blocks: int) -> None:
@@ -366,16 +368,17 @@ class Scheduler:
         while self.preempted and len(self.running) < self.max_batch_size:
             sequence = self.preempted[0]
             tokens = sequence.submission.prompt + sequence.tokens
-            needed = blocks_for(len(tokens))
-            if not sequence.submission.cancelled and self.cache.num_blocks >= needed > self.cache.free_blocks:
-                return
-            self.preempted.popleft()
             if sequence.submission.cancelled:
+                self.preempted.popleft()
                 continue
-            if needed > self.cache.num_blocks:  # it had grown to the whole cache: it ends there
+            if blocks_for(len(tokens)) > self.cache.num_blocks:  # it had grown to the whole cache
+                self.preempted.popleft()
                 self.end_at_capacity(sequence)
                 continue
-            try:
+            # Room for its next token too, so that it is not preempted again at once.
+            if min(blocks_for(len(tokens) + 1), self.cache.num_blocks) > self.cache.free_blocks:
+                return
+            try:  # it stays in `preempted` until it runs: the scheduler is busy meanwhile
                 prefill = Prefill.start(self.model, [tokens], [self.prefix.lookup(tokens)], [False], None)
                 _, (ready,) = prefill.step()
                 self.join(prefill.cache, 0, [sequence], ready.logits)
@@ -383,6 +386,7 @@ class Scheduler:
                 log.exception("resuming a preempted sequence failed")
                 self.send(sequence.submission, Failure(f"generation failed: {error}"))
                 sequence.submission.cancelled = True
+            self.preempted.popleft()
 
     def unanswered(self) -> list[Submission]:
         """The submissions of the prefill in progress that have neither joined the batch nor been
@@ -403,6 +407,8 @@ class Scheduler:
     def remember(self, rows: list[int]) -> None:
         """Keep the KV of these finished rows in the prefix cache: the next turn of their chat starts
         with their prompt and reply."""
+        if not self.prefix.max_blocks:
+            return
         for row in rows:
             sequence = self.running[row]
             length = self.cache.lengths[row]
@@ -556,7 +562,7 @@ class Scheduler:
                 failed |= {id(s): s for s in self.waiting}
                 self.waiting.clear()
         failed |= {id(s.submission): s.submission for s in self.preempted}
-        for row in range(len(self.running)):
+        for row in range(len(self.cache.tables)):
             self.cache.release(row)
         self.running, self.logits, self.preempted = [], None, deque()
         for submission in failed.values():
@@ -577,9 +583,10 @@ class Scheduler:
 
 
 def too_long(submission: Submission, num_blocks: int) -> str:
-    positions = submission.n * (len(submission.prompt) + 1)
+    positions = submission.n * blocks_for(len(submission.prompt) + 1) * BLOCK_TOKENS
     return (
         f"this request needs {positions} positions of KV cache ({submission.n} × a prompt of "
-        f"{len(submission.prompt)} tokens and one generated), more than the server holds "
-        f"({num_blocks * BLOCK_TOKENS}, INFERENCE_KV_CACHE_TOKENS): shorten the prompt or lower n"
+        f"{len(submission.prompt)} tokens and one generated, in blocks of {BLOCK_TOKENS}), more than "
+        f"the server holds ({num_blocks * BLOCK_TOKENS}, INFERENCE_KV_CACHE_TOKENS): shorten the prompt "
+        "or lower n"
     )
