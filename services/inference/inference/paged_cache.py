@@ -65,6 +65,11 @@ class PagedKVCache:
     def free_blocks(self) -> int:
         return len(self.free)
 
+    @property
+    def capacity(self) -> int:
+        """Positions the pool holds: the most one sequence can grow to."""
+        return self.num_blocks * BLOCK_TOKENS
+
     def reserve(self, row: int, positions: int) -> None:
         """Blocks for the row's first `positions` positions (OutOfBlocks, taking none, when short)."""
         missing = blocks_for(positions) - len(self.tables[row])

@@ -17,7 +17,6 @@ from jobs.models import Checkpoint, resolve
 
 from inference.gpu_share import GpuShare
 from inference.metrics import Metrics
-from inference.prefix_cache import BLOCK_TOKENS
 from inference.scheduler import Scheduler
 from inference.settings import InferenceSettings
 from trainer.checkpoint import load_model
@@ -47,7 +46,7 @@ class ServedModel:
     @property
     def kv_positions(self) -> int:
         """Positions the paged KV cache holds: one sequence can grow to this many at most."""
-        return self.scheduler.cache.num_blocks * BLOCK_TOKENS
+        return self.scheduler.cache.capacity
 
 
 def memory_estimate(model: GPT, kv_tokens: int, prefix_tokens: int) -> int:
@@ -92,7 +91,6 @@ class ModelPool:
         engine = Engine(model, Tokenizer.load(checkpoint.tokenizer_dir))
         settings, batch = self.settings, self.settings.inference_max_batch_size
         prefix = settings.inference_prefix_cache_tokens
-        kv_tokens = settings.inference_kv_cache_tokens or batch * model.config.sequence_len
         scheduler = Scheduler(
             engine,
             batch,
@@ -101,9 +99,10 @@ class ModelPool:
             checkpoint.id,
             prefix_tokens=prefix,
             chunk_tokens=settings.inference_prefill_chunk_tokens or None,
-            kv_tokens=kv_tokens,
+            kv_tokens=settings.inference_kv_cache_tokens or None,  # None: the scheduler's default
         )
-        return ServedModel(checkpoint, engine, scheduler, memory_estimate(model, kv_tokens, prefix))
+        memory = memory_estimate(model, scheduler.cache.capacity, prefix)
+        return ServedModel(checkpoint, engine, scheduler, memory)
 
     def evict(self) -> None:
         budget = self.settings.inference_max_model_memory_gb * 2**30

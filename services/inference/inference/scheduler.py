@@ -137,7 +137,7 @@ class Sequence:
     last_time: float = 0.0
     finish_reason: str | None = None
     pending: list[TokenScore] = field(default_factory=list)
-    admitted: int = 0  # when it (last) joined the batch: the latest admitted is preempted first
+    admitted: int = 0  # when it first joined the batch: the latest admitted is preempted first
 
 
 def token_scores(logprobs: torch.Tensor, tokens: list[int], top: int) -> list[TokenScore]:
@@ -307,7 +307,7 @@ class Scheduler:
                 needed = submission.n * blocks_for(len(submission.prompt) + 1)
                 if needed > self.cache.num_blocks:
                     self.waiting.popleft()
-                    self.send(submission, Failure(too_long(submission, self.cache.num_blocks), 400))
+                    self.send(submission, Failure(too_long(submission, self.cache.capacity), 400))
                     continue
                 padded = max(longest, len(submission.prompt)) * (len(group) + 1)
                 if blocks + needed > self.cache.free_blocks or (group and padded > PREFILL_TOKEN_BUDGET):
@@ -582,11 +582,11 @@ class Scheduler:
             loop.call_soon_threadsafe(deliver, items)
 
 
-def too_long(submission: Submission, num_blocks: int) -> str:
+def too_long(submission: Submission, capacity: int) -> str:
     positions = submission.n * blocks_for(len(submission.prompt) + 1) * BLOCK_TOKENS
     return (
         f"this request needs {positions} positions of KV cache ({submission.n} × a prompt of "
         f"{len(submission.prompt)} tokens and one generated, in blocks of {BLOCK_TOKENS}), more than "
-        f"the server holds ({num_blocks * BLOCK_TOKENS}, INFERENCE_KV_CACHE_TOKENS): shorten the prompt "
+        f"the server holds ({capacity}, INFERENCE_KV_CACHE_TOKENS): shorten the prompt "
         "or lower n"
     )
