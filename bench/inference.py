@@ -154,13 +154,13 @@ async def concurrent_run(url: str, model: str, concurrency: int, new_tokens: int
             *(one_request(client, model, m, new_tokens) for m in prompts(concurrency))
         )
         wall = time.perf_counter() - start
-    ttfts = sorted(r["ttft"] for r in results)
+    ttfts = [r["ttft"] for r in results]
     single = results[0]
     return {
         "aggregate_tok_s": sum(r["tokens"] for r in results) / wall,
         "stream_tok_s": (single["tokens"] - 1) / single["decode"] if single["decode"] > 0 else None,
         "ttft_p50": statistics.median(ttfts),
-        "ttft_p99": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))],
+        "ttft_p99": p99(ttfts),
     }
 
 
@@ -325,18 +325,25 @@ def start_peer(folder: Path, port: int, runtime: Runtime) -> subprocess.Popen:
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a local folder: nothing to fetch
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
+    return wait_ready(
+        server, f"http://127.0.0.1:{port}/v1/models", 300, "transformers serve (is accelerate installed?)"
+    )
+
+
+def wait_ready(server: subprocess.Popen, url: str, seconds: float, name: str) -> subprocess.Popen:
+    """The server, once `url` answers 200; SystemExit naming it if it exits or is not ready in time."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
         if server.poll() is not None:
-            raise SystemExit(f"transformers serve exited ({server.returncode}): is accelerate installed?")
-        time.sleep(1)
+            raise SystemExit(f"{name} exited ({server.returncode})")
+        time.sleep(0.5)
     server.kill()
-    raise SystemExit("transformers serve did not become ready")
+    raise SystemExit(f"{name} did not become ready in {seconds:.0f} s")
 
 
 def peer_rows(
@@ -446,16 +453,7 @@ def start_server(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server.kill()
-    raise SystemExit("the model server did not become ready")
+    return wait_ready(server, f"http://127.0.0.1:{port}/ready", 120, "the model server")
 
 
 def throughput_rows(
