@@ -74,6 +74,18 @@ def slow_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> GPT:
+    """The tiny model, in eval mode, whose greedy replies run to max_tokens."""
+    runs = tmp_path_factory.mktemp("never-stopping") / "runs"
+    return write_checkpoint(runs, "tiny", "sft", 1, seed=10, never_stop=True).eval()
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    """Ordinary tokens of the tiny vocab, the same for the same seed."""
+    return torch.randint(0, 500, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.train(make_documents(200, seed=1), vocab_size=CONFIG.vocab_size)
 

@@ -8,19 +8,9 @@ import torch
 
 from inference.metrics import Metrics
 from inference.scheduler import Output, PromptScores, SamplingParams, Scheduler, Submission
-from tests.inference.conftest import tiny_tokenizer, write_checkpoint
+from tests.inference.conftest import random_prompt, tiny_tokenizer
 from trainer.engine import Engine
 from trainer.gpt import GPT
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> GPT:
-    runs = tmp_path_factory.mktemp("chunked") / "runs"
-    return write_checkpoint(runs, "tiny", "sft", 1, seed=10, never_stop=True).eval()
-
-
-def prompt(length: int, seed: int) -> list[int]:
-    return torch.randint(0, 500, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 async def collect(scheduler: Scheduler, submission: Submission) -> list[int]:
@@ -36,7 +26,8 @@ async def collect(scheduler: Scheduler, submission: Submission) -> list[int]:
 
 def test_prompts_prefilled_in_chunks_reply_as_the_engine_does(model: GPT) -> None:
     engine = Engine(model, tiny_tokenizer())
-    prompts = [prompt(5, 1), prompt(40, 2), prompt(90, 3)]  # 1, 3 and 6 chunks of 16, in one group
+    # 1, 3 and 6 chunks of 16, in one group
+    prompts = [random_prompt(5, 1), random_prompt(40, 2), random_prompt(90, 3)]
     scheduler = Scheduler(engine, 4, 4, Metrics(), "tiny", chunk_tokens=48)
 
     async def together() -> list[list[int]]:
@@ -53,7 +44,7 @@ def test_prompts_prefilled_in_chunks_reply_as_the_engine_does(model: GPT) -> Non
 
 
 def test_a_prompt_scored_in_chunks_gets_the_scores_of_one_forward(model: GPT) -> None:
-    ids = prompt(50, 4)
+    ids = random_prompt(50, 4)
     scheduler = Scheduler(Engine(model, tiny_tokenizer()), 4, 4, Metrics(), "tiny", chunk_tokens=16)
 
     async def scores() -> list:
@@ -77,11 +68,13 @@ def test_a_prompt_scored_in_chunks_gets_the_scores_of_one_forward(model: GPT) ->
 def test_a_running_stream_keeps_getting_tokens_while_a_long_prompt_is_prefilled(model: GPT) -> None:
     """Without chunks the long prompt's prefill is one forward: the stream would wait it out."""
     scheduler = Scheduler(Engine(model, tiny_tokenizer()), 4, 4, Metrics(), "tiny", chunk_tokens=8)
-    long_prompt = prompt(120, 5)  # 15 chunks
+    long_prompt = random_prompt(120, 5)  # 15 chunks
 
     async def stream_beside_long_prompt() -> int:
         events: asyncio.Queue = asyncio.Queue()  # both requests' events, in the order they were made
-        running = Submission(prompt(4, 6), SamplingParams(max_tokens=100, temperature=0), events=events)
+        running = Submission(
+            random_prompt(4, 6), SamplingParams(max_tokens=100, temperature=0), events=events
+        )
         scheduler.submit([running])
         while not isinstance(await events.get(), Output):  # the stream is running
             pass

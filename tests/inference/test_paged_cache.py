@@ -6,26 +6,15 @@ import asyncio
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 
 from inference.metrics import Metrics
 from inference.paged_cache import PagedKVCache, blocks_for
 from inference.prefix_cache import BLOCK_TOKENS
 from inference.scheduler import Failure, Output, SamplingParams, Scheduler, Submission
-from tests.inference.conftest import AUTH_HEADER, start_server, tiny_tokenizer, write_checkpoint
+from tests.inference.conftest import AUTH_HEADER, random_prompt, start_server, tiny_tokenizer
 from trainer.engine import Engine, KVCache
 from trainer.gpt import GPT
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> GPT:
-    runs = tmp_path_factory.mktemp("paged") / "runs"
-    return write_checkpoint(runs, "tiny", "sft", 1, seed=10, never_stop=True).eval()
-
-
-def prompt(length: int, seed: int) -> list[int]:
-    return torch.randint(0, 500, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 async def generate(scheduler: Scheduler, submission: Submission) -> tuple[list[int], str | None]:
@@ -62,7 +51,8 @@ def counter(scheduler: Scheduler, name: str) -> float:
 
 
 def test_attention_over_gathered_blocks_computes_what_the_contiguous_cache_does(model: GPT) -> None:
-    prompts = [prompt(5, 1), prompt(37, 2), prompt(16, 3)]  # inside a block, across two, exactly one
+    # inside a block, across two, exactly one
+    prompts = [random_prompt(5, 1), random_prompt(37, 2), random_prompt(16, 3)]
     paged = PagedKVCache(model, max_rows=3, num_blocks=12)
     contiguous = KVCache(model, 3, 64)
     with torch.inference_mode():
@@ -90,7 +80,7 @@ def test_a_pool_too_small_for_every_stream_preempts_and_replies_as_with_room_for
     preempted and prefilled again, greedy replies equal the engine's, and a sampled one keeps its seed's
     tokens (its generator survives the preemption)."""
     engine = Engine(model, tiny_tokenizer())
-    prompts = [prompt(20, seed) for seed in range(4)]
+    prompts = [random_prompt(20, seed) for seed in range(4)]
 
     requests = [(p, SamplingParams(max_tokens=40, temperature=0)) for p in prompts[:3]]
     requests.append((prompts[3], SamplingParams(max_tokens=40, temperature=1.0, seed=5)))
@@ -111,7 +101,7 @@ def test_rows_take_blocks_for_the_tokens_they_hold_not_the_longest_row(model: GP
     """One long prompt among seven short ones: all eight run at once in a pool a fifth of what a
     contiguous batch cache (every row as long as the longest) needs for them."""
     engine = Engine(model, tiny_tokenizer())
-    prompts = [prompt(200, 0), *(prompt(10, seed) for seed in range(1, 8))]
+    prompts = [random_prompt(200, 0), *(random_prompt(10, seed) for seed in range(1, 8))]
     kv_tokens = blocks_for(200 + 8) * BLOCK_TOKENS + 7 * BLOCK_TOKENS
     assert 5 * kv_tokens < 8 * (200 + 8)
     scheduler = Scheduler(engine, 8, 8, Metrics(), "tiny", kv_tokens=kv_tokens, chunk_tokens=None)
@@ -132,8 +122,8 @@ def test_a_request_the_whole_pool_cannot_hold_fails_with_the_reason(model: GPT) 
     scheduler = Scheduler(
         Engine(model, tiny_tokenizer()), 4, 4, Metrics(), "tiny", kv_tokens=2 * BLOCK_TOKENS
     )
-    fits = (prompt(10, 1), SamplingParams(max_tokens=4, temperature=0))
-    too_long = (prompt(40, 2), SamplingParams(max_tokens=4, temperature=0))
+    fits = (random_prompt(10, 1), SamplingParams(max_tokens=4, temperature=0))
+    too_long = (random_prompt(40, 2), SamplingParams(max_tokens=4, temperature=0))
     (short, _), (nothing, message) = serve(scheduler, [fits, too_long])
     assert len(short) == 4 and nothing == []
     # 40 prompt tokens and one generated take 3 blocks: 48 positions
@@ -142,7 +132,7 @@ def test_a_request_the_whole_pool_cannot_hold_fails_with_the_reason(model: GPT) 
 
 def test_a_sequence_that_fills_the_whole_pool_alone_ends_with_length(model: GPT) -> None:
     engine = Engine(model, tiny_tokenizer())
-    ids = prompt(10, 3)
+    ids = random_prompt(10, 3)
     scheduler = Scheduler(engine, 4, 4, Metrics(), "tiny", kv_tokens=2 * BLOCK_TOKENS)
     ((tokens, reason),) = serve(scheduler, [(ids, SamplingParams(max_tokens=100, temperature=0))])
     # 32 positions: the prompt's 10 and 22 fed tokens; the 23rd chosen token has no room to be fed.
