@@ -15,6 +15,8 @@ others.
               then stays unchecked, and the result says so)
   inference   bench/inference.py on the GPU: the model server against the engine and the bare forward,
               chat turns (prefix cache), a long prompt (chunked prefill), a fixed KV budget (paged)
+  inference-graphs  the server's throughput again with INFERENCE_CUDA_GRAPHS=true, next to the part
+              above's (tests/inference/test_decode_graphs.py in gpu-tests checks the replies)
 
 Prints one line per part and one JSON line at the end. `--smoke` runs every part tiny on the CPU: what
 the test suite does to keep this script working on machines without a GPU.
@@ -54,6 +56,7 @@ FULL = {
     "torchrun": "--depth 4 --max-seq-len 1024 --device-batch-size 8 --total-batch-size 32768 "
     "--num-iterations 6 --eval-tokens 65536 --core-metric-every -1",
     "inference": "--models tiny d12 --concurrency 1 16 64 --parts throughput chat long-prompt memory",
+    "inference-graphs": "--models tiny d12 --concurrency 1 16 64 --parts throughput --cuda-graphs",
 }
 SMOKE = {  # only the first run compiles: on a CPU, compiling costs half a minute a run
     "vocab": 2048,
@@ -68,6 +71,7 @@ SMOKE = {  # only the first run compiles: on a CPU, compiling costs half a minut
     "torchrun": "--depth 2 --head-dim 64 --max-seq-len 128 --device-batch-size 2 --total-batch-size 1024 "
     "--num-iterations 3 --eval-tokens 4096 --core-metric-every -1",
     "inference": "--models tiny --concurrency 1 2 --new-tokens 8 --serial-requests 2",
+    "inference-graphs": "--models tiny --concurrency 2 --new-tokens 8 --serial-requests 2 --cuda-graphs",
 }
 
 
@@ -142,7 +146,8 @@ def main() -> None:
     results: dict[str, dict] = {}
 
     tests = (
-        "-m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_attention.py tests/trainer/test_fp8.py"
+        "-m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_attention.py tests/trainer/test_fp8.py "
+        "tests/inference/test_decode_graphs.py"
     )
     ok, output = run_part("gpu-tests", [*python, *tests.split()], env, 300, logs)
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)}
@@ -166,17 +171,20 @@ def main() -> None:
         }
 
     device = "cpu" if args.smoke else "cuda"
-    ok, output = run_part("inference", [*python, "bench/inference.py", *sizes["inference"].split(),
-                                        "--device", device], env, 600, logs)  # fmt: skip
-    figures = json_after(output, '{"bench": "inference"') if ok else None
-    parts = ("results", "chat", "long_prompt", "memory")
-    results["inference"] = {"ok": True, **{p: figures[p] for p in parts}} if figures else failure(output)
+    for name, timeout, parts in (
+        ("inference", 600, ("results", "chat", "long_prompt", "memory")),
+        ("inference-graphs", 300, ("results",)),
+    ):
+        ok, output = run_part(name, [*python, "bench/inference.py", *sizes[name].split(),
+                                     "--device", device], env, timeout, logs)  # fmt: skip
+        figures = json_after(output, '{"bench": "inference"') if ok else None
+        results[name] = {"ok": True, **{p: figures[p] for p in parts}} if figures else failure(output)
 
     machine = torch.cuda.get_device_name(0) if gpus else f"{platform.machine()} CPU"
     print(f"\ngpu check | {machine} | torch {torch.__version__} (CUDA {torch.version.cuda}) | logs: {logs}")
     for name, result in results.items():
         shown = {k: v for k, v in result.items() if k not in ("ok", "results")}
-        print(f"  {name:<10} {'ok' if result['ok'] else 'FAILED':<7} {shown}")
+        print(f"  {name:<16} {'ok' if result['ok'] else 'FAILED':<7} {shown}")
     summary = {
         "bench": "gpu_check",
         "machine": machine,

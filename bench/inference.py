@@ -42,12 +42,15 @@ NanoChat class computes (full windows, no value embeddings, smear, backout or la
 special tokens are never the likeliest, so both servers write every requested token. Both get the
 whole machine, one at a time.
 
+--cuda-graphs serves with the decode steps replayed as CUDA graphs (INFERENCE_CUDA_GRAPHS, GPU only);
+bench/gpu_check.sh runs the throughput part with and without.
+
 Prints a table per part and one JSON line.
 
     .venv/bin/python bench/inference.py [--models tiny d12]
         [--parts throughput (default) chat long-prompt memory peer] [--concurrency 1 4 16 64]
         [--new-tokens 64] [--chat-turns 10] [--prefill-chunks 0 64 256] [--kv-budget-tokens 4096]
-        [--device auto|cpu|cuda]
+        [--device auto|cpu|cuda] [--cuda-graphs]
 """
 
 import argparse
@@ -639,8 +642,13 @@ def main() -> None:
         "--kv-budget-tokens", type=int, default=4096, help="KV positions of the memory part's server"
     )
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="every server with INFERENCE_CUDA_GRAPHS=true (GPU only)"
+    )
     args = parser.parse_args()
     runtime = setup_runtime(args.device)
+    if args.cuda_graphs:
+        os.environ["INFERENCE_CUDA_GRAPHS"] = "true"  # what start_server passes on to every server
     data_dir = Path(os.environ.get("NANOCHAT_DATA_DIR") or ROOT.parent / "shared" / "data")
     if not (data_dir / "pretrain").is_dir():
         raise SystemExit(
@@ -669,6 +677,8 @@ def main() -> None:
     else:
         machine = f"{platform.machine()} cpu, torch {torch.__version__}, threads {torch.get_num_threads()}"
     dtype = str(runtime.dtype).removeprefix("torch.")
+    if args.cuda_graphs:
+        dtype += ", CUDA graphs" if runtime.device.type == "cuda" else ", CUDA graphs (ignored: no GPU)"
     if rows:
         print(
             f"inference server | {machine} | {dtype} | ~32-token prompts, greedy, "

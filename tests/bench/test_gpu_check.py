@@ -6,6 +6,8 @@ import subprocess
 
 from support import ROOT, service_env
 
+PARTS = ["gpu-tests", "d12", "d20", "fp8", "fp16", "torchrun", "inference", "inference-graphs"]
+
 
 def test_the_gpu_check_runs_every_part_and_ends_with_one_json_line(data_kit, tmp_path) -> None:
     result = subprocess.run(
@@ -19,13 +21,13 @@ def test_the_gpu_check_runs_every_part_and_ends_with_one_json_line(data_kit, tmp
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == 0 and summary["ok"], result.stdout[-3000:]
     parts = summary["parts"]
-    assert list(parts) == ["gpu-tests", "d12", "d20", "fp8", "fp16", "torchrun", "inference"]
+    assert list(parts) == PARTS
     assert parts["d12"]["tok_per_s"] > 0 and parts["d12"]["attention"].startswith("sdpa (")
     assert parts["fp8"]["fp8"] and not parts["d20"]["fp8"] and parts["fp8"]["tok_per_s"] > 0
     assert parts["fp16"]["dtype"] == "float16" and parts["torchrun"]["device"] == "cpu × 2"
     assert parts["torchrun"]["backend"].startswith("gloo")
     assert {row["concurrency"] for row in parts["inference"]["results"]} == {1, 2}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f"{name}.log"
-        for name in sorted(["gpu-tests", "tokenizer", "d12", "d20", "fp8", "fp16", "torchrun", "inference"])
-    ]
+    assert [row["concurrency"] for row in parts["inference-graphs"]["results"]] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{name}.log" for name in [*PARTS, "tokenizer"]
+    )

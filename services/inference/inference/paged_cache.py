@@ -7,8 +7,9 @@ contiguous batch cache must.
 
 For the forward pass it is a KV cache like engine.KVCache (start, store, advance, the smear state):
 each layer writes the step's keys and values into the rows' blocks, then attends over its rows'
-blocks gathered in order (block 0 is a zero block that pads the shorter tables; the mask of
-cached_attention hides everything past a row's position, so the pads are never seen). The pool is
+blocks gathered in order (block 0 is no row's: it pads the shorter tables, and the padding rows of a
+fixed-shape step write into it; the mask of cached_attention hides everything past a row's position,
+so the pads are never seen). The pool is
 stored as one run of slots per layer (block b holds slots b·16 to b·16+15), and the slots a forward
 writes and reads are worked out once, in start, for every layer: a layer costs one index_copy_ and
 one index_select per tensor.
@@ -44,7 +45,7 @@ def block_slots(blocks: torch.Tensor) -> torch.Tensor:
 class PagedKVCache:
     def __init__(self, model: GPT, max_rows: int, num_blocks: int) -> None:
         c = model.config
-        shape = (c.n_layer, (num_blocks + 1) * BLOCK_TOKENS, c.n_kv_head, c.head_dim)  # + the zero block
+        shape = (c.n_layer, (num_blocks + 1) * BLOCK_TOKENS, c.n_kv_head, c.head_dim)  # + the pad block
         device, dtype = model.wte.weight.device, model.compute_dtype
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
@@ -58,6 +59,7 @@ class PagedKVCache:
         self.written = torch.zeros(0, dtype=torch.long, device=device)  # its new tokens' slots
         self.read = torch.zeros(0, dtype=torch.long, device=device)  # every row's first `end` slots
         self.end = 0
+        self.fixed = False  # a fixed_view: start and advance leave its buffers and lengths alone
 
     # -- the scheduler's side ----------------------------------------------------------
 
@@ -124,19 +126,41 @@ class PagedKVCache:
 
     def start(self, num_tokens: int) -> torch.Tensor:
         """Positions (rows, T) of the tokens a forward pass adds after each row's length; every row
-        must hold blocks for them (reserve)."""
-        lengths, tables, device = self.lengths[: self.rows], self.tables[: self.rows], self.keys.device
+        must hold blocks for them (reserve). A fixed view's are already in its buffers."""
+        if self.fixed:
+            return self.positions
+        lengths, tables = self.lengths[: self.rows], self.tables[: self.rows]
         assert all(len(t) * BLOCK_TOKENS >= n + num_tokens for t, n in zip(tables, lengths, strict=True))
-        self.positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(
-            num_tokens, device=device
-        )
         self.end = max(lengths) + num_tokens
-        width = blocks_for(self.end)
-        padded = [t + [0] * (width - len(t)) for t in tables]  # block 0: zeros, past every row's end
-        slots = block_slots(torch.tensor(padded, device=device))
-        self.written = slots.gather(1, self.positions).flatten()
-        self.read = slots[:, : self.end].flatten()
+        self.positions, written, read = self.plan(self.rows, num_tokens, blocks_for(self.end))
+        self.written = written.flatten()
+        self.read = read[:, : self.end].flatten()
         return self.positions
+
+    def plan(
+        self, rows: int, num_tokens: int, width: int, padding: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a forward adding num_tokens to each of the first `rows` rows, and `padding` empty rows
+        after them (position 0, block 0): positions (rows + padding, T), the slots they write (same
+        shape), and each row's first `width` blocks of slots to read (rows + padding, width·16)."""
+        device = self.keys.device
+        lengths = self.lengths[:rows] + [0] * padding
+        tables = [t + [0] * (width - len(t)) for t in self.tables[:rows]] + [[0] * width] * padding
+        positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(num_tokens, device=device)
+        slots = block_slots(torch.tensor(tables, device=device))  # block 0 pads: past every row's end
+        return positions, slots.gather(1, positions), slots
+
+    def fixed_view(self, rows: int, width: int) -> "PagedKVCache":
+        """A view for a forward of fixed shapes (decode_graphs.py): one token for each of `rows` rows,
+        keys gathered to `width` blocks, positions and slots in buffers that its owner fills (plan)
+        before each forward, and lengths that its owner advances."""
+        view = self.head(rows)
+        device = self.keys.device
+        view.fixed, view.end = True, width * BLOCK_TOKENS
+        view.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        view.written = torch.zeros(rows, dtype=torch.long, device=device)
+        view.read = torch.zeros(rows * view.end, dtype=torch.long, device=device)
+        return view
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this forward's keys/values into the rows' blocks; return every row's first `end`
@@ -149,6 +173,8 @@ class PagedKVCache:
         return gathered[0], gathered[1]
 
     def advance(self) -> None:
+        if self.fixed:
+            return
         for row in range(self.rows):
             self.lengths[row] += self.positions.size(1)
 

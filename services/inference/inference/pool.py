@@ -63,6 +63,9 @@ class ModelPool:
         self.settings, self.metrics = settings, metrics
         self.gpu = gpu or GpuShare(None, None, metrics)
         self.runtime = setup_runtime(settings.inference_device, settings.inference_dtype)
+        self.cuda_graphs = settings.inference_cuda_graphs and self.runtime.device.type == "cuda"
+        if settings.inference_cuda_graphs and not self.cuda_graphs:
+            log.warning("INFERENCE_CUDA_GRAPHS is on, but this server runs on the CPU: it is ignored")
         self.loaded: OrderedDict[str, ServedModel] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -100,6 +103,7 @@ class ModelPool:
             prefix_tokens=prefix,
             chunk_tokens=settings.inference_prefill_chunk_tokens or None,
             kv_tokens=settings.inference_kv_cache_tokens or None,  # None: the scheduler's default
+            decode_graphs=self.cuda_graphs,
         )
         memory = memory_estimate(model, scheduler.cache.capacity, prefix)
         return ServedModel(checkpoint, engine, scheduler, memory)

@@ -10,6 +10,7 @@ of every request shares each step.
           (their KV goes to the prefix cache, their blocks back to the pool; the last row moves into a
           freed row, so the running rows stay at the front) → give every row a block for its next
           position, preempting the latest admitted sequence when none is left → one decode forward
+          (replayed as a CUDA graph with INFERENCE_CUDA_GRAPHS, decode_graphs.py)
 
 A preempted sequence keeps everything but its KV (its tokens, text, generator, tool state): its KV
 goes to the prefix cache, and it is prefilled again, ahead of new requests, once blocks are free.
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inference.decode_graphs import DecodeGraphs
 from inference.metrics import Metrics
 from inference.paged_cache import OutOfBlocks, PagedKVCache, blocks_for
 from inference.prefill import Prefill
@@ -175,6 +177,7 @@ class Scheduler:
         prefix_tokens: int = 0,
         chunk_tokens: int | None = None,
         kv_tokens: int | None = None,
+        decode_graphs: bool = False,
     ) -> None:
         self.engine, self.model = engine, engine.model
         self.context = self.model.config.sequence_len
@@ -183,6 +186,8 @@ class Scheduler:
         # Positions of KV for the running rows (None: every row at the full context, none ever waits).
         kv_blocks = blocks_for(kv_tokens) if kv_tokens else max_batch_size * blocks_for(self.context)
         self.cache = PagedKVCache(self.model, max_batch_size, kv_blocks)
+        # Fixed-shape decode steps, captured as CUDA graphs on a GPU (decode_graphs.py); None: eager.
+        self.graphs = DecodeGraphs(self.model, self.cache, max_batch_size) if decode_graphs else None
         self.preempted: deque[Sequence] = deque()  # resumed in this order, before new requests
         self.admissions = itertools.count(1)
         self.prefix = PrefixCache(prefix_tokens)
@@ -527,7 +532,17 @@ class Scheduler:
         self.reserve_next_positions()
         if not self.running:
             return
-        fed = torch.tensor([[s.last_token] for s in self.running], device=self.engine.device)
+        tokens = [s.last_token for s in self.running]
+        if self.graphs is not None:
+            try:
+                self.logits = self.graphs(tokens)
+                return
+            except Exception:  # a kernel that cannot be captured, say: serving goes on without graphs
+                log.exception(
+                    "the CUDA graph of a decode step failed; %s decodes eagerly from now on", self.name
+                )
+                self.graphs = None
+        fed = torch.tensor(tokens, device=self.engine.device)[:, None]
         self.logits = self.model(fed, kv_cache=self.cache.head(len(self.running)))[:, -1]
 
     def reserve_next_positions(self) -> None:

@@ -1,0 +1,119 @@
+"""Decode steps over fixed shapes (INFERENCE_CUDA_GRAPHS): padded batches and gathered widths compute
+what the eager step does and never touch a row's keys; through the scheduler replies do not change.
+On a CPU the fixed-shape step runs as it is; the gpu-marked tests capture and replay it as CUDA graphs."""
+
+import copy
+
+import pytest
+import torch
+
+from inference.decode_graphs import DecodeGraphs, sizes_up_to
+from inference.metrics import Metrics
+from inference.paged_cache import PagedKVCache
+from inference.scheduler import SamplingParams, Scheduler
+from tests.inference.conftest import random_prompt, tiny_tokenizer
+from tests.inference.test_paged_cache import serve
+from trainer.engine import Engine, KVCache
+from trainer.gpt import GPT
+
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+)
+
+
+def filled_cache(model: GPT, prompts: list[list[int]], max_rows: int) -> PagedKVCache:
+    cache = PagedKVCache(model, max_rows=max_rows, num_blocks=24)
+    with torch.inference_mode():
+        for row, ids in enumerate(prompts):
+            single = KVCache(model, 1, len(ids))
+            model(torch.tensor([ids], device=cache.keys.device), kv_cache=single)
+            cache.copy_rows(single, 0, [row])
+    return cache
+
+
+def test_sizes_are_powers_of_two_then_the_largest() -> None:
+    assert sizes_up_to(1) == [1]
+    assert sizes_up_to(8) == [1, 2, 4, 8]
+    assert sizes_up_to(24) == [1, 2, 4, 8, 16, 24]
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_fixed_shape_steps_compute_what_the_eager_step_does(model: GPT, device: str) -> None:
+    """Three rows (padded to a batch of 4) whose longest crosses from 4 blocks to 5 (read to 4, then 8):
+    every step's logits equal the eager step's, and the rows' lengths advance alike."""
+    model = copy.deepcopy(model).to(device)
+    prompts = [random_prompt(5, 1), random_prompt(60, 2), random_prompt(16, 3)]
+    eager, fixed = filled_cache(model, prompts, 6), filled_cache(model, prompts, 6)
+    graphs = DecodeGraphs(model, fixed, max_rows=6)
+    with torch.inference_mode():
+        for step in range(8):
+            tokens = [step + 7 * row for row in range(3)]
+            for cache in (eager, fixed):
+                for row in range(3):
+                    cache.reserve(row, cache.lengths[row] + 1)
+            expected = model(torch.tensor(tokens, device=device)[:, None], kv_cache=eager.head(3))[:, -1]
+            torch.testing.assert_close(graphs(tokens), expected, rtol=0, atol=1e-5)
+    assert fixed.lengths == eager.lengths == [13, 68, 24, 0, 0, 0]
+    assert sorted(graphs.steps) == [(4, 4), (4, 8)]
+    assert all((step.graph is not None) == (device == "cuda") for step in graphs.steps.values())
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_replies_through_fixed_shape_steps_equal_the_eager_schedulers(model: GPT, device: str) -> None:
+    """Six streams of different lengths leave one by one (batch 6 → 1, padded to 8, 4, 2, 1), greedy
+    replies equal the engine's, and a seeded sampled reply equals the eager scheduler's."""
+    model = copy.deepcopy(model).to(device)
+    engine = Engine(model, tiny_tokenizer())
+    prompts = [random_prompt(10 + 9 * i, i) for i in range(5)]
+    requests = [(p, SamplingParams(max_tokens=8 + 6 * i, temperature=0)) for i, p in enumerate(prompts)]
+    requests.append((random_prompt(12, 9), SamplingParams(max_tokens=20, temperature=1.0, seed=3)))
+
+    graphs = Scheduler(engine, 8, 8, Metrics(), "tiny", decode_graphs=True)
+    replies = serve(graphs, requests)
+    assert replies == serve(Scheduler(engine, 8, 8, Metrics(), "tiny"), requests)
+    for (ids, params), (tokens, reason) in zip(requests[:5], replies[:5], strict=True):
+        (expected,) = engine.complete(ids, max_tokens=params.max_tokens, temperature=0)
+        assert (tokens, reason) == ([t.id for t in expected], "length")
+    assert {batch for batch, _ in graphs.graphs.steps} == {8, 4, 2, 1}
+    assert graphs.cache.free_blocks == graphs.cache.num_blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_replayed_graph_computes_what_its_step_does_uncaptured_in_bf16(model: GPT) -> None:
+    """The graph replays the very kernels of the fixed-shape step: bitwise the same logits in bf16."""
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    model.set_compute_dtype(torch.bfloat16)
+    prompts = [random_prompt(30, 1), random_prompt(7, 2)]
+    captured, plain = filled_cache(model, prompts, 4), filled_cache(model, prompts, 4)
+    replayed = DecodeGraphs(model, captured, max_rows=4)
+    uncaptured = DecodeGraphs(model, plain, max_rows=4)
+    uncaptured.capture = None  # its steps run as they are
+    with torch.inference_mode():
+        for step in range(6):
+            tokens = [step + 3, step + 11]
+            for cache in (captured, plain):
+                for row in range(2):
+                    cache.reserve(row, cache.lengths[row] + 1)
+            assert torch.equal(replayed(tokens), uncaptured(tokens))
+    assert all(step.graph is not None for step in replayed.steps.values())
+
+
+def test_a_decode_graph_that_fails_leaves_the_model_decoding_eagerly(
+    model: GPT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step that cannot be captured (a kernel the graph refuses) fails no request: the model decodes
+    without graphs from then on, with the same replies."""
+
+    def refused(self: DecodeGraphs, tokens: list[int]) -> torch.Tensor:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "__call__", refused)
+    engine = Engine(model, tiny_tokenizer())
+    scheduler = Scheduler(engine, 4, 4, Metrics(), "tiny", decode_graphs=True)
+    ids = random_prompt(12, 4)
+    ((tokens, reason),) = serve(scheduler, [(ids, SamplingParams(max_tokens=10, temperature=0))])
+    (expected,) = engine.complete(ids, max_tokens=10, temperature=0)
+    assert (tokens, reason) == ([t.id for t in expected], "length")
+    assert scheduler.graphs is None
