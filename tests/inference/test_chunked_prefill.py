@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from inference.metrics import Metrics
-from inference.scheduler import Output, PromptScores, SamplingParams, Scheduler, Submission
+from inference.prefill import Prefill
+from inference.scheduler import Failure, Output, PromptScores, SamplingParams, Scheduler, Submission
 from tests.inference.conftest import random_prompt, tiny_tokenizer
 from trainer.engine import Engine
 from trainer.gpt import GPT
@@ -96,3 +97,34 @@ def test_a_running_stream_keeps_getting_tokens_while_a_long_prompt_is_prefilled(
     finally:
         scheduler.close()
     assert tokens_meanwhile >= 120 // 8 - 1
+
+
+def test_a_prefill_that_cannot_start_fails_its_requests_and_the_next_ones_are_served(
+    model: GPT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its requests were already out of the queue when the prefill failed to start (out of memory for
+    its cache, say): they get the error instead of waiting forever, and the scheduler goes on."""
+    real_start, calls = Prefill.start, []
+
+    def start(*args, **options) -> Prefill:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory")
+        return real_start(*args, **options)
+
+    monkeypatch.setattr(Prefill, "start", start)
+    scheduler = Scheduler(Engine(model, tiny_tokenizer()), 4, 4, Metrics(), "tiny")
+
+    async def first_then_second() -> tuple[Failure, list[int]]:
+        failed = Submission(random_prompt(9, 1), SamplingParams(max_tokens=4, temperature=0))
+        scheduler.submit([failed])
+        failure = await asyncio.wait_for(failed.events.get(), 30)
+        served = Submission(random_prompt(9, 2), SamplingParams(max_tokens=4, temperature=0))
+        return failure, await asyncio.wait_for(collect(scheduler, served), 30)
+
+    try:
+        failure, tokens = asyncio.run(first_then_second())
+    finally:
+        scheduler.close()
+    assert isinstance(failure, Failure) and "CUDA out of memory" in failure.message
+    assert len(tokens) == 4

@@ -10,6 +10,7 @@ import torch
 
 from inference.metrics import Metrics
 from inference.paged_cache import PagedKVCache, blocks_for
+from inference.prefill import Prefill
 from inference.prefix_cache import BLOCK_TOKENS
 from inference.scheduler import Failure, Output, SamplingParams, Scheduler, Submission
 from tests.inference.conftest import AUTH_HEADER, random_prompt, start_server, tiny_tokenizer
@@ -95,6 +96,88 @@ def test_a_pool_too_small_for_every_stream_preempts_and_replies_as_with_room_for
         (expected,) = engine.complete(ids, max_tokens=40, temperature=0)
         assert (tokens, reason) == ([t.id for t in expected], "length")
     assert tight.cache.free_blocks == tight.cache.num_blocks  # every block came back
+
+
+def test_a_preempted_sequence_is_prefilled_again_in_chunks(model: GPT, monkeypatch) -> None:
+    """With INFERENCE_PREFILL_CHUNK_TOKENS=16 and no prefix cache, a preempted sequence's recompute
+    (its prompt and up to ~40 tokens) goes 16 tokens per step like a new prompt, so the running streams
+    wait one chunk at a time; greedy replies stay the engine's."""
+    engine = Engine(model, tiny_tokenizer())
+    prompts = [random_prompt(20, seed) for seed in range(4)]
+    spent = []
+    real_step = Prefill.step
+
+    def step(self: Prefill) -> tuple[int, list]:
+        tokens, ready = real_step(self)
+        spent.append(tokens)
+        return tokens, ready
+
+    monkeypatch.setattr(Prefill, "step", step)
+    tight = Scheduler(engine, 4, 8, Metrics(), "tiny", kv_tokens=9 * BLOCK_TOKENS, chunk_tokens=16)
+    replies = serve(tight, [(p, SamplingParams(max_tokens=40, temperature=0)) for p in prompts])
+    assert counter(tight, "inference_preemptions_total") >= 1
+    assert max(spent) <= 16
+    for ids, (tokens, reason) in zip(prompts, replies, strict=True):
+        (expected,) = engine.complete(ids, max_tokens=40, temperature=0)
+        assert (tokens, reason) == ([t.id for t in expected], "length")
+
+
+def test_a_resumed_sequence_that_finds_its_blocks_taken_waits_rather_than_evict_an_older_one(
+    model: GPT,
+) -> None:
+    """A (first come) and B run in a 5-block pool; B is preempted and prefilled again 4 tokens a step.
+    Meanwhile A grows into a new block, so B no longer fits when it is ready: B waits again (A is not
+    preempted for it) and joins once there is room. Both replies are the engine's. The test runs the
+    scheduler's steps itself (its thread sleeps: nothing wakes it), so the order of events is fixed."""
+    engine = Engine(model, tiny_tokenizer())
+    prompts = {"A": random_prompt(15, 1), "B": random_prompt(30, 2)}
+    joins, victims = [], []
+
+    async def run() -> dict[str, list[int]]:
+        scheduler = Scheduler(engine, 4, 4, Metrics(), "tiny", kv_tokens=5 * BLOCK_TOKENS)
+        a, b = (Submission(prompts[k], SamplingParams(max_tokens=30, temperature=0)) for k in "AB")
+        names = {id(a): "A", id(b): "B"}
+        real_join, real_preempt = scheduler.join, scheduler.preempt
+
+        def join(*args, resumed: bool = False) -> bool:
+            joined = real_join(*args, resumed=resumed)
+            joins.append((resumed, joined, [names[id(s.submission)] for s in scheduler.running]))
+            return joined
+
+        def preempt(row: int) -> None:
+            victims.append(names[id(scheduler.running[row].submission)])
+            real_preempt(row)
+
+        scheduler.join, scheduler.preempt = join, preempt
+        with scheduler.wake:
+            scheduler.waiting.extend([a, b])
+        try:
+            with torch.inference_mode():
+                for _ in range(10):
+                    scheduler.step()
+                assert scheduler.cache.lengths[:2] == [25, 40] and scheduler.cache.free_blocks == 0
+                scheduler.preempt(1)  # B
+                scheduler.chunk_tokens = 4
+                while scheduler.busy:
+                    scheduler.step()
+        finally:
+            scheduler.close()
+        await asyncio.sleep(0)  # the steps' events, handed to this loop
+        return {names[id(x)]: tokens_of(x) for x in (a, b)}
+
+    def tokens_of(submission: Submission) -> list[int]:
+        tokens = []
+        while not submission.events.empty():
+            tokens += [score.token for score in submission.events.get_nowait().tokens]
+        return tokens
+
+    replies = asyncio.run(run())
+    resumed = [(joined, running) for was_resumed, joined, running in joins if was_resumed]
+    assert resumed[0] == (False, ["A"])  # B waits; A runs on
+    assert resumed[1][0] and "A" not in victims
+    for name, ids in prompts.items():
+        (expected,) = engine.complete(ids, max_tokens=30, temperature=0)
+        assert replies[name] == [t.id for t in expected]
 
 
 def test_rows_take_blocks_for_the_tokens_they_hold_not_the_longest_row(model: GPT) -> None:

@@ -10,25 +10,33 @@ shapes at fixed addresses, so the step runs over fixed buffers:
 One graph per (batch size, width), captured the first time that pair is needed, all in one memory pool
 (they never run at once). A row's logits are the eager step's but for rounding (the matmuls have other
 shapes), and greedy tokens the same (tests/inference/test_decode_graphs.py). Off CUDA the same
-fixed-shape step runs without capture: that is how the tests check it on a CPU.
+fixed-shape step runs without capture: that is how the tests check it on a CPU. A step whose graph
+cannot be recorded raises CaptureFailed, and the scheduler decodes that model eagerly from then on.
 """
 
 import torch
 
 from inference.paged_cache import PagedKVCache, blocks_for
+from inference.prefix_cache import BLOCK_TOKENS
 from trainer.gpt import GPT
 
 WARMUP_STEPS = 2  # eager runs before a capture (cuBLAS and the allocator settle)
 
 
-class Capture:
-    """What every graph of one model shares: its GPU, a memory pool (they never run at once) and the
-    stream they are recorded on."""
+class CaptureFailed(Exception):
+    """A fixed-shape step could not be set up (a kernel that a graph cannot record, say); nothing the
+    running rows hold has changed."""
 
-    def __init__(self, device: torch.device) -> None:
+
+class Capture:
+    """What every graph of one model shares: its GPU, a memory pool (they never run at once), the
+    stream they are recorded on, and the buffer they write their logits into."""
+
+    def __init__(self, device: torch.device, max_rows: int, vocab_size: int) -> None:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
+        self.logits = torch.zeros(max_rows, vocab_size, device=device)
 
 
 def sizes_up_to(largest: int) -> list[int]:
@@ -54,24 +62,28 @@ class FixedStep:
 
     def record(self, capture: Capture) -> None:
         # The warm-up runs compute for real, on padding alone: they write only into the pad block, and
-        # the smear state they overwrite is put back. They run on the stream the capture records on, so
-        # that cuBLAS has set itself up for that stream before.
+        # the smear state they overwrite is put back (the capture itself computes nothing). They run on
+        # the stream the capture records on, so that cuBLAS has set itself up for that stream before.
         with torch.cuda.device(capture.device):  # the scheduler's thread may have another current GPU
+            current = torch.cuda.current_stream()
             smear_state = self.cache.last_embedding.clone()
-            capture.stream.wait_stream(torch.cuda.current_stream())
+            capture.stream.wait_stream(current)
             try:
                 with torch.cuda.stream(capture.stream):
                     for _ in range(WARMUP_STEPS):
                         self.forward()
+                capture.stream.synchronize()
+                self.graph = torch.cuda.CUDAGraph()
+                # thread_local: the event loop's thread may ask the driver things meanwhile (memory use)
+                with torch.cuda.graph(
+                    self.graph, pool=capture.pool, stream=capture.stream, capture_error_mode="thread_local"
+                ):
+                    capture.logits[: self.view.rows].copy_(self.forward())
             finally:
-                torch.cuda.current_stream().wait_stream(capture.stream)
+                # A capture that fails in its end leaves the graph's stream current: not for the rest.
+                torch.cuda.set_stream(current)
                 self.cache.last_embedding.copy_(smear_state)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: the event loop's thread may ask the driver things meanwhile (memory use)
-            with torch.cuda.graph(
-                self.graph, pool=capture.pool, stream=capture.stream, capture_error_mode="thread_local"
-            ):
-                self.logits = self.forward()
+        self.logits = capture.logits
 
     def run(self, tokens: list[int]) -> torch.Tensor:
         """Next-token logits of the first len(tokens) rows, each fed its token."""
@@ -84,7 +96,7 @@ class FixedStep:
         if self.graph is None:
             return self.forward()[:rows]
         self.graph.replay()
-        return self.logits[:rows].clone()  # the next replay overwrites the graph's own
+        return self.logits[:rows].clone()  # the next replay overwrites the buffer
 
 
 class DecodeGraphs:
@@ -93,23 +105,30 @@ class DecodeGraphs:
     def __init__(self, model: GPT, cache: PagedKVCache, max_rows: int) -> None:
         self.model, self.cache = model, cache
         self.batch_sizes = sizes_up_to(max_rows)
-        self.widths = sizes_up_to(blocks_for(model.config.sequence_len))
-        # None: the steps run uncaptured (off CUDA)
-        self.capture = Capture(cache.keys.device) if cache.keys.is_cuda else None
+        # Up to the context's width, or longer for a row that grew past it (as far as rotary goes).
+        self.widths = sizes_up_to(blocks_for(model.rotary_len))
+        self.capture = (  # None: the steps run uncaptured (off CUDA)
+            Capture(cache.keys.device, max_rows, model.config.vocab_size) if cache.keys.is_cuda else None
+        )
         self.steps: dict[tuple[int, int], FixedStep] = {}
 
     def __call__(self, tokens: list[int]) -> torch.Tensor:
         """Next-token logits of the first len(tokens) running rows, each fed its token (every row holds
-        a block for it); their lengths advance by one."""
-        rows = len(tokens)
-        needed = blocks_for(max(self.cache.lengths[:rows]) + 1)
+        a block for it); their lengths advance by one. CaptureFailed when a new step's graph cannot
+        be recorded."""
+        rows, lengths, tables = len(tokens), self.cache.lengths, self.cache.tables
+        assert all(len(tables[row]) * BLOCK_TOKENS > lengths[row] for row in range(rows))
+        needed = blocks_for(max(lengths[:rows]) + 1)
         key = (
             next(size for size in self.batch_sizes if size >= rows),
             next(width for width in self.widths if width >= needed),
         )
         if key not in self.steps:
-            self.steps[key] = FixedStep(self.model, self.cache, *key, self.capture)
+            try:
+                self.steps[key] = FixedStep(self.model, self.cache, *key, self.capture)
+            except Exception as error:
+                raise CaptureFailed(f"batch {key[0]}, {key[1]} blocks: {error}") from error
         logits = self.steps[key].run(tokens)
         for row in range(rows):
-            self.cache.lengths[row] += 1
+            lengths[row] += 1
         return logits

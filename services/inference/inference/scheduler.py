@@ -2,9 +2,9 @@
 Continuous batching: one thread per loaded model runs a loop of steps, and every running sequence
 of every request shares each step.
 
-    step: drop cancelled sequences → resume preempted sequences, then admit waiting requests into
-          free rows while the KV blocks of their prompts are free (their prompts prefilled together
-          from where the prefix cache leaves off, up to INFERENCE_PREFILL_CHUNK_TOKENS per step
+    step: drop cancelled sequences → admit preempted sequences, then waiting requests, into free
+          rows while the KV blocks of their prompts are free (their prompts prefilled together from
+          where the prefix cache leaves off, up to INFERENCE_PREFILL_CHUNK_TOKENS per step
           (prefill.py); a complete prompt is copied into the paged batch cache) → pick one token per
           sequence (one that cannot be picked fails that request alone) → retire the finished ones
           (their KV goes to the prefix cache, their blocks back to the pool; the last row moves into a
@@ -13,7 +13,8 @@ of every request shares each step.
           (replayed as a CUDA graph with INFERENCE_CUDA_GRAPHS, decode_graphs.py)
 
 A preempted sequence keeps everything but its KV (its tokens, text, generator, tool state): its KV
-goes to the prefix cache, and it is prefilled again, ahead of new requests, once blocks are free.
+goes to the prefix cache, and it is prefilled again (in chunks, as a prompt is), ahead of new
+requests, once blocks are free.
 
 Each row has its own position and mask (paged_cache.py), and each sequence its own seeded generator,
 so what a request gets does not depend on what else is in the batch (but for a preempted sequence's
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inference.decode_graphs import DecodeGraphs
+from inference.decode_graphs import CaptureFailed, DecodeGraphs
 from inference.metrics import Metrics
 from inference.paged_cache import OutOfBlocks, PagedKVCache, blocks_for
 from inference.prefill import Prefill
@@ -126,7 +127,7 @@ def deliver(items: list[tuple[asyncio.Queue, Event]]) -> None:
         events.put_nowait(event)
 
 
-@dataclass
+@dataclass(eq=False)  # one sequence is equal only to itself
 class Sequence:
     submission: Submission
     index: int
@@ -140,6 +141,14 @@ class Sequence:
     finish_reason: str | None = None
     pending: list[TokenScore] = field(default_factory=list)
     admitted: int = 0  # when it first joined the batch: the latest admitted is preempted first
+
+
+def prompt_of(entry: Submission | Sequence) -> list[int]:
+    """The tokens to prefill: a submission's prompt, or a preempted sequence's prompt and every token
+    chosen so far."""
+    if isinstance(entry, Sequence):
+        return entry.submission.prompt + entry.tokens
+    return entry.prompt
 
 
 def token_scores(logprobs: torch.Tensor, tokens: list[int], top: int) -> list[TokenScore]:
@@ -193,8 +202,9 @@ class Scheduler:
         self.prefix = PrefixCache(prefix_tokens)
         self.chunk_tokens = chunk_tokens  # of prompt prefilled per step; None: whole prompts
         self.prefilling: Prefill | None = None  # of the group below, while its prompts are computed
-        # The submissions being prefilled, by row of `prefilling`; None once answered or in the batch.
-        self.group: list[Submission | None] = []
+        # By row of `prefilling`, the submissions being prefilled (or the preempted sequence being
+        # prefilled again); None once answered or in the batch.
+        self.group: list[Submission | Sequence | None] = []
         self.logits: torch.Tensor | None = None  # next-token logits of the running rows
         self.running: list[Sequence] = []  # row i of the cache is running[i]
         self.waiting: deque[Submission] = deque()
@@ -274,30 +284,37 @@ class Scheduler:
 
     def admit(self) -> None:
         """Prefill waiting submissions into free rows: a group of them at a time, as many as fit in one
-        forward, up to chunk_tokens (when set) of prompt per step; rows whose prompt is complete join."""
+        forward, up to chunk_tokens (when set) of prompt per step; rows whose prompt is complete join.
+        Preempted sequences go first, one at a time, on the same budget (once a prefill under way has
+        finished); new requests wait for them."""
         spent = 0
-        if self.prefilling and all(s is None or s.cancelled for s in self.group):
-            self.prefilling = None  # every client of the group still waiting for it has gone
-        self.resume_preempted()
+        if self.prefilling and all(s.cancelled for s in self.unanswered()):
+            self.end_prefill()  # every client of the group still waiting for it has gone
         while self.chunk_tokens is None or spent < self.chunk_tokens:
-            if self.prefilling is None:
-                if self.preempted:
-                    return  # new requests wait until the preempted sequences are back
-                group = self.take_group()
-                if not group:
-                    return
-                hits = [self.cached_prefix(s) for s in group]
-                scored = [s.params.prompt_logprobs is not None for s in group]
-                prompts = [s.prompt for s in group]
-                self.prefilling = Prefill.start(self.model, prompts, hits, scored, self.chunk_tokens)
-                self.group = group
             try:
+                if self.prefilling is None:
+                    group = self.take_resume()
+                    if not group and not self.preempted:
+                        group = self.take_group()
+                    if not group:
+                        return
+                    self.group = group
+                    hits = [self.cached_prefix(entry) for entry in group]
+                    scored = [
+                        isinstance(e, Submission) and e.params.prompt_logprobs is not None for e in group
+                    ]
+                    prompts = [prompt_of(entry) for entry in group]
+                    self.prefilling = Prefill.start(self.model, prompts, hits, scored, self.chunk_tokens)
                 spent += self.prefill_chunk()
             except Exception as error:  # these requests fail; the running ones go on
                 log.exception("prefill failed")
                 for submission in self.unanswered():
                     self.send(submission, Failure(f"generation failed: {error}"))
-                self.prefilling = None
+                    submission.cancelled = True  # a preempted sequence's request is over too
+                self.end_prefill()
+
+    def end_prefill(self) -> None:
+        self.prefilling, self.group = None, []
 
     def take_group(self) -> list[Submission]:
         """Waiting submissions for one prefill: as many as have free rows and free KV blocks for their
@@ -324,27 +341,48 @@ class Scheduler:
         return group
 
     def prefill_chunk(self) -> int:
-        """One chunk of the prefill in progress; each prompt it completes joins the batch in its n rows.
-        The tokens computed."""
+        """One chunk of the prefill in progress; each prompt it completes joins the batch in its n rows
+        (a preempted sequence: in its row). The tokens computed."""
         prefill = self.prefilling
         spent, ready = prefill.step()
         started = []
         for r in ready:
-            if self.start_sequences(self.group[r.row], r.logits):
-                started.append((r, self.group[r.row]))
+            entry = self.group[r.row]
+            if isinstance(entry, Sequence):
+                started.append((r, [entry]))
+            elif self.start_sequences(entry, r.logits):
+                started.append((r, entry.sequences))
             else:
                 self.group[r.row] = None  # answered: nothing to generate
-        for r, submission in started:
-            self.join(prefill.cache, r.row, submission.sequences, r.logits)
+        for r, sequences in started:
+            if not isinstance(self.group[r.row], Sequence):
+                self.join(prefill.cache, r.row, sequences, r.logits)
+            elif self.join(prefill.cache, r.row, sequences, r.logits, resumed=True):
+                self.preempted.remove(sequences[0])
+            else:  # older sequences took the blocks meanwhile: it waits again, its KV kept for then
+                cache = prefill.cache
+                self.prefix.store(prompt_of(sequences[0]), cache.keys[:, r.row], cache.values[:, r.row])
             self.group[r.row] = None
         if prefill.finished:
-            self.prefilling = None
+            self.end_prefill()
         return spent
 
-    def join(self, source: KVCache, source_row: int, sequences: list[Sequence], logits: torch.Tensor) -> None:
+    def join(
+        self,
+        source: KVCache,
+        source_row: int,
+        sequences: list[Sequence],
+        logits: torch.Tensor,
+        resumed: bool = False,
+    ) -> bool:
         """Add sequences to the batch, each continuing from row source_row of a prefill's cache. Running
-        rows grew while a chunked prefill ran: the latest admitted ones make room if need be."""
-        self.make_room(len(sequences) * blocks_for(int(source.lengths[source_row])))
+        rows grew while a chunked prefill ran: the latest admitted ones make room if need be, for a
+        resumed sequence only those admitted after it (False, and nothing joins, when they cannot)."""
+        blocks = len(sequences) * blocks_for(int(source.lengths[source_row]))
+        if not self.make_room(blocks, after=sequences[0].admitted if resumed else 0):
+            if resumed:
+                return False
+            raise OutOfBlocks(f"{blocks} blocks needed, {self.cache.free_blocks} free")
         first = len(self.running)
         self.cache.copy_rows(source, source_row, list(range(first, first + len(sequences))))
         new_logits = logits[-1:].expand(len(sequences), -1).clone()  # rows get moved in place later
@@ -352,11 +390,17 @@ class Scheduler:
         for sequence in sequences:  # first come, first served: a resumed sequence keeps its place
             sequence.admitted = sequence.admitted or next(self.admissions)
         self.running += sequences
+        return True
 
-    def make_room(self, blocks: int) -> None:
-        """Preempt the latest admitted sequences until `blocks` blocks are free (or none runs)."""
-        while self.cache.free_blocks < blocks and self.running:
-            self.preempt(max(range(len(self.running)), key=lambda row: self.running[row].admitted))
+    def make_room(self, blocks: int, after: int = 0) -> bool:
+        """Preempt the latest admitted sequences, of those admitted after `after`, until `blocks` blocks
+        are free; whether they are."""
+        while self.cache.free_blocks < blocks:
+            later = [row for row, s in enumerate(self.running) if s.admitted > after]
+            if not later:
+                return False
+            self.preempt(max(later, key=lambda row: self.running[row].admitted))
+        return True
 
     def preempt(self, row: int) -> None:
         """Take a sequence out of the batch to be prefilled again later: its KV goes to the prefix
@@ -367,45 +411,42 @@ class Scheduler:
         self.preempted.append(sequence)
         self.metrics.preemptions.inc()
 
-    def resume_preempted(self) -> None:
-        """Prefill preempted sequences again (their prompt and every token chosen so far), oldest
-        preemption first, while rows and the blocks for them are free."""
+    def take_resume(self) -> list[Sequence]:
+        """The oldest preempted sequence, to be prefilled again (its prompt and every token chosen so
+        far), once a row and the blocks for it are free; it stays in `preempted` until it runs. A
+        sequence that had grown to the whole cache ends there."""
         while self.preempted and len(self.running) < self.max_batch_size:
             sequence = self.preempted[0]
-            tokens = sequence.submission.prompt + sequence.tokens
+            tokens = prompt_of(sequence)
             if sequence.submission.cancelled:
                 self.preempted.popleft()
-                continue
-            if blocks_for(len(tokens)) > self.cache.num_blocks:  # it had grown to the whole cache
+            elif blocks_for(len(tokens)) > self.cache.num_blocks:
                 self.preempted.popleft()
                 self.end_at_capacity(sequence)
-                continue
             # Room for its next token too, so that it is not preempted again at once.
-            if min(blocks_for(len(tokens) + 1), self.cache.num_blocks) > self.cache.free_blocks:
-                return
-            try:  # it stays in `preempted` until it runs: the scheduler is busy meanwhile
-                prefill = Prefill.start(self.model, [tokens], [self.prefix.lookup(tokens)], [False], None)
-                _, (ready,) = prefill.step()
-                self.join(prefill.cache, 0, [sequence], ready.logits)
-            except Exception as error:  # this request fails; the running ones go on
-                log.exception("resuming a preempted sequence failed")
-                self.send(sequence.submission, Failure(f"generation failed: {error}"))
-                sequence.submission.cancelled = True
-            self.preempted.popleft()
+            elif min(blocks_for(len(tokens) + 1), self.cache.num_blocks) > self.cache.free_blocks:
+                return []
+            else:
+                return [sequence]
+        return []
 
     def unanswered(self) -> list[Submission]:
         """The submissions of the prefill in progress that have neither joined the batch nor been
-        answered."""
-        return [s for s in self.group if s is not None] if self.prefilling else []
+        answered (for a preempted sequence, its request)."""
+        entries = [e for e in self.group if e is not None]
+        return [e.submission if isinstance(e, Sequence) else e for e in entries]
 
-    def cached_prefix(self, submission: Submission) -> Hit | None:
+    def cached_prefix(self, entry: Submission | Sequence) -> Hit | None:
         """The longest start of the prompt the prefix cache holds (none for a prompt to score: that
-        needs the logits at every position)."""
-        self.metrics.prompt_tokens.inc(len(submission.prompt))
-        if submission.params.prompt_logprobs is not None:
+        needs the logits at every position). A preempted sequence's recompute is not counted: its
+        request's prompt was, when it first came."""
+        if isinstance(entry, Sequence):
+            return self.prefix.lookup(prompt_of(entry))
+        self.metrics.prompt_tokens.inc(len(entry.prompt))
+        if entry.params.prompt_logprobs is not None:
             return None
-        self.metrics.prefix_cache_queries.inc(len(submission.prompt))
-        hit = self.prefix.lookup(submission.prompt)
+        self.metrics.prefix_cache_queries.inc(len(entry.prompt))
+        hit = self.prefix.lookup(entry.prompt)
         self.metrics.prefix_cache_hits.inc(0 if hit is None else hit.length)
         return hit
 
@@ -537,9 +578,9 @@ class Scheduler:
             try:
                 self.logits = self.graphs(tokens)
                 return
-            except Exception:  # a kernel that cannot be captured, say: serving goes on without graphs
+            except CaptureFailed:  # serving goes on without graphs
                 log.exception(
-                    "the CUDA graph of a decode step failed; %s decodes eagerly from now on", self.name
+                    "a CUDA graph of the decode step failed; %s decodes eagerly from now on", self.name
                 )
                 self.graphs = None
         fed = torch.tensor(tokens, device=self.engine.device)[:, None]
@@ -571,7 +612,7 @@ class Scheduler:
         scheduler closes)."""
         failed = {id(s.submission): s.submission for s in self.running}
         failed |= {id(s): s for s in self.unanswered()}
-        self.prefilling = None
+        self.end_prefill()
         if waiting:
             with self.wake:
                 failed |= {id(s): s for s in self.waiting}
