@@ -2,13 +2,15 @@
 as a full prefill, and the cache stays within its bound, least recently used out first."""
 
 import asyncio
+from functools import partial
 from pathlib import Path
 
 import httpx
 import torch
 
 from inference.metrics import Metrics
-from inference.prefix_cache import BLOCK_TOKENS, PrefixCache
+from inference.prefill import Prefill
+from inference.prefix_cache import BLOCK_TOKENS, Hit, PrefixCache
 from inference.scheduler import Output, SamplingParams, Scheduler, Submission
 from tests.inference.conftest import AUTH_HEADER, write_checkpoint
 from trainer.chat_format import render_for_completion
@@ -16,10 +18,24 @@ from trainer.engine import Engine, KVCache
 from trainer.tokenizer import Tokenizer
 
 
-def row_kv(tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stand-in keys and values (1 layer, 1 head, 1 channel) that say which token made them."""
-    keys = torch.tensor(tokens, dtype=torch.float32)[None, :, None, None]
-    return keys, -keys
+class StandIn:
+    """Stand-in keys and values (1 layer, 1 head, 1 channel) that say which token made them, given from
+    a start on as PrefixCache.store asks; `asked`: the starts it asked for."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.keys = torch.tensor(tokens, dtype=torch.float32)[None, :, None, None]
+        self.asked: list[int] = []
+
+    def __call__(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.asked.append(start)
+        return self.keys[:, start:], -self.keys[:, start:]
+
+
+def found(hit: Hit) -> tuple[list[float], list[float]]:
+    """The stand-in keys and values a hit holds, in order."""
+    keys, values = torch.zeros(1, hit.length, 1, 1), torch.zeros(1, hit.length, 1, 1)
+    hit.copy_to(keys, values)
+    return keys.flatten().tolist(), values.flatten().tolist()
 
 
 def test_a_prompt_continued_from_the_cache_gets_the_logits_of_a_full_prefill(tmp_path: Path) -> None:
@@ -33,12 +49,13 @@ def test_a_prompt_continued_from_the_cache_gets_the_logits_of_a_full_prefill(tmp
     with torch.inference_mode():
         first = KVCache(model, 1, len(earlier))
         model(torch.tensor([earlier]), kv_cache=first)
-        prefix.store(earlier, first.keys[:, 0], first.values[:, 0])
+        prefix.store(earlier, partial(first.row_kv, 0))
         hit = prefix.lookup(prompt)
-        assert hit is not None and hit.length == 32
-        cache = KVCache(model, 1, len(prompt))
-        cache.fill_row(0, hit.keys, hit.values, model.embed(torch.tensor([[prompt[31]]]))[0])
-        continued = model(torch.tensor([prompt[32:]]), kv_cache=cache)[0, -1]
+        assert hit is not None and hit.length == 40  # two whole blocks and 8 tokens of the third
+        prefill = Prefill.start(model, [prompt], [hit], [False], None)
+        spent, (ready,) = prefill.step()
+        assert spent == len(prompt) - 40
+        continued = ready.logits[-1]
         full = model(torch.tensor([prompt]))[0, -1]
     torch.testing.assert_close(continued, full, rtol=0, atol=1e-4)
 
@@ -82,8 +99,8 @@ def test_each_chat_turn_prefills_only_its_new_tokens_and_replies_as_the_engine_d
     for turn, (prompt, reply, hits) in enumerate(history):
         (expected,) = engine.complete(prompt, max_tokens=20, temperature=0)
         assert reply == [t.id for t in expected if t.id not in engine.stop_tokens], f"turn {turn}"
-        # All of the previous turn's prompt but its last partial block came from the cache.
-        wanted = len(history[turn - 1][0]) - BLOCK_TOKENS if turn else 0
+        # All of the previous turn's prompt came from the cache, its partial last block included.
+        wanted = len(history[turn - 1][0]) if turn else 0
         assert hits - hits_so_far >= wanted, f"turn {turn} reused {hits - hits_so_far} tokens"
         hits_so_far = hits
 
@@ -91,25 +108,40 @@ def test_each_chat_turn_prefills_only_its_new_tokens_and_replies_as_the_engine_d
 def test_a_hit_needs_every_earlier_block_to_match() -> None:
     prefix = PrefixCache(max_tokens=1024)
     tokens = list(range(100, 150))
-    prefix.store(tokens, *row_kv(tokens))
+    prefix.store(tokens, StandIn(tokens))
     other_first_block = [7] * BLOCK_TOKENS + tokens[BLOCK_TOKENS:]
     assert prefix.lookup(other_first_block) is None  # its second block matches, but not after this start
-    diverging = tokens[:20] + [7] * 30
+    diverging = tokens[:20] + [7] * 30  # a whole block, then 4 tokens of the next
     hit = prefix.lookup(diverging)
-    assert hit is not None and hit.length == BLOCK_TOKENS
-    assert hit.keys.flatten().tolist() == tokens[:BLOCK_TOKENS]
-    assert hit.values.flatten().tolist() == [-t for t in tokens[:BLOCK_TOKENS]]
-    exact = prefix.lookup(tokens[:48])  # the last token is always computed: 47 tokens → 2 blocks
-    assert exact is not None and exact.length == 2 * BLOCK_TOKENS
+    assert hit is not None and hit.length == 20
+    assert found(hit) == (tokens[:20], [-t for t in tokens[:20]])
+    exact = prefix.lookup(tokens[:48])  # the last token is always computed
+    assert exact is not None and exact.length == 47
+
+
+def test_a_sequences_partial_last_block_is_kept_for_the_prompt_that_continues_it() -> None:
+    """50 tokens: 3 whole blocks and 2 more, kept as a block of 2. The next turn, which starts with all
+    50, reuses all 50."""
+    prefix = PrefixCache(max_tokens=1024)
+    tokens = list(range(100, 150))
+    prefix.store(tokens, StandIn(tokens))
+    assert prefix.tokens == 50 and len(prefix.blocks) == 4
+    hit = prefix.lookup([*tokens, 7, 8])
+    assert hit is not None and hit.length == 50
+    assert found(hit) == (tokens, [-t for t in tokens])
+    longer = list(range(100, 170))  # the same sequence, grown: only its new blocks are fetched
+    kv = StandIn(longer)
+    prefix.store(longer, kv)
+    assert kv.asked == [3 * BLOCK_TOKENS] and prefix.lookup([*longer, 1]).length == 70
 
 
 def test_the_cache_keeps_its_bound_and_drops_the_least_recently_used() -> None:
     prefix = PrefixCache(max_tokens=4 * BLOCK_TOKENS)
     a, b, c = ([start + i for i in range(2 * BLOCK_TOKENS)] for start in (1000, 2000, 3000))
-    prefix.store(a, *row_kv(a))
-    prefix.store(b, *row_kv(b))
+    prefix.store(a, StandIn(a))
+    prefix.store(b, StandIn(b))
     assert prefix.lookup([*a, 1]) is not None  # a is now more recent than b
-    prefix.store(c, *row_kv(c))
+    prefix.store(c, StandIn(c))
     assert prefix.tokens == 4 * BLOCK_TOKENS
     assert prefix.lookup([*b, 1]) is None
     for kept in (a, c):
@@ -138,4 +170,7 @@ def test_metrics_show_a_chat_turn_found_in_the_prefix_cache(server: str) -> None
     assert metric("inference_prefix_cache_queries_total") - queries >= second_prompt
     assert metric("inference_prefix_cache_hits_total") - hits >= BLOCK_TOKENS
     assert metric("inference_prefix_cache_blocks") >= 1
-    assert metric("inference_prefix_cache_tokens") == BLOCK_TOKENS * metric("inference_prefix_cache_blocks")
+    # the blocks hold every token of the replies' sequences but the last, partial blocks included
+    assert (
+        0 < metric("inference_prefix_cache_tokens") <= BLOCK_TOKENS * metric("inference_prefix_cache_blocks")
+    )

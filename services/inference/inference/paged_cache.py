@@ -107,9 +107,10 @@ class PagedKVCache:
             self.lengths[row] = length
             self.last_embedding[row] = source.last_embedding[source_row]
 
-    def row_kv(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's (length, kv_heads, head_dim) keys and values of one row, in order."""
-        slots = self.slots(self.tables[row], self.lengths[row])
+    def row_kv(self, row: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's keys and values of one row from position `start` on, in order:
+        (length − start, kv_heads, head_dim)."""
+        slots = self.slots(self.tables[row], self.lengths[row])[start:]
         return self.keys.index_select(1, slots), self.values.index_select(1, slots)
 
     def slots(self, table: list[int], length: int) -> torch.Tensor:

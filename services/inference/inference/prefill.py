@@ -53,9 +53,12 @@ class Prefill:
         cache = KVCache(model, len(rests), max(starts) + math.ceil(longest / width) * width)
         device = model.wte.weight.device
         for row, (prompt, hit) in enumerate(zip(prompts, hits, strict=True)):
-            if hit is not None:
+            if hit is not None:  # the row continues from the cached keys and values
+                hit.copy_to(cache.keys[:, row], cache.values[:, row])
+                cache.lengths[row] = hit.length
+                # The smear of the first computed token mixes in the last reused one's embedding.
                 last = torch.tensor([[prompt[hit.length - 1]]], device=device)
-                cache.fill_row(row, hit.keys, hit.values, model.embed(last)[0])
+                cache.last_embedding[row] = model.embed(last)[0]
         return cls(model, rests, scored, width, cache, kept=[[] for _ in rests])
 
     @property

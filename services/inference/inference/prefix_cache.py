@@ -2,7 +2,10 @@
 Prefix caching: the keys and values of finished sequences, kept in blocks of BLOCK_TOKENS tokens, so a
 prompt that starts with the same tokens prefills only what follows them. Every chat turn re-sends the
 whole conversation; with this cache turn N computes only its new message (and whatever of the last
-reply tokenizes differently from how it was generated).
+reply tokenizes differently from how it was generated). A sequence's partial last block is kept too
+(a block of fewer tokens, never the parent of another), and a prompt that leaves the cached blocks
+partway through one reuses the part it shares: the next turn starts with all of the last one's
+tokens that it repeats, and a preempted sequence comes back computing only its last token.
 
 A block is named by its parent block and its own tokens: (parent id, tokens) stands for exactly one
 prefix, so a hit is exact (no hash that could collide). The keys and values at a position depend only
@@ -10,13 +13,15 @@ on the tokens up to it (rotary positions are absolute, windows only mask), so a 
 fresh prefill would compute. The smear state at the boundary, the embedding of the last reused token,
 is recomputed from that token (GPT.embed), as it is a function of the token alone.
 
-At most max_tokens are kept, least recently used out first. Every lookup and store touches a whole
+At most max_tokens // BLOCK_TOKENS blocks are kept (a partial block counts as one), least recently
+used out first. Every lookup and store touches a whole
 chain from its first block, children before parents, so a parent is always more recent than its
 children: eviction takes leaves first and never strands a reachable block behind a missing parent.
 """
 
 import itertools
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,17 +32,30 @@ BLOCK_TOKENS = 16  # vLLM's default block size: small enough that a chat turn's 
 @dataclass
 class Block:
     id: int
-    keys: torch.Tensor  # (n_layer, BLOCK_TOKENS, kv_heads, head_dim)
+    keys: torch.Tensor  # (n_layer, BLOCK_TOKENS or fewer, kv_heads, head_dim)
     values: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.keys.size(1)
 
 
 @dataclass
 class Hit:
-    """The first `length` tokens of a prompt, found: every layer's (length, kv_heads, head_dim)."""
+    """The first `length` tokens of a prompt, found: the blocks that hold them, in order (the last one
+    possibly cut short)."""
 
     length: int
-    keys: torch.Tensor
-    values: torch.Tensor
+    blocks: list[Block]
+
+    def copy_to(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write the found keys and values into the first `length` positions of every layer's
+        (positions, kv_heads, head_dim) tensors, a block at a time (no joined copy in between)."""
+        start = 0
+        for block in self.blocks:
+            keys[:, start : start + block.size] = block.keys
+            values[:, start : start + block.size] = block.values
+            start += block.size
 
 
 class PrefixCache:
@@ -45,16 +63,18 @@ class PrefixCache:
         self.max_blocks = max_tokens // BLOCK_TOKENS
         self.blocks: OrderedDict[tuple[int, tuple[int, ...]], Block] = OrderedDict()
         self.ids = itertools.count(1)  # 0 is the parent of every first block
-
-    @property
-    def tokens(self) -> int:
-        return len(self.blocks) * BLOCK_TOKENS
+        self.tokens = 0  # held by the blocks
+        # Each block's key, under its parent's id (dicts as ordered sets): where a prompt that leaves
+        # the cached blocks partway through one finds the block it shares a start with.
+        self.children: defaultdict[int, dict[tuple[int, tuple[int, ...]], None]] = defaultdict(dict)
 
     def lookup(self, prompt: list[int]) -> Hit | None:
-        """The longest run of cached blocks the prompt starts with, leaving at least its last token to
-        compute (its logits pick the first new token)."""
+        """The longest start of the prompt the cache holds, leaving at least its last token to compute
+        (its logits pick the first new token): a run of whole blocks, then as much of one more block
+        (whole or partial) as the prompt goes on alike."""
         chain, found, parent = [], [], 0
-        for index in range((len(prompt) - 1) // BLOCK_TOKENS):
+        reusable = len(prompt) - 1
+        for index in range(reusable // BLOCK_TOKENS):
             key = name(parent, prompt, index)
             block = self.blocks.get(key)
             if block is None:
@@ -62,33 +82,65 @@ class PrefixCache:
             chain.append(key)
             found.append(block)
             parent = block.id
+        start = len(chain) * BLOCK_TOKENS
+        rest = prompt[start : start + min(BLOCK_TOKENS, reusable - start)]
+        shared, key = max(
+            ((common_start(k[1], rest), k) for k in self.children.get(parent, ())), default=(0, None)
+        )
+        if shared:
+            chain.append(key)
+            block = self.blocks[key]
+            found.append(Block(block.id, block.keys[:, :shared], block.values[:, :shared]))
         if not chain:
             return None
         self.touch(chain)
-        keys = torch.cat([block.keys for block in found], dim=1)
-        values = torch.cat([block.values for block in found], dim=1)
-        return Hit(len(chain) * BLOCK_TOKENS, keys, values)
+        return Hit(sum(block.size for block in found), found)
 
-    def store(self, tokens: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Keep the full blocks of a sequence, given every layer's (≥ len(tokens), kv_heads, head_dim)
-        keys and values for it; blocks already cached are only touched."""
+    def store(self, tokens: list[int], kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep the blocks of a sequence, its partial last one included. kv(start) gives every layer's
+        (len(tokens) − start, kv_heads, head_dim) keys and values of tokens[start:]; it is asked once,
+        from the first block not cached yet (blocks already cached are only touched)."""
         chain, parent = [], 0
-        for index in range(min(len(tokens) // BLOCK_TOKENS, self.max_blocks)):
-            key = name(parent, tokens, index)
+        whole = min(len(tokens) // BLOCK_TOKENS, self.max_blocks)
+        spans = [(i * BLOCK_TOKENS, (i + 1) * BLOCK_TOKENS) for i in range(whole)]
+        if whole == len(tokens) // BLOCK_TOKENS and len(tokens) % BLOCK_TOKENS and self.max_blocks:
+            spans.append((whole * BLOCK_TOKENS, len(tokens)))
+        fetched_from, keys, values = None, None, None
+        for start, end in spans:
+            key = (parent, tuple(tokens[start:end]))
             block = self.blocks.get(key)
             if block is None:
-                span = slice(index * BLOCK_TOKENS, (index + 1) * BLOCK_TOKENS)
+                if fetched_from is None:
+                    fetched_from, (keys, values) = start, kv(start)
+                span = slice(start - fetched_from, end - fetched_from)
                 block = Block(next(self.ids), keys[:, span].clone(), values[:, span].clone())
                 self.blocks[key] = block
+                self.children[parent][key] = None
+                self.tokens += block.size
             chain.append(key)
             parent = block.id
         self.touch(chain)
         while len(self.blocks) > self.max_blocks:
-            self.blocks.popitem(last=False)
+            key, block = self.blocks.popitem(last=False)
+            self.tokens -= block.size
+            siblings = self.children[key[0]]
+            del siblings[key]
+            if not siblings:
+                del self.children[key[0]]
 
     def touch(self, chain: list[tuple[int, tuple[int, ...]]]) -> None:
         for key in reversed(chain):  # the first block last: the most recent
             self.blocks.move_to_end(key)
+
+
+def common_start(a: tuple[int, ...], b: list[int]) -> int:
+    """How many tokens a and b start with alike."""
+    shared = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        shared += 1
+    return shared
 
 
 def name(parent: int, tokens: list[int], index: int) -> tuple[int, tuple[int, ...]]:

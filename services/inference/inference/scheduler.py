@@ -33,6 +33,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -360,8 +361,7 @@ class Scheduler:
             elif self.join(prefill.cache, r.row, sequences, r.logits, resumed=True):
                 self.preempted.remove(sequences[0])
             else:  # older sequences took the blocks meanwhile: it waits again, its KV kept for then
-                cache = prefill.cache
-                self.prefix.store(prompt_of(sequences[0]), cache.keys[:, r.row], cache.values[:, r.row])
+                self.prefix.store(prompt_of(sequences[0]), partial(prefill.cache.row_kv, r.row))
             self.group[r.row] = None
         if prefill.finished:
             self.end_prefill()
@@ -459,7 +459,7 @@ class Scheduler:
             sequence = self.running[row]
             length = self.cache.lengths[row]
             tokens = (sequence.submission.prompt + sequence.tokens)[:length]
-            self.prefix.store(tokens, *self.cache.row_kv(row))
+            self.prefix.store(tokens, partial(self.cache.row_kv, row))
         self.metrics.prefix_cache_blocks.labels(self.name).set(len(self.prefix.blocks))
         self.metrics.prefix_cache_tokens.labels(self.name).set(self.prefix.tokens)
 

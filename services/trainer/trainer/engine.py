@@ -115,16 +115,10 @@ class KVCache:
         self.lengths[target] = length
         self.last_embedding[target] = self.last_embedding[source]
 
-    def fill_row(
-        self, row: int, keys: torch.Tensor, values: torch.Tensor, last_embedding: torch.Tensor
-    ) -> None:
-        """Make `row` hold a prefix computed earlier: every layer's (L, kv_heads, head_dim) keys and
-        values, and the embedding of its last token (the smear of the next token mixes it in)."""
-        length = keys.size(1)
-        self.keys[:, row, :length] = keys
-        self.values[:, row, :length] = values
-        self.lengths[row] = length
-        self.last_embedding[row] = last_embedding
+    def row_kv(self, row: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's keys and values of one row from position `start` to its length."""
+        length = int(self.lengths[row])
+        return self.keys[:, row, start:length], self.values[:, row, start:length]
 
     def copy_rows(self, source: "KVCache", source_row: int, rows: list[int]) -> None:
         """Make `rows` of this cache continue from row `source_row` of another (e.g. a prefill)."""
