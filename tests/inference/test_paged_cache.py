@@ -223,6 +223,49 @@ def test_a_sequence_that_fills_the_whole_pool_alone_ends_with_length(model: GPT)
     assert reason == "length" and tokens == [t.id for t in expected]
 
 
+def test_a_sequence_preempted_while_it_holds_the_whole_pool_comes_back_and_ends_with_length(
+    model: GPT,
+) -> None:
+    """A joining prompt may preempt a sequence that holds every block (its KV at the pool's 64
+    positions). It cannot grow once back, so it must not wait for a 5th block that will never be: it
+    is prefilled again into the 4 and ends at its next token with "length", as the engine's tokens.
+    Meanwhile the model is busy: the memory budget's eviction passes it by. The test runs the
+    scheduler's steps itself (its thread sleeps: nothing wakes it)."""
+    engine = Engine(model, tiny_tokenizer())
+    ids = random_prompt(10, 3)
+
+    async def run() -> tuple[list[int], str | None]:
+        scheduler = Scheduler(engine, 4, 4, Metrics(), "tiny", kv_tokens=4 * BLOCK_TOKENS)
+        submission = Submission(ids, SamplingParams(max_tokens=100, temperature=0))
+        with scheduler.wake:
+            scheduler.waiting.append(submission)
+        try:
+            with torch.inference_mode():
+                while scheduler.cache.lengths[0] < 4 * BLOCK_TOKENS:
+                    scheduler.step()
+                assert scheduler.cache.free_blocks == 0
+                scheduler.preempt(0)  # as a joining prompt's make_room would
+                assert not scheduler.close_if_idle()  # a preempted sequence keeps its model loaded
+                for _ in range(10):
+                    if not scheduler.busy:
+                        break
+                    scheduler.step()
+                assert not scheduler.busy
+        finally:
+            scheduler.close()
+        await asyncio.sleep(0)  # the steps' events, handed to this loop
+        tokens, reason = [], None
+        while not submission.events.empty():
+            event = submission.events.get_nowait()
+            tokens += [score.token for score in event.tokens]
+            reason = event.finish_reason or reason
+        return tokens, reason
+
+    tokens, reason = asyncio.run(run())
+    (expected,) = engine.complete(ids, max_tokens=4 * BLOCK_TOKENS - 10 + 1, temperature=0)
+    assert reason == "length" and tokens == [t.id for t in expected]
+
+
 def test_the_api_answers_400_for_what_the_kv_cache_cannot_hold_and_caps_a_reply_at_it(
     served_base: Path, tmp_path: Path
 ) -> None:
