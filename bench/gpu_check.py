@@ -21,7 +21,7 @@ others.
 Prints one line per part and one JSON line at the end. `--smoke` runs every part tiny on the CPU: what
 the test suite does to keep this script working on machines without a GPU.
 
-    python bench/gpu_check.py [--smoke] [--data DIR] [--out DIR]
+    python bench/gpu_check.py [--smoke] [--data DIR] [--out DIR] [--parts PART ...]
 """
 
 import argparse
@@ -58,6 +58,7 @@ FULL = {
     "inference": "--models tiny d12 --concurrency 1 16 64 --parts throughput chat long-prompt memory",
     "inference-graphs": "--models tiny d12 --concurrency 1 16 64 --parts throughput --cuda-graphs",
 }
+PARTS = ["gpu-tests", "d12", "d20", "fp8", "fp16", "torchrun", "inference", "inference-graphs"]
 SMOKE = {  # only the first run compiles: on a CPU, compiling costs half a minute a run
     "vocab": 2048,
     "train": "--head-dim 64 --max-seq-len 128 --device-batch-size 4 --eval-tokens 4096 "
@@ -130,6 +131,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="every part tiny, on the CPU")
     parser.add_argument("--data", type=Path, default=None, help="a data kit (default: NANOCHAT_DATA_DIR)")
     parser.add_argument("--out", type=Path, default=None, help="where each part's log goes (default: temp)")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=PARTS,
+        help="the parts to run (default: all), e.g. to rerun one",
+    )
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
     data = args.data or Path(os.environ.get("NANOCHAT_DATA_DIR") or ROOT.parent / "shared" / "data")
@@ -149,32 +157,42 @@ def main() -> None:
         "-m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_attention.py tests/trainer/test_fp8.py "
         "tests/inference/test_decode_graphs.py"
     )
-    ok, output = run_part("gpu-tests", [*python, *tests.split()], env, 300, logs)
-    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)}
-    results["gpu-tests"] = {"ok": ok, **counts}
+    if "gpu-tests" in args.parts:
+        ok, output = run_part("gpu-tests", [*python, *tests.split()], env, 300, logs)
+        counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)}
+        results["gpu-tests"] = {"ok": ok, **counts}
 
+    training = [run for run in (*sizes["runs"], "torchrun") if run in args.parts]
     tokenizer = f"-m trainer.tok_train --run tok --vocab-size {sizes['vocab']} --max-chars 20000000"
-    ok, output = run_part("tokenizer", [*python, *tokenizer.split()], env, 300, logs)
+    ok, output = (
+        run_part("tokenizer", [*python, *tokenizer.split()], env, 300, logs) if training else (True, "")
+    )
     if not ok:
         results["tokenizer"] = failure(output)
     else:
-        for run in (*sizes["runs"], "torchrun"):
+        for run in training:
             shutil.copytree(base / "runs" / "tok" / "tokenizer", base / "runs" / run / "tokenizer")
         for run, (flags, timeout) in sizes["runs"].items():
-            results[run] = base_train(run, f"{sizes['train']} {flags}{on_cpu}", env, timeout, logs, python)
-        nccl = gpus >= 2 and not args.smoke
-        launcher = [*python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        flags = sizes["torchrun"] + ("" if nccl else " --device cpu")
-        results["torchrun"] = {
-            "backend": "nccl" if nccl else "gloo on the CPU (fewer than 2 GPUs: NCCL not checked)",
-            **base_train("torchrun", flags, env, 300, logs, launcher),
-        }
+            if run in training:
+                results[run] = base_train(
+                    run, f"{sizes['train']} {flags}{on_cpu}", env, timeout, logs, python
+                )
+        if "torchrun" in training:
+            nccl = gpus >= 2 and not args.smoke
+            launcher = [*python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+            flags = sizes["torchrun"] + ("" if nccl else " --device cpu")
+            results["torchrun"] = {
+                "backend": "nccl" if nccl else "gloo on the CPU (fewer than 2 GPUs: NCCL not checked)",
+                **base_train("torchrun", flags, env, 300, logs, launcher),
+            }
 
     device = "cpu" if args.smoke else "cuda"
     for name, timeout, parts in (
         ("inference", 600, ("results", "chat", "long_prompt", "memory")),
         ("inference-graphs", 300, ("results",)),
     ):
+        if name not in args.parts:
+            continue
         ok, output = run_part(name, [*python, "bench/inference.py", *sizes[name].split(),
                                      "--device", device], env, timeout, logs)  # fmt: skip
         figures = json_after(output, '{"bench": "inference"') if ok else None

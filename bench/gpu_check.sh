@@ -9,6 +9,7 @@
 #   bench/gpu_check.sh [--out DIR]      # on the GPU machine: .venv's python when `make setup` made one,
 #                                       # else python3 (with CUDA torch); .whl/ goes into a temp folder
 #   bench/gpu_check.sh --smoke          # every part tiny on the CPU (what the test suite runs)
+#   bench/gpu_check.sh --parts d12 inference   # only these parts (a rerun of what failed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

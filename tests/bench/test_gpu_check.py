@@ -3,22 +3,27 @@ the CPU (--smoke), so the day a GPU is lent the only new thing is the GPU."""
 
 import json
 import subprocess
+from pathlib import Path
 
 from support import ROOT, service_env
 
 PARTS = ["gpu-tests", "d12", "d20", "fp8", "fp16", "torchrun", "inference", "inference-graphs"]
 
 
-def test_the_gpu_check_runs_every_part_and_ends_with_one_json_line(data_kit, tmp_path) -> None:
+def gpu_check(*options: str, data_kit: Path) -> tuple[subprocess.CompletedProcess, dict]:
     result = subprocess.run(
-        ["bench/gpu_check.sh", "--smoke", "--out", str(tmp_path)],
+        ["bench/gpu_check.sh", "--smoke", *options],
         cwd=ROOT,
         env=service_env(NANOCHAT_DATA_DIR=str(data_kit)),
         capture_output=True,
         text=True,
         timeout=900,
     )
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return result, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_gpu_check_runs_every_part_and_ends_with_one_json_line(data_kit, tmp_path) -> None:
+    result, summary = gpu_check("--out", str(tmp_path), data_kit=data_kit)
     assert result.returncode == 0 and summary["ok"], result.stdout[-3000:]
     parts = summary["parts"]
     assert list(parts) == PARTS
@@ -31,3 +36,11 @@ def test_the_gpu_check_runs_every_part_and_ends_with_one_json_line(data_kit, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"{name}.log" for name in [*PARTS, "tokenizer"]
     )
+
+
+def test_the_gpu_check_runs_only_the_parts_asked_for(data_kit, tmp_path) -> None:
+    """A rerun of one part, within a device's time: no tokenizer, no training, only that part."""
+    result, summary = gpu_check("--out", str(tmp_path), "--parts", "gpu-tests", data_kit=data_kit)
+    assert result.returncode == 0 and summary["ok"], result.stdout[-3000:]
+    assert list(summary["parts"]) == ["gpu-tests"]
+    assert [p.name for p in tmp_path.iterdir()] == ["gpu-tests.log"]
