@@ -83,9 +83,11 @@ def test_replies_through_fixed_shape_steps_equal_the_eager_schedulers(on_device,
     requests = [(p, SamplingParams(max_tokens=8 + 6 * i, temperature=0)) for i, p in enumerate(prompts)]
     requests.append((random_prompt(12, 9), SamplingParams(max_tokens=20, temperature=1.0, seed=3)))
 
-    graphs = Scheduler(engine, 8, 8, Metrics(), "tiny", decode_graphs=True)
+    # with the server's other features on: 16-token prefill chunks and the prefix cache
+    features = {"chunk_tokens": 16, "prefix_tokens": 4096}
+    graphs = Scheduler(engine, 8, 8, Metrics(), "tiny", decode_graphs=True, **features)
     replies = serve(graphs, requests)
-    assert replies == serve(Scheduler(engine, 8, 8, Metrics(), "tiny"), requests)
+    assert replies == serve(Scheduler(engine, 8, 8, Metrics(), "tiny", **features), requests)
     for (ids, params), (tokens, reason) in zip(requests[:5], replies[:5], strict=True):
         (expected,) = engine.complete(ids, max_tokens=params.max_tokens, temperature=0)
         assert (tokens, reason) == ([t.id for t in expected], "length")
