@@ -13,7 +13,7 @@ from inference.metrics import Metrics
 from inference.paged_cache import PagedKVCache
 from inference.scheduler import SamplingParams, Scheduler, Submission
 from tests.inference.conftest import random_prompt, tiny_tokenizer
-from tests.inference.test_paged_cache import counter, generate, serve
+from tests.inference.test_paged_cache import counter, reply, serve
 from trainer.engine import Engine, KVCache
 from trainer.gpt import GPT
 
@@ -130,14 +130,11 @@ def test_under_preemption_and_with_n_replies_through_fixed_shape_steps_do_not_ch
         scheduler = Scheduler(engine, 6, 8, Metrics(), "tiny", kv_tokens=10 * 16, decode_graphs=decode_graphs)
 
         async def together() -> list:
-            n2 = Submission(*sampled, n=2)
-            results = await asyncio.gather(
-                *(generate(scheduler, Submission(*r)) for r in requests), samples(n2)
-            )
-            return results
+            greedy, n2 = [Submission(*r) for r in requests], Submission(*sampled, n=2)
+            scheduler.submit([*greedy, n2])  # together: both runs admit them alike
+            return await asyncio.gather(*(reply(s) for s in greedy), samples(n2))
 
         async def samples(submission: Submission) -> list[list[int]]:
-            scheduler.submit([submission])
             tokens, finished = {0: [], 1: []}, 0
             while finished < 2:
                 event = await submission.events.get()

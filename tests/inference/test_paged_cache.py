@@ -18,9 +18,8 @@ from trainer.engine import Engine, KVCache
 from trainer.gpt import GPT
 
 
-async def generate(scheduler: Scheduler, submission: Submission) -> tuple[list[int], str | None]:
-    """The tokens a submission got and its finish reason (a Failure's message instead, when it fails)."""
-    scheduler.submit([submission])
+async def reply(submission: Submission) -> tuple[list[int], str | None]:
+    """The tokens a submitted submission gets and its finish reason (a Failure's message instead)."""
     tokens = []
     while True:
         event = await submission.events.get()
@@ -36,10 +35,13 @@ Request = tuple[list[int], SamplingParams]
 
 
 def serve(scheduler: Scheduler, requests: list[Request]) -> list[tuple[list[int], str | None]]:
-    """Submit every request at once and collect their replies; the scheduler closes after."""
+    """Submit every request together (the first step sees them all, so a run is the same every time)
+    and collect their replies; the scheduler closes after."""
 
     async def together() -> list[tuple[list[int], str | None]]:
-        return await asyncio.gather(*(generate(scheduler, Submission(*request)) for request in requests))
+        submissions = [Submission(*request) for request in requests]
+        scheduler.submit(submissions)
+        return await asyncio.gather(*(reply(submission) for submission in submissions))
 
     try:
         return asyncio.run(together())
@@ -128,7 +130,7 @@ def test_a_resumed_sequence_that_finds_its_blocks_taken_waits_rather_than_evict_
     """A (first come) and B run in a 5-block pool; B is preempted and prefilled again 4 tokens a step.
     Meanwhile A grows into a new block, so B no longer fits when it is ready: B waits again (A is not
     preempted for it) and joins once there is room. Both replies are the engine's. The test runs the
-    scheduler's steps itself (its thread sleeps: nothing wakes it), so the order of events is fixed."""
+    scheduler's steps itself, holding its lock, so the order of events is fixed."""
     engine = Engine(model, tiny_tokenizer())
     prompts = {"A": random_prompt(15, 1), "B": random_prompt(30, 2)}
     joins, victims = [], []
@@ -149,10 +151,10 @@ def test_a_resumed_sequence_that_finds_its_blocks_taken_waits_rather_than_evict_
             real_preempt(row)
 
         scheduler.join, scheduler.preempt = join, preempt
-        with scheduler.wake:
-            scheduler.waiting.extend([a, b])
         try:
-            with torch.inference_mode():
+            # Its thread waits for the lock (or in wait(), which nothing wakes) while this one steps.
+            with scheduler.wake, torch.inference_mode():
+                scheduler.waiting.extend([a, b])
                 for _ in range(10):
                     scheduler.step()
                 assert scheduler.cache.lengths[:2] == [25, 40] and scheduler.cache.free_blocks == 0
@@ -230,17 +232,17 @@ def test_a_sequence_preempted_while_it_holds_the_whole_pool_comes_back_and_ends_
     positions). It cannot grow once back, so it must not wait for a 5th block that will never be: it
     is prefilled again into the 4 and ends at its next token with "length", as the engine's tokens.
     Meanwhile the model is busy: the memory budget's eviction passes it by. The test runs the
-    scheduler's steps itself (its thread sleeps: nothing wakes it)."""
+    scheduler's steps itself, holding its lock."""
     engine = Engine(model, tiny_tokenizer())
     ids = random_prompt(10, 3)
 
     async def run() -> tuple[list[int], str | None]:
         scheduler = Scheduler(engine, 4, 4, Metrics(), "tiny", kv_tokens=4 * BLOCK_TOKENS)
         submission = Submission(ids, SamplingParams(max_tokens=100, temperature=0))
-        with scheduler.wake:
-            scheduler.waiting.append(submission)
         try:
-            with torch.inference_mode():
+            # Its thread waits for the lock (or in wait(), which nothing wakes) while this one steps.
+            with scheduler.wake, torch.inference_mode():
+                scheduler.waiting.append(submission)
                 while scheduler.cache.lengths[0] < 4 * BLOCK_TOKENS:
                     scheduler.step()
                 assert scheduler.cache.free_blocks == 0

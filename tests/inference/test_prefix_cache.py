@@ -121,7 +121,7 @@ def test_a_hit_needs_every_earlier_block_to_match() -> None:
 
 def test_a_sequences_partial_last_block_is_kept_for_the_prompt_that_continues_it() -> None:
     """50 tokens: 3 whole blocks and 2 more, kept as a block of 2. The next turn, which starts with all
-    50, reuses all 50."""
+    50, reuses all 50; once a longer sequence holds those 2 in a whole block, the block of 2 goes."""
     prefix = PrefixCache(max_tokens=1024)
     tokens = list(range(100, 150))
     prefix.store(tokens, StandIn(tokens))
@@ -133,6 +133,11 @@ def test_a_sequences_partial_last_block_is_kept_for_the_prompt_that_continues_it
     kv = StandIn(longer)
     prefix.store(longer, kv)
     assert kv.asked == [3 * BLOCK_TOKENS] and prefix.lookup([*longer, 1]).length == 70
+    # its whole 4th block starts with the old partial one, which goes: 4 whole blocks and one of 6
+    assert len(prefix.blocks) == 5 and prefix.tokens == 70
+    again = StandIn(tokens)  # the 50 again: all of it is held, by whole blocks
+    prefix.store(tokens, again)
+    assert again.asked == [] and len(prefix.blocks) == 5 and prefix.lookup([*tokens, 7]).length == 50
 
 
 def test_the_cache_keeps_its_bound_and_drops_the_least_recently_used() -> None:

@@ -82,6 +82,7 @@ class FixedStep:
             finally:
                 # A capture that fails in its end leaves the graph's stream current: not for the rest.
                 torch.cuda.set_stream(current)
+                current.wait_stream(capture.stream)  # a warm-up that failed may have left work queued
                 self.cache.last_embedding.copy_(smear_state)
         self.logits = capture.logits
 

@@ -29,11 +29,15 @@ import torch
 BLOCK_TOKENS = 16  # vLLM's default block size: small enough that a chat turn's tail is mostly reused
 
 
+Key = tuple[int, tuple[int, ...]]  # a block's parent's id and its own tokens
+
+
 @dataclass
 class Block:
     id: int
     keys: torch.Tensor  # (n_layer, BLOCK_TOKENS or fewer, kv_heads, head_dim)
     values: torch.Tensor
+    key: Key | None = None  # once cached
 
     @property
     def size(self) -> int:
@@ -61,12 +65,13 @@ class Hit:
 class PrefixCache:
     def __init__(self, max_tokens: int) -> None:
         self.max_blocks = max_tokens // BLOCK_TOKENS
-        self.blocks: OrderedDict[tuple[int, tuple[int, ...]], Block] = OrderedDict()
+        self.blocks: OrderedDict[Key, Block] = OrderedDict()
         self.ids = itertools.count(1)  # 0 is the parent of every first block
         self.tokens = 0  # held by the blocks
-        # Each block's key, under its parent's id (dicts as ordered sets): where a prompt that leaves
-        # the cached blocks partway through one finds the block it shares a start with.
-        self.children: defaultdict[int, dict[tuple[int, tuple[int, ...]], None]] = defaultdict(dict)
+        # Each block's key under (its parent's id, its first token), in dicts used as ordered sets:
+        # where a prompt that leaves the cached blocks partway through one finds the blocks it may
+        # share a start with (those whose first token it has next).
+        self.children: defaultdict[tuple[int, int], dict[Key, None]] = defaultdict(dict)
 
     def lookup(self, prompt: list[int]) -> Hit | None:
         """The longest start of the prompt the cache holds, leaving at least its last token to compute
@@ -84,9 +89,11 @@ class PrefixCache:
             parent = block.id
         start = len(chain) * BLOCK_TOKENS
         rest = prompt[start : start + min(BLOCK_TOKENS, reusable - start)]
-        shared, key = max(
-            ((common_start(k[1], rest), k) for k in self.children.get(parent, ())), default=(0, None)
-        )
+        shared, key = 0, None
+        for candidate in self.children.get((parent, rest[0]), ()) if rest else ():
+            length = common_start(candidate[1], rest)
+            if length > shared:
+                shared, key = length, candidate
         if shared:
             chain.append(key)
             block = self.blocks[key]
@@ -108,27 +115,50 @@ class PrefixCache:
         fetched_from, keys, values = None, None, None
         for start, end in spans:
             key = (parent, tuple(tokens[start:end]))
-            block = self.blocks.get(key)
+            block = self.blocks.get(key) or self.block_that_continues(key)
             if block is None:
                 if fetched_from is None:
                     fetched_from, (keys, values) = start, kv(start)
                 span = slice(start - fetched_from, end - fetched_from)
                 block = Block(next(self.ids), keys[:, span].clone(), values[:, span].clone())
-                self.blocks[key] = block
-                self.children[parent][key] = None
-                self.tokens += block.size
-            chain.append(key)
+                self.add(key, block)
+            chain.append(block.key)
             parent = block.id
         self.touch(chain)
         while len(self.blocks) > self.max_blocks:
-            key, block = self.blocks.popitem(last=False)
-            self.tokens -= block.size
-            siblings = self.children[key[0]]
-            del siblings[key]
-            if not siblings:
-                del self.children[key[0]]
+            self.remove(next(iter(self.blocks)))
 
-    def touch(self, chain: list[tuple[int, tuple[int, ...]]]) -> None:
+    def block_that_continues(self, key: Key) -> Block | None:
+        """A cached block that starts with a partial block's tokens and so holds all it would (a
+        whole block stored by a later turn of its chat, say)."""
+        parent, tokens = key
+        if len(tokens) == BLOCK_TOKENS:
+            return None
+        for sibling in self.children.get((parent, tokens[0]), ()):
+            if sibling[1][: len(tokens)] == tokens:
+                return self.blocks[sibling]
+        return None
+
+    def add(self, key: Key, block: Block) -> None:
+        """Cache a block; a partial sibling it starts with is of no more use and goes."""
+        parent, tokens = key
+        siblings = self.children[(parent, tokens[0])]
+        for sibling in [s for s in siblings if len(s[1]) < len(tokens) and tokens[: len(s[1])] == s[1]]:
+            self.remove(sibling)  # a partial block is never a parent: nothing hangs on it
+        block.key = key
+        self.blocks[key] = block
+        self.children[(parent, tokens[0])][key] = None
+        self.tokens += block.size
+
+    def remove(self, key: Key) -> None:
+        block = self.blocks.pop(key)
+        self.tokens -= block.size
+        siblings = self.children[(key[0], key[1][0])]
+        del siblings[key]
+        if not siblings:
+            del self.children[(key[0], key[1][0])]
+
+    def touch(self, chain: list[Key]) -> None:
         for key in reversed(chain):  # the first block last: the most recent
             self.blocks.move_to_end(key)
 
@@ -143,6 +173,6 @@ def common_start(a: tuple[int, ...], b: list[int]) -> int:
     return shared
 
 
-def name(parent: int, tokens: list[int], index: int) -> tuple[int, tuple[int, ...]]:
+def name(parent: int, tokens: list[int], index: int) -> Key:
     """Block `index` of `tokens`, after the block whose id is `parent`."""
     return parent, tuple(tokens[index * BLOCK_TOKENS : (index + 1) * BLOCK_TOKENS])

@@ -292,27 +292,35 @@ class Scheduler:
         if self.prefilling and all(s.cancelled for s in self.unanswered()):
             self.end_prefill()  # every client of the group still waiting for it has gone
         while self.chunk_tokens is None or spent < self.chunk_tokens:
-            try:
-                if self.prefilling is None:
-                    group = self.take_resume()
-                    if not group and not self.preempted:
-                        group = self.take_group()
-                    if not group:
-                        return
-                    self.group = group
+            if self.prefilling is None:
+                group = self.take_resume()
+                if not group and not self.preempted:
+                    group = self.take_group()
+                if not group:
+                    return
+                self.group = group
+                try:
                     hits = [self.cached_prefix(entry) for entry in group]
                     scored = [
                         isinstance(e, Submission) and e.params.prompt_logprobs is not None for e in group
                     ]
                     prompts = [prompt_of(entry) for entry in group]
                     self.prefilling = Prefill.start(self.model, prompts, hits, scored, self.chunk_tokens)
+                except Exception as error:
+                    self.fail_prefill(error)
+                    continue
+            try:
                 spent += self.prefill_chunk()
-            except Exception as error:  # these requests fail; the running ones go on
-                log.exception("prefill failed")
-                for submission in self.unanswered():
-                    self.send(submission, Failure(f"generation failed: {error}"))
-                    submission.cancelled = True  # a preempted sequence's request is over too
-                self.end_prefill()
+            except Exception as error:
+                self.fail_prefill(error)
+
+    def fail_prefill(self, error: Exception) -> None:
+        """The prefill in progress failed: its requests fail; the running ones go on."""
+        log.exception("prefill failed")
+        for submission in self.unanswered():
+            self.send(submission, Failure(f"generation failed: {error}"))
+            submission.cancelled = True  # a preempted sequence's request is over too
+        self.end_prefill()
 
     def end_prefill(self) -> None:
         self.prefilling, self.group = None, []
@@ -362,6 +370,7 @@ class Scheduler:
                 self.preempted.remove(sequences[0])
             else:  # older sequences took the blocks meanwhile: it waits again, its KV kept for then
                 self.prefix.store(prompt_of(sequences[0]), partial(prefill.cache.row_kv, r.row))
+                self.show_prefix_cache()
             self.group[r.row] = None
         if prefill.finished:
             self.end_prefill()
@@ -460,6 +469,9 @@ class Scheduler:
             length = self.cache.lengths[row]
             tokens = (sequence.submission.prompt + sequence.tokens)[:length]
             self.prefix.store(tokens, partial(self.cache.row_kv, row))
+        self.show_prefix_cache()
+
+    def show_prefix_cache(self) -> None:
         self.metrics.prefix_cache_blocks.labels(self.name).set(len(self.prefix.blocks))
         self.metrics.prefix_cache_tokens.labels(self.name).set(self.prefix.tokens)
 
@@ -578,11 +590,14 @@ class Scheduler:
             try:
                 self.logits = self.graphs(tokens)
                 return
-            except CaptureFailed:  # serving goes on without graphs
+            except CaptureFailed:  # serving goes on without graphs, from this step on
                 log.exception(
                     "a CUDA graph of the decode step failed; %s decodes eagerly from now on", self.name
                 )
                 self.graphs = None
+            except Exception:  # a replay that failed: this step fails as any would, the next run eagerly
+                self.graphs = None
+                raise
         fed = torch.tensor(tokens, device=self.engine.device)[:, None]
         self.logits = self.model(fed, kv_cache=self.cache.head(len(self.running)))[:, -1]
 
