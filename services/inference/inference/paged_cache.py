@@ -9,10 +9,9 @@ For the forward pass it is a KV cache like engine.KVCache (start, store, advance
 each layer writes the step's keys and values into the rows' blocks, then attends over its rows'
 blocks gathered in order (block 0 is no row's: it pads the shorter tables, and the padding rows of a
 fixed-shape step write into it; the mask of cached_attention hides everything past a row's position,
-so the pads are never seen). The pool is
-stored as one run of slots per layer (block b holds slots b·16 to b·16+15), and the slots a forward
-writes and reads are worked out once, in start, for every layer: a layer costs one index_copy_ and
-one index_select per tensor.
+so the pads are never seen). The pool is stored as one run of slots per layer (block b holds slots
+b·16 to b·16+15), and the slots a forward writes and reads are worked out once, in start, for every
+layer: a layer costs one index_copy_ and one index_select per tensor.
 
 The scheduler decides what the pool holds: a request is admitted when the blocks of its prompt are
 free, and when a running row needs a block and none is left, the latest admitted sequence gives its

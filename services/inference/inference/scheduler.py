@@ -354,17 +354,17 @@ class Scheduler:
         (a preempted sequence: in its row). The tokens computed."""
         prefill = self.prefilling
         spent, ready = prefill.step()
-        started = []
+        started = []  # (ready row, its sequences, whether it is a preempted sequence's)
         for r in ready:
             entry = self.group[r.row]
             if isinstance(entry, Sequence):
-                started.append((r, [entry]))
+                started.append((r, [entry], True))
             elif self.start_sequences(entry, r.logits):
-                started.append((r, entry.sequences))
+                started.append((r, entry.sequences, False))
             else:
                 self.group[r.row] = None  # answered: nothing to generate
-        for r, sequences in started:
-            if not isinstance(self.group[r.row], Sequence):
+        for r, sequences, resumed in started:
+            if not resumed:
                 self.join(prefill.cache, r.row, sequences, r.logits)
             elif self.join(prefill.cache, r.row, sequences, r.logits, resumed=True):
                 self.preempted.remove(sequences[0])

@@ -14,7 +14,6 @@ a single run with seed + i), runs the calculator tool when a row writes
 """
 
 import codecs
-import copy
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -79,8 +78,8 @@ class KVCache:
         self.real_counts = None
 
     def swap_last_embedding(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Store each row's newest token embedding from this forward's (B, T, C) embeddings (in place,
-        so views see it); return the previous ones."""
+        """Store each row's newest token embedding from this forward's (B, T, C) embeddings; return the
+        previous ones."""
         previous = self.last_embedding.clone()
         if self.real_counts is None:
             self.last_embedding.copy_(embeddings[:, -1:])
@@ -88,32 +87,6 @@ class KVCache:
             rows = torch.arange(embeddings.size(0), device=embeddings.device)
             self.last_embedding.copy_(embeddings[rows, self.real_counts - 1][:, None])
         return previous
-
-    def head(self, num_rows: int) -> "KVCache":
-        """The first num_rows rows as a cache of their own that shares this one's storage: the
-        inference scheduler runs only its active rows, which it keeps at the front."""
-        view = copy.copy(self)
-        view.keys, view.values = self.keys[:, :num_rows], self.values[:, :num_rows]
-        view.lengths, view.last_embedding = self.lengths[:num_rows], self.last_embedding[:num_rows]
-        return view
-
-    def grow(self, max_len: int) -> None:
-        """Room for max_len positions per row, keeping what is cached."""
-        if max_len <= self.max_len:
-            return
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_zeros((*old.shape[:2], max_len, *old.shape[3:]))
-            new[:, :, : old.size(2)] = old
-            setattr(self, name, new)
-
-    def move_row(self, source: int, target: int) -> None:
-        """Row `target` becomes a copy of row `source` (the scheduler fills a finished row's place)."""
-        length = int(self.lengths[source])
-        self.keys[:, target, :length] = self.keys[:, source, :length]
-        self.values[:, target, :length] = self.values[:, source, :length]
-        self.lengths[target] = length
-        self.last_embedding[target] = self.last_embedding[source]
 
     def row_kv(self, row: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer's keys and values of one row from position `start` to its length."""
