@@ -10,7 +10,9 @@ forward all run there in bf16; on a CPU in fp32.
 Models: random weights (timing depends on the shapes only) of a tiny model (d4, width 256, head dim 64,
 context 512) and a d12 (width 768, head dim 128, context 2048), both with a vocab-8,192 tokenizer
 trained on the data kit (the recipe's vocab is 32,768: its lm_head is 4× larger than here). Each
-request: a distinct prompt of about 32 tokens, greedy, up to 64 new tokens.
+request: a distinct prompt of about 32 tokens, greedy, up to 64 new tokens. Each timed run at a
+concurrency follows a warm-up at that concurrency (4 tokens a request, other prompts), as the bare
+forward's timing follows a forward at its batch size.
 
 The chat part: what the prefix cache buys a conversation. Conversations of --chat-turns turns, each turn
 a ~20-token user message and a greedy reply of up to --chat-reply-tokens, the whole history re-sent
@@ -112,6 +114,13 @@ def prompts(count: int) -> list[list[dict]]:
     ]
 
 
+def warm_up_prompts(concurrency: int) -> list[list[dict]]:
+    """A warm-up request per stream at the timed concurrency, as the bare forward warms up at its batch
+    size (a server's first batch of a size pays one-off costs: the KV pool's first touches, the
+    allocator's growth), with other prompts than the timed ones (the prefix cache holds none of theirs)."""
+    return prompts(2 * concurrency)[concurrency:]
+
+
 async def one_request(
     client: httpx.AsyncClient, model: str, messages: list[dict], new_tokens: int, keep_text: bool = False
 ) -> dict:
@@ -151,7 +160,7 @@ async def one_request(
 
 async def concurrent_run(url: str, model: str, concurrency: int, new_tokens: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        await one_request(client, model, prompts(1)[0], 4)  # warm-up
+        await asyncio.gather(*(one_request(client, model, m, 4) for m in warm_up_prompts(concurrency)))
         start = time.perf_counter()
         results = await asyncio.gather(
             *(one_request(client, model, m, new_tokens) for m in prompts(concurrency))
@@ -305,7 +314,7 @@ async def plain_request(client: httpx.AsyncClient, model: str, messages: list[di
 async def peer_run(url: str, model: str, concurrency: int, new_tokens: int, tokenizer: Tokenizer) -> dict:
     """Aggregate tok/s (tokens counted by re-encoding the replies) and TTFT p99 at `concurrency`."""
     async with httpx.AsyncClient(base_url=url, timeout=1200) as client:
-        await plain_request(client, model, prompts(1)[0], 4)  # warm-up
+        await asyncio.gather(*(plain_request(client, model, m, 4) for m in warm_up_prompts(concurrency)))
         start = time.perf_counter()
         results = await asyncio.gather(
             *(plain_request(client, model, m, new_tokens) for m in prompts(concurrency))

@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from inference.paged_cache import PagedKVCache
+from inference.prefill import Prefill
 from tests.support import PYTHON, Process, free_port, service_env, wait_until
 from tests.trainer.conftest import make_documents
 from trainer.checkpoint import step_dir
@@ -84,6 +86,19 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> GPT:
 def random_prompt(length: int, seed: int) -> list[int]:
     """Ordinary tokens of the tiny vocab, the same for the same seed."""
     return torch.randint(0, 500, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def prefilled_pool(model: GPT, prompts: list[list[int]], max_rows: int, num_blocks: int) -> PagedKVCache:
+    """A paged pool whose first rows hold the prompts, prefilled together (padded to the longest) on
+    the pool as the scheduler does, each row then joined to the batch."""
+    pool = PagedKVCache(model, max_rows=max_rows, num_blocks=num_blocks)
+    none = [None] * len(prompts)
+    with torch.inference_mode():
+        prefill = Prefill.start(model, pool, prompts, none, [False] * len(prompts), None, [0] * len(prompts))
+        prefill.step()
+        for row in range(len(prompts)):
+            pool.take_row(prefill.cache, row, [row], prefill.spare[row])
+    return pool
 
 
 def tiny_tokenizer() -> Tokenizer:

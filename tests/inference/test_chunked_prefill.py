@@ -19,6 +19,7 @@ async def collect(scheduler: Scheduler, submission: Submission) -> list[int]:
     tokens = []
     while True:
         event = await submission.events.get()
+        assert not isinstance(event, Failure), event.message
         if isinstance(event, Output):
             tokens += [score.token for score in event.tokens]
             if event.finish_reason:
@@ -102,8 +103,9 @@ def test_a_running_stream_keeps_getting_tokens_while_a_long_prompt_is_prefilled(
 def test_a_prefill_that_cannot_start_fails_its_requests_and_the_next_ones_are_served(
     model: GPT, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its requests were already out of the queue when the prefill failed to start (out of memory for
-    its cache, say): they get the error instead of waiting forever, and the scheduler goes on."""
+    """Its requests were already out of the queue when the prefill failed to start (a prefix-cache copy
+    that runs out of device memory, say): they get the error instead of waiting forever, and the
+    scheduler goes on."""
     real_start, calls = Prefill.start, []
 
     def start(*args, **options) -> Prefill:

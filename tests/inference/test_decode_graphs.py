@@ -10,11 +10,10 @@ import torch
 
 from inference.decode_graphs import CaptureFailed, DecodeGraphs, FixedStep, sizes_up_to
 from inference.metrics import Metrics
-from inference.paged_cache import PagedKVCache
 from inference.scheduler import SamplingParams, Scheduler, Submission
-from tests.inference.conftest import random_prompt, tiny_tokenizer
+from tests.inference.conftest import prefilled_pool, random_prompt, tiny_tokenizer
 from tests.inference.test_paged_cache import counter, reply, serve
-from trainer.engine import Engine, KVCache
+from trainer.engine import Engine
 from trainer.gpt import GPT
 
 CUDA = pytest.param(
@@ -36,16 +35,6 @@ def on_device(model: GPT, monkeypatch: pytest.MonkeyPatch):
     return place
 
 
-def filled_cache(model: GPT, prompts: list[list[int]], max_rows: int) -> PagedKVCache:
-    cache = PagedKVCache(model, max_rows=max_rows, num_blocks=24)
-    with torch.inference_mode():
-        for row, ids in enumerate(prompts):
-            single = KVCache(model, 1, len(ids))
-            model(torch.tensor([ids], device=cache.keys.device), kv_cache=single)
-            cache.copy_rows(single, 0, [row])
-    return cache
-
-
 def test_sizes_are_powers_of_two_then_the_largest() -> None:
     assert sizes_up_to(1) == [1]
     assert sizes_up_to(8) == [1, 2, 4, 8]
@@ -58,7 +47,7 @@ def test_fixed_shape_steps_compute_what_the_eager_step_does(on_device, device: s
     every step's logits equal the eager step's, and the rows' lengths advance alike."""
     model = on_device(device)
     prompts = [random_prompt(5, 1), random_prompt(60, 2), random_prompt(16, 3)]
-    eager, fixed = filled_cache(model, prompts, 6), filled_cache(model, prompts, 6)
+    eager, fixed = prefilled_pool(model, prompts, 6, 24), prefilled_pool(model, prompts, 6, 24)
     graphs = DecodeGraphs(model, fixed, max_rows=6)
     with torch.inference_mode():
         for step in range(8):
@@ -102,7 +91,7 @@ def test_a_replayed_graph_computes_what_its_step_does_uncaptured_in_bf16(model: 
     model = copy.deepcopy(model).to("cuda", torch.bfloat16)
     model.set_compute_dtype(torch.bfloat16)
     prompts = [random_prompt(30, 1), random_prompt(7, 2)]
-    captured, plain = filled_cache(model, prompts, 4), filled_cache(model, prompts, 4)
+    captured, plain = prefilled_pool(model, prompts, 4, 24), prefilled_pool(model, prompts, 4, 24)
     replayed = DecodeGraphs(model, captured, max_rows=4)
     uncaptured = DecodeGraphs(model, plain, max_rows=4)
     uncaptured.capture = None  # its steps run as they are
@@ -182,7 +171,7 @@ def test_a_capture_that_fails_changes_nothing_and_leaves_the_default_stream(
     and smear state as they were, the thread back on its own stream, and an eager step right after."""
     model = on_device("cuda")
     prompts = [random_prompt(30, 1), random_prompt(7, 2)]
-    cache, eager = filled_cache(model, prompts, 4), filled_cache(model, prompts, 4)
+    cache, eager = prefilled_pool(model, prompts, 4, 24), prefilled_pool(model, prompts, 4, 24)
     real_forward = FixedStep.forward
 
     def syncing(self: FixedStep) -> torch.Tensor:

@@ -6,14 +6,21 @@ import asyncio
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from inference.metrics import Metrics
-from inference.paged_cache import PagedKVCache, blocks_for
+from inference.paged_cache import OutOfBlocks, PagedKVCache, blocks_for
 from inference.prefill import Prefill
 from inference.prefix_cache import BLOCK_TOKENS
 from inference.scheduler import Failure, Output, SamplingParams, Scheduler, Submission
-from tests.inference.conftest import AUTH_HEADER, random_prompt, start_server, tiny_tokenizer
+from tests.inference.conftest import (
+    AUTH_HEADER,
+    prefilled_pool,
+    random_prompt,
+    start_server,
+    tiny_tokenizer,
+)
 from trainer.engine import Engine, KVCache
 from trainer.gpt import GPT
 
@@ -53,17 +60,47 @@ def counter(scheduler: Scheduler, name: str) -> float:
     return scheduler.metrics.registry.get_sample_value(name) or 0.0
 
 
+def record_give_ups(scheduler: Scheduler, names: dict[int, str]) -> tuple[list[str], list[list[str]]]:
+    """Record, by the names of their requests (id(submission) → name), the sequences the scheduler
+    preempts and the prefills it puts back."""
+    victims: list[str] = []
+    put_back: list[list[str]] = []
+    real_preempt, real_put_back = scheduler.preempt, scheduler.put_back_prefill
+
+    def preempt(row: int) -> None:
+        victims.append(names[id(scheduler.running[row].submission)])
+        real_preempt(row)
+
+    def put_back_prefill() -> None:
+        entries = [e for e in scheduler.group if e is not None]
+        put_back.append([names[id(e if isinstance(e, Submission) else e.submission)] for e in entries])
+        real_put_back()
+
+    scheduler.preempt, scheduler.put_back_prefill = preempt, put_back_prefill
+    return victims, put_back
+
+
+def queued_tokens(submission: Submission) -> list[int]:
+    """The tokens of the events already handed to this loop."""
+    tokens = []
+    while not submission.events.empty():
+        tokens += [score.token for score in submission.events.get_nowait().tokens]
+    return tokens
+
+
 def test_attention_over_gathered_blocks_computes_what_the_contiguous_cache_does(model: GPT) -> None:
+    """Prompts prefilled together on the pool (padded to the longest) and joined to the batch; then
+    decode steps: the logits equal the contiguous cache's."""
     # inside a block, across two, exactly one
     prompts = [random_prompt(5, 1), random_prompt(37, 2), random_prompt(16, 3)]
-    paged = PagedKVCache(model, max_rows=3, num_blocks=12)
+    paged = prefilled_pool(model, prompts, max_rows=3, num_blocks=12)
     contiguous = KVCache(model, 3, 64)
     with torch.inference_mode():
         for row, ids in enumerate(prompts):
             single = KVCache(model, 1, len(ids))
             model(torch.tensor([ids]), kv_cache=single)
-            paged.copy_rows(single, 0, [row])
             contiguous.copy_rows(single, 0, [row])
+        assert paged.lengths[:3] == [5, 37, 16]
         assert paged.free_blocks == 12 - (1 + 3 + 1)
         for step in range(20):  # decode: rows cross into new blocks at different steps
             fed = torch.tensor([[step + 7 * row] for row in range(3)])
@@ -124,62 +161,170 @@ def test_a_preempted_sequence_is_prefilled_again_in_chunks(model: GPT, monkeypat
         assert (tokens, reason) == ([t.id for t in expected], "length")
 
 
-def test_a_resumed_sequence_that_finds_its_blocks_taken_waits_rather_than_evict_an_older_one(
-    model: GPT,
+@pytest.mark.parametrize("resumed", ["A", "B"])
+def test_when_blocks_run_out_the_latest_admitted_gives_its_up_a_prefill_under_way_included(
+    model: GPT, resumed: str
 ) -> None:
-    """A (first come) and B run in a 5-block pool; B is preempted and prefilled again 4 tokens a step.
-    Meanwhile A grows into a new block, so B no longer fits when it is ready: B waits again (A is not
-    preempted for it) and joins once there is room. Both replies are the engine's. The test runs the
+    """A (first come) and B run in a 5-block pool until it is full; one of them is preempted and
+    prefilled again 4 tokens a step, holding the blocks of its prompt from the start. Meanwhile the
+    other grows into a new block and none is free. If B is the one being prefilled, it is the latest
+    admitted: its prefill is put back, and A is not preempted. If A is, B is preempted and A's prefill
+    goes on. Either way both replies are the engine's and every block comes back. The test runs the
     scheduler's steps itself, holding its lock, so the order of events is fixed."""
     engine = Engine(model, tiny_tokenizer())
-    prompts = {"A": random_prompt(15, 1), "B": random_prompt(30, 2)}
-    joins, victims = [], []
+    lengths = {"A": 15, "B": 30} if resumed == "B" else {"A": 30, "B": 15}
+    prompts = {name: random_prompt(length, seed) for seed, (name, length) in enumerate(lengths.items())}
+    given_up = []
 
     async def run() -> dict[str, list[int]]:
         scheduler = Scheduler(engine, 4, 4, Metrics(), "tiny", kv_tokens=5 * BLOCK_TOKENS)
         a, b = (Submission(prompts[k], SamplingParams(max_tokens=30, temperature=0)) for k in "AB")
-        names = {id(a): "A", id(b): "B"}
-        real_join, real_preempt = scheduler.join, scheduler.preempt
-
-        def join(*args, resumed: bool = False) -> bool:
-            joined = real_join(*args, resumed=resumed)
-            joins.append((resumed, joined, [names[id(s.submission)] for s in scheduler.running]))
-            return joined
-
-        def preempt(row: int) -> None:
-            victims.append(names[id(scheduler.running[row].submission)])
-            real_preempt(row)
-
-        scheduler.join, scheduler.preempt = join, preempt
+        given_up.extend(record_give_ups(scheduler, {id(a): "A", id(b): "B"}))
         try:
             # Its thread waits for the lock (or in wait(), which nothing wakes) while this one steps.
             with scheduler.wake, torch.inference_mode():
                 scheduler.waiting.extend([a, b])
                 for _ in range(10):
                     scheduler.step()
-                assert scheduler.cache.lengths[:2] == [25, 40] and scheduler.cache.free_blocks == 0
-                scheduler.preempt(1)  # B
+                assert scheduler.cache.free_blocks == 0
+                scheduler.preempt("AB".index(resumed))
                 scheduler.chunk_tokens = 4
                 while scheduler.busy:
                     scheduler.step()
+                assert scheduler.cache.free_blocks == scheduler.cache.num_blocks
         finally:
             scheduler.close()
         await asyncio.sleep(0)  # the steps' events, handed to this loop
-        return {names[id(x)]: tokens_of(x) for x in (a, b)}
-
-    def tokens_of(submission: Submission) -> list[int]:
-        tokens = []
-        while not submission.events.empty():
-            tokens += [score.token for score in submission.events.get_nowait().tokens]
-        return tokens
+        return {"A": queued_tokens(a), "B": queued_tokens(b)}
 
     replies = asyncio.run(run())
-    resumed = [(joined, running) for was_resumed, joined, running in joins if was_resumed]
-    assert resumed[0] == (False, ["A"])  # B waits; A runs on
-    assert resumed[1][0] and "A" not in victims
+    victims, put_back = given_up
+    if resumed == "B":
+        assert put_back == [["B"]] and victims == ["B"]  # B's prefill gave its blocks up; A ran on
+    else:
+        assert put_back == [] and victims == ["A", "B"]  # B, the later, made room for A's prefill
     for name, ids in prompts.items():
         (expected,) = engine.complete(ids, max_tokens=30, temperature=0)
         assert replies[name] == [t.id for t in expected]
+
+
+@pytest.mark.parametrize("prefix_tokens", [0, 1024])
+def test_a_new_prompt_holds_its_blocks_while_prefilled_and_gives_them_up_to_an_older_stream(
+    model: GPT, monkeypatch: pytest.MonkeyPatch, prefix_tokens: int
+) -> None:
+    """A runs alone in a 5-block pool, 3 of them its own; C arrives and is prefilled 4 tokens a step,
+    holding the 2 blocks of its prompt from its first chunk (the pool counts it: nothing is left). A
+    then grows into a 4th block: C's prefill gives its blocks up and waits, and A is not preempted
+    (a prompt that joined whenever it was complete used to evict A). C is served once A ends, from
+    where its first prefill stopped when the prefix cache is on; both replies are the engine's, and
+    C's prompt is counted once. The test runs the scheduler's steps itself, holding its lock."""
+    engine = Engine(model, tiny_tokenizer())
+    prompts = {"A": random_prompt(45, 1), "C": random_prompt(20, 2)}
+    given_up, computed, starts = [], [], []
+    real_start = Prefill.start
+
+    def start(model: GPT, pool: PagedKVCache, prompts: list[list[int]], hits: list, *rest) -> Prefill:
+        starts.append([0 if hit is None else hit.length for hit in hits])
+        return real_start(model, pool, prompts, hits, *rest)
+
+    monkeypatch.setattr(Prefill, "start", start)
+
+    async def run() -> dict[str, list[int]]:
+        scheduler = Scheduler(
+            engine, 4, 4, Metrics(), "tiny", kv_tokens=5 * BLOCK_TOKENS, prefix_tokens=prefix_tokens
+        )
+        a, c = (Submission(prompts[k], SamplingParams(max_tokens=10, temperature=0)) for k in "AC")
+        given_up.extend(record_give_ups(scheduler, {id(a): "A", id(c): "C"}))
+        recorded_put_back = scheduler.put_back_prefill
+
+        def put_back_prefill() -> None:
+            computed.append(scheduler.prefilling.cache.lengths[0])
+            recorded_put_back()
+
+        scheduler.put_back_prefill = put_back_prefill
+        try:
+            # Its thread waits for the lock (or in wait(), which nothing wakes) while this one steps.
+            with scheduler.wake, torch.inference_mode():
+                scheduler.waiting.append(a)
+                scheduler.step()
+                assert scheduler.cache.free_blocks == 2  # A: 45 positions and the next, 3 blocks
+                scheduler.waiting.append(c)
+                scheduler.chunk_tokens = 4
+                scheduler.step()
+                assert scheduler.prefilling is not None and scheduler.cache.free_blocks == 0
+                while scheduler.busy:
+                    scheduler.step()
+                assert scheduler.cache.free_blocks == scheduler.cache.num_blocks
+                assert counter(scheduler, "inference_prompt_tokens_total") == 45 + 20
+        finally:
+            scheduler.close()
+        await asyncio.sleep(0)  # the steps' events, handed to this loop
+        return {"A": queued_tokens(a), "C": queued_tokens(c)}
+
+    replies = asyncio.run(run())
+    victims, put_back = given_up
+    assert put_back == [["C"]] and victims == []
+    assert 0 < computed[0] < len(prompts["C"])
+    assert starts[-1] == [computed[0] if prefix_tokens else 0]  # C's second prefill
+    for name, ids in prompts.items():
+        (expected,) = engine.complete(ids, max_tokens=10, temperature=0)
+        assert replies[name] == [t.id for t in expected]
+
+
+def test_a_prefill_that_cannot_take_every_block_it_needs_takes_none(model: GPT) -> None:
+    pool = PagedKVCache(model, max_rows=4, num_blocks=3)
+    prompts, none = [random_prompt(10, 1), random_prompt(10, 2)], [None, None]
+    with pytest.raises(OutOfBlocks):  # a block each, then 5 for the second one's 5 more samples
+        Prefill.start(model, pool, prompts, none, [False, False], None, [0, 5])
+    assert pool.free_blocks == 3
+
+
+def test_preempted_sequences_resume_in_the_order_they_were_admitted(model: GPT) -> None:
+    """The last admitted is preempted first, then an earlier one: the earlier one comes back first."""
+    scheduler = Scheduler(Engine(model, tiny_tokenizer()), 4, 4, Metrics(), "tiny")
+
+    async def run() -> tuple[list[Submission], list[Submission], list[Submission]]:
+        params = SamplingParams(max_tokens=20)
+        submissions = [Submission(random_prompt(10, seed), params) for seed in range(3)]
+        try:
+            with scheduler.wake, torch.inference_mode():
+                for submission in submissions:  # admitted one a step: in this order
+                    scheduler.waiting.append(submission)
+                    scheduler.step()
+                scheduler.preempt(2)
+                scheduler.preempt(1)
+                preempted = [s.submission for s in scheduler.preempted]
+                return submissions, preempted, [s.submission for s in scheduler.take_resume()]
+        finally:
+            scheduler.close()
+
+    submissions, preempted, resumed = asyncio.run(run())
+    assert preempted == [submissions[2], submissions[1]] and resumed == [submissions[1]]
+
+
+def test_a_join_that_fails_gives_every_block_back(model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both samples of an n=2 request got their blocks, then the join failed: the request fails, and
+    the rows it left past the running ones hold nothing."""
+    scheduler = Scheduler(Engine(model, tiny_tokenizer()), 4, 4, Metrics(), "tiny")
+    real_take_row = PagedKVCache.take_row
+
+    def take_row(self: PagedKVCache, *args) -> None:
+        real_take_row(self, *args)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(PagedKVCache, "take_row", take_row)
+
+    async def run() -> tuple[tuple[list[int], str | None], int]:
+        submission = Submission(random_prompt(40, 1), SamplingParams(max_tokens=4, temperature=0), n=2)
+        scheduler.submit([submission])
+        return await reply(submission), scheduler.cache.free_blocks
+
+    try:
+        (tokens, message), free = asyncio.run(run())
+    finally:
+        scheduler.close()
+    assert tokens == [] and "out of memory" in message
+    assert free == scheduler.cache.num_blocks
 
 
 def test_rows_take_blocks_for_the_tokens_they_hold_not_the_longest_row(model: GPT) -> None:
@@ -228,9 +373,9 @@ def test_a_sequence_that_fills_the_whole_pool_alone_ends_with_length(model: GPT)
 def test_a_sequence_preempted_while_it_holds_the_whole_pool_comes_back_and_ends_with_length(
     model: GPT,
 ) -> None:
-    """A joining prompt may preempt a sequence that holds every block (its KV at the pool's 64
-    positions). It cannot grow once back, so it must not wait for a 5th block that will never be: it
-    is prefilled again into the 4 and ends at its next token with "length", as the engine's tokens.
+    """A sequence preempted while it holds every block (its KV at the pool's 64 positions) cannot grow
+    once back, so it must not wait for a 5th block that will never be: it is prefilled again into the
+    4 and ends at its next token with "length", as the engine's tokens.
     Meanwhile the model is busy: the memory budget's eviction passes it by. The test runs the
     scheduler's steps itself, holding its lock."""
     engine = Engine(model, tiny_tokenizer())
@@ -246,7 +391,7 @@ def test_a_sequence_preempted_while_it_holds_the_whole_pool_comes_back_and_ends_
                 while scheduler.cache.lengths[0] < 4 * BLOCK_TOKENS:
                     scheduler.step()
                 assert scheduler.cache.free_blocks == 0
-                scheduler.preempt(0)  # as a joining prompt's make_room would
+                scheduler.preempt(0)
                 assert not scheduler.close_if_idle()  # a preempted sequence keeps its model loaded
                 for _ in range(10):
                     if not scheduler.busy:

@@ -9,6 +9,7 @@ import httpx
 import torch
 
 from inference.metrics import Metrics
+from inference.paged_cache import PagedKVCache, blocks_for
 from inference.prefill import Prefill
 from inference.prefix_cache import BLOCK_TOKENS, Hit, PrefixCache
 from inference.scheduler import Output, SamplingParams, Scheduler, Submission
@@ -33,8 +34,8 @@ class StandIn:
 
 def found(hit: Hit) -> tuple[list[float], list[float]]:
     """The stand-in keys and values a hit holds, in order."""
-    keys, values = torch.zeros(1, hit.length, 1, 1), torch.zeros(1, hit.length, 1, 1)
-    hit.copy_to(keys, values)
+    keys = torch.cat([block.keys for block in hit.blocks], dim=1)
+    values = torch.cat([block.values for block in hit.blocks], dim=1)
     return keys.flatten().tolist(), values.flatten().tolist()
 
 
@@ -52,7 +53,8 @@ def test_a_prompt_continued_from_the_cache_gets_the_logits_of_a_full_prefill(tmp
         prefix.store(earlier, partial(first.row_kv, 0))
         hit = prefix.lookup(prompt)
         assert hit is not None and hit.length == 40  # two whole blocks and 8 tokens of the third
-        prefill = Prefill.start(model, [prompt], [hit], [False], None)
+        pool = PagedKVCache(model, max_rows=1, num_blocks=blocks_for(len(prompt)))
+        prefill = Prefill.start(model, pool, [prompt], [hit], [False], None, [0])
         spent, (ready,) = prefill.step()
         assert spent == len(prompt) - 40
         continued = ready.logits[-1]

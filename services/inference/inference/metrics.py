@@ -40,13 +40,15 @@ class Metrics:
         )
         self.kv_cache_used_blocks = Gauge(
             "inference_kv_cache_used_blocks",
-            "Blocks of the paged KV cache held by running sequences (of INFERENCE_KV_CACHE_TOKENS / 16).",
+            "Blocks of the paged KV cache held by running sequences and prompts being prefilled (of "
+            "INFERENCE_KV_CACHE_TOKENS / 16).",
             ["model"],
             registry=r,
         )
         self.preemptions = Counter(
             "inference_preemptions",
-            "Sequences taken out of the batch when the KV cache ran out of blocks, to be prefilled again.",
+            "Sequences taken out of the batch, or prompts out of their prefill, when the KV cache ran out of "
+            "blocks, to be prefilled again.",
             registry=r,
         )
         self.generation_tokens = Counter("inference_generation_tokens", "Tokens generated.", registry=r)

@@ -1,7 +1,8 @@
 """
-Paged KV cache (as vLLM's PagedAttention): the keys and values of the running batch live in one pool of
-fixed-size blocks of BLOCK_TOKENS positions, and each row holds a table of the blocks it uses, in order.
-A row takes a block only when it reaches it, and gives its blocks back when it finishes, so memory
+Paged KV cache (as vLLM's PagedAttention): the keys and values of the running batch (and of the prompts
+being prefilled) live in one pool of fixed-size blocks of BLOCK_TOKENS positions, and each row holds a
+table of the blocks it uses, in order. A row takes a block only when it reaches it, and gives its
+blocks back when it finishes, so memory
 follows the tokens actually held: a long row does not reserve its length for every other row, as a
 contiguous batch cache must.
 
@@ -13,9 +14,15 @@ so the pads are never seen). The pool is stored as one run of slots per layer (b
 b·16 to b·16+15), and the slots a forward writes and reads are worked out once, in start, for every
 layer: a layer costs one index_copy_ and one index_select per tensor.
 
+A prefill computes its prompts in the same pool, on rows of its own (rows_view: its own block tables
+and lengths, the pool and its free list shared), and a complete prompt's row joins the batch by handing
+its blocks over (take_row; only the other samples of an n > 1 request get a copy), and the prompts being
+prefilled count against the pool.
+
 The scheduler decides what the pool holds: a request is admitted when the blocks of its prompt are
-free, and when a running row needs a block and none is left, the latest admitted sequence gives its
-blocks up and is computed again later (preemption by recompute), so a full pool never runs out of memory.
+free (the prefill takes them at once), and when a running row needs a block and none is left, the
+latest admitted holder gives its blocks up and is computed again later (preemption by recompute), so a
+full pool never runs out of memory.
 """
 
 import copy
@@ -23,8 +30,7 @@ import math
 
 import torch
 
-from inference.prefix_cache import BLOCK_TOKENS
-from trainer.engine import KVCache
+from inference.prefix_cache import BLOCK_TOKENS, Hit
 from trainer.gpt import GPT
 
 
@@ -58,6 +64,7 @@ class PagedKVCache:
         self.written = torch.zeros(0, dtype=torch.long, device=device)  # its new tokens' slots
         self.read = torch.zeros(0, dtype=torch.long, device=device)  # every row's first `end` slots
         self.end = 0
+        self.real_counts: list[int] | None = None  # of the next forward, when its rows are padded
         self.fixed = False  # a fixed_view: start and advance leave its buffers and lengths alone
 
     # -- the scheduler's side ----------------------------------------------------------
@@ -71,17 +78,22 @@ class PagedKVCache:
         """Positions the pool holds: the most one sequence can grow to."""
         return self.num_blocks * BLOCK_TOKENS
 
+    def take(self, count: int) -> list[int]:
+        """`count` free blocks (OutOfBlocks, taking none, when short)."""
+        if count > len(self.free):
+            raise OutOfBlocks(f"{count} blocks needed, {len(self.free)} free")
+        return [self.free.pop() for _ in range(count)]
+
+    def give_back(self, blocks: list[int]) -> None:
+        self.free.extend(reversed(blocks))
+
     def reserve(self, row: int, positions: int) -> None:
         """Blocks for the row's first `positions` positions (OutOfBlocks, taking none, when short)."""
-        missing = blocks_for(positions) - len(self.tables[row])
-        if missing > len(self.free):
-            raise OutOfBlocks(f"{missing} blocks needed, {len(self.free)} free")
-        for _ in range(missing):
-            self.tables[row].append(self.free.pop())
+        self.tables[row] += self.take(max(0, blocks_for(positions) - len(self.tables[row])))
 
     def release(self, row: int) -> None:
         """The row's blocks back to the pool; the row is empty."""
-        self.free.extend(reversed(self.tables[row]))
+        self.give_back(self.tables[row])
         self.tables[row] = []
         self.lengths[row] = 0
 
@@ -91,20 +103,42 @@ class PagedKVCache:
         self.lengths[target], self.lengths[source] = self.lengths[source], 0
         self.last_embedding[target] = self.last_embedding[source]
 
-    def copy_rows(self, source: KVCache, source_row: int, rows: list[int]) -> None:
-        """Make each of `rows` (empty) continue from row `source_row` of a contiguous cache (a prefill):
-        blocks for its length (OutOfBlocks, taking none, when short), filled with its keys and values."""
-        length = int(source.lengths[source_row])
-        if len(rows) * blocks_for(length) > len(self.free):
-            raise OutOfBlocks(f"{len(rows) * blocks_for(length)} blocks needed, {len(self.free)} free")
-        for row in rows:
-            self.release(row)  # a row left over from a failed step holds nothing now
-            self.reserve(row, length)
-            slots = self.slots(self.tables[row], length)
-            self.keys.index_copy_(1, slots, source.keys[:, source_row, :length])
-            self.values.index_copy_(1, slots, source.values[:, source_row, :length])
-            self.lengths[row] = length
-            self.last_embedding[row] = source.last_embedding[source_row]
+    def rows_view(self, rows: int) -> "PagedKVCache":
+        """`rows` empty rows of their own on this pool (a prefill's): own block tables, lengths and
+        smear state; the pool's keys, values and free list shared."""
+        view = copy.copy(self)
+        view.tables, view.lengths, view.rows = [[] for _ in range(rows)], [0] * rows, rows
+        view.last_embedding = self.last_embedding.new_zeros(rows, *self.last_embedding.shape[1:])
+        return view
+
+    def take_row(self, source: "PagedKVCache", source_row: int, rows: list[int], spare: list[int]) -> None:
+        """Make `rows` (empty) continue from row source_row of a view on this pool (rows_view): the first
+        takes its blocks over, each other gets a copy of them in blocks taken from `spare`. A failure
+        midway leaves every block with one holder (the source, `spare`, or a row of this cache)."""
+        length, blocks = source.lengths[source_row], source.tables[source_row]
+        held = self.slots(blocks, length)
+        for row in rows[1:]:
+            table = spare[-len(blocks) :]
+            slots = self.slots(table, length)
+            self.keys.index_copy_(1, slots, self.keys.index_select(1, held))
+            self.values.index_copy_(1, slots, self.values.index_select(1, held))
+            del spare[-len(blocks) :]
+            self.hold(row, table, length, source.last_embedding[source_row])
+        source.tables[source_row], source.lengths[source_row] = [], 0
+        self.hold(rows[0], blocks, length, source.last_embedding[source_row])
+
+    def hold(self, row: int, table: list[int], length: int, last_embedding: torch.Tensor) -> None:
+        self.release(row)  # a row left over from a failed step holds nothing now
+        self.tables[row], self.lengths[row] = table, length
+        self.last_embedding[row] = last_embedding
+
+    def copy_hit(self, row: int, hit: Hit) -> None:
+        """Write a prefix-cache hit into the row's first blocks (held: reserve), its length with it."""
+        for block, pool_block in zip(hit.blocks, self.tables[row], strict=False):
+            start = pool_block * BLOCK_TOKENS
+            self.keys[:, start : start + block.size] = block.keys
+            self.values[:, start : start + block.size] = block.values
+        self.lengths[row] = hit.length
 
     def row_kv(self, row: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer's keys and values of one row from position `start` on, in order:
@@ -126,16 +160,24 @@ class PagedKVCache:
 
     def start(self, num_tokens: int) -> torch.Tensor:
         """Positions (rows, T) of the tokens a forward pass adds after each row's length; every row
-        must hold blocks for them (reserve). A fixed view's are already in its buffers."""
+        must hold blocks for them (reserve), for its real ones when the rows are padded (pad_next:
+        pads past a row's blocks go to the pad block). A fixed view's are already in its buffers."""
         if self.fixed:
             return self.positions
         lengths, tables = self.lengths[: self.rows], self.tables[: self.rows]
-        assert all(len(t) * BLOCK_TOKENS >= n + num_tokens for t, n in zip(tables, lengths, strict=True))
+        counts = self.real_counts or [num_tokens] * self.rows
+        assert all(len(t) * BLOCK_TOKENS >= n + c for t, n, c in zip(tables, lengths, counts, strict=True))
         self.end = max(lengths) + num_tokens
         self.positions, written, read = self.plan(self.rows, num_tokens, blocks_for(self.end))
         self.written = written.flatten()
         self.read = read[:, : self.end].flatten()
         return self.positions
+
+    def pad_next(self, real_counts: list[int]) -> None:
+        """The next forward's rows are padded at the end: only row i's first real_counts[i] tokens
+        count. The pads land past the row's length (in its last block, or the pad block), where no
+        query sees them before the row's next tokens overwrite them."""
+        self.real_counts = real_counts
 
     def plan(
         self, rows: int, num_tokens: int, width: int, padding: int = 0
@@ -145,7 +187,8 @@ class PagedKVCache:
         shape), and each row's first `width` blocks of slots to read (rows + padding, width·16)."""
         device = self.keys.device
         lengths = self.lengths[:rows] + [0] * padding
-        tables = [t + [0] * (width - len(t)) for t in self.tables[:rows]] + [[0] * width] * padding
+        # A prefill's rows hold their whole prompts' blocks: only the first `width` are read yet.
+        tables = [t[:width] + [0] * (width - len(t)) for t in self.tables[:rows]] + [[0] * width] * padding
         positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(num_tokens, device=device)
         slots = block_slots(torch.tensor(tables, device=device))  # block 0 pads: past every row's end
         return positions, slots.gather(1, positions), slots
@@ -175,11 +218,19 @@ class PagedKVCache:
     def advance(self) -> None:
         if self.fixed:
             return
-        for row in range(self.rows):
-            self.lengths[row] += self.positions.size(1)
+        counts = self.real_counts or [self.positions.size(1)] * self.rows
+        for row, count in enumerate(counts):
+            self.lengths[row] += count
+        self.real_counts = None
 
     def swap_last_embedding(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Store each row's newest token embedding; return the previous ones (the smear's input)."""
+        """Store each row's newest (real) token embedding; return the previous ones (the smear's input).
+        A padded row with no real token left gets a pad's: it is complete, and never read again."""
         previous = self.last_embedding[: self.rows].clone()
-        self.last_embedding[: self.rows] = embeddings[:, -1:]
+        if self.real_counts is None:
+            self.last_embedding[: self.rows] = embeddings[:, -1:]
+        else:
+            last = torch.tensor([max(count, 1) - 1 for count in self.real_counts], device=embeddings.device)
+            rows = torch.arange(self.rows, device=embeddings.device)
+            self.last_embedding[: self.rows] = embeddings[rows, last][:, None]
         return previous

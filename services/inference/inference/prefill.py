@@ -1,18 +1,22 @@
 """
-Prefill: the prompts of a group of submissions computed together on a KV cache of their own, each row
-starting where the prefix cache leaves off and padded at the end to the longest, a chunk of columns
-per forward. The scheduler runs one chunk per step between decode steps, so a long prompt delays the
-running sequences by one chunk's forward at a time rather than by its whole prefill (chunked prefill,
-as in Sarathi and vLLM); a row whose prompt is complete joins the batch at once.
+Prefill: the prompts of a group of submissions computed together on rows of their own in the paged
+pool, each row starting where the prefix cache leaves off and padded at the end to the longest, a chunk
+of columns per forward. The scheduler runs one chunk per step between decode steps, so a long prompt
+delays the running sequences by one chunk's forward at a time rather than by its whole prefill (chunked
+prefill, as in Sarathi and vLLM); a row whose prompt is complete joins the batch at once, its blocks
+handed over.
+
+The blocks of every prompt (and of the copies its n samples will need) are taken when the prefill
+starts, so a prefill under way holds what its rows will join with, and counts against the pool like
+the running rows.
 """
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
+from inference.paged_cache import PagedKVCache, blocks_for
 from inference.prefix_cache import Hit
-from trainer.engine import KVCache
 from trainer.gpt import GPT
 
 
@@ -31,7 +35,8 @@ class Prefill:
     rests: list[list[int]]  # per row, the prompt tokens to compute (after the prefix cache's part)
     scored: list[bool]  # rows whose every position's logits are wanted
     width: int  # columns per chunk
-    cache: KVCache
+    cache: PagedKVCache  # rows of its own on the pool (rows_view)
+    spare: list[list[int]]  # per row, the blocks its n − 1 copies will take when it joins
     done: int = 0  # columns computed
     kept: list[list[torch.Tensor]] = field(default_factory=list)  # per scored row, its chunks' logits
 
@@ -39,27 +44,43 @@ class Prefill:
     def start(
         cls,
         model: GPT,
+        pool: PagedKVCache,
         prompts: list[list[int]],
         hits: list[Hit | None],
         scored: list[bool],
         chunk: int | None,
+        copies: list[int],
     ) -> "Prefill":
-        """A group's prefill, `chunk` tokens per forward (None: all in one), the hits already cached."""
+        """A group's prefill, `chunk` tokens per forward (None: all in one), the hits already cached.
+        Takes the blocks of every prompt, and of `copies` more of it (n − 1: the rows its other samples
+        will fill), from the pool (OutOfBlocks, taking none, when short)."""
         starts = [0 if hit is None else hit.length for hit in hits]
         rests = [prompt[start:] for prompt, start in zip(prompts, starts, strict=True)]
         longest = max(len(rest) for rest in rests)
         width = longest if chunk is None else max(1, min(longest, chunk // len(rests)))
-        # A row that is complete or short gets pads written past its end: room for a whole last chunk.
-        cache = KVCache(model, len(rests), max(starts) + math.ceil(longest / width) * width)
+        view = pool.rows_view(len(rests))
+        prefill = cls(model, rests, scored, width, view, [[] for _ in rests], kept=[[] for _ in rests])
         device = model.wte.weight.device
-        for row, (prompt, hit) in enumerate(zip(prompts, hits, strict=True)):
-            if hit is not None:  # the row continues from the cached keys and values
-                hit.copy_to(cache.keys[:, row], cache.values[:, row])
-                cache.lengths[row] = hit.length
-                # The smear of the first computed token mixes in the last reused one's embedding.
-                last = torch.tensor([[prompt[hit.length - 1]]], device=device)
-                cache.last_embedding[row] = model.embed(last)[0]
-        return cls(model, rests, scored, width, cache, kept=[[] for _ in rests])
+        try:
+            for row, (prompt, hit, more) in enumerate(zip(prompts, hits, copies, strict=True)):
+                prefill.cache.reserve(row, len(prompt))
+                prefill.spare[row] = pool.take(more * blocks_for(len(prompt)))
+                if hit is not None:  # the row continues from the cached keys and values
+                    prefill.cache.copy_hit(row, hit)
+                    # The smear of the first computed token mixes in the last reused one's embedding.
+                    last = torch.tensor([[prompt[hit.length - 1]]], device=device)
+                    prefill.cache.last_embedding[row] = model.embed(last)[0]
+        except BaseException:
+            prefill.release()
+            raise
+        return prefill
+
+    def release(self, row: int | None = None) -> None:
+        """Give a row's blocks (every row's, for None) back to the pool, those kept for its copies too."""
+        for r in range(len(self.rests)) if row is None else [row]:
+            self.cache.release(r)
+            self.cache.give_back(self.spare[r])
+            self.spare[r] = []
 
     @property
     def finished(self) -> bool:

@@ -52,15 +52,6 @@ class Hit:
     length: int
     blocks: list[Block]
 
-    def copy_to(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write the found keys and values into the first `length` positions of every layer's
-        (positions, kv_heads, head_dim) tensors, a block at a time (no joined copy in between)."""
-        start = 0
-        for block in self.blocks:
-            keys[:, start : start + block.size] = block.keys
-            values[:, start : start + block.size] = block.values
-            start += block.size
-
 
 class PrefixCache:
     def __init__(self, max_tokens: int) -> None:

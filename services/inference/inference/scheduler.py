@@ -3,18 +3,21 @@ Continuous batching: one thread per loaded model runs a loop of steps, and every
 of every request shares each step.
 
     step: drop cancelled sequences → admit preempted sequences, then waiting requests, into free
-          rows while the KV blocks of their prompts are free (their prompts prefilled together from
-          where the prefix cache leaves off, up to INFERENCE_PREFILL_CHUNK_TOKENS per step
-          (prefill.py); a complete prompt is copied into the paged batch cache) → pick one token per
-          sequence (one that cannot be picked fails that request alone) → retire the finished ones
-          (their KV goes to the prefix cache, their blocks back to the pool; the last row moves into a
-          freed row, so the running rows stay at the front) → give every row a block for its next
-          position, preempting the latest admitted sequence when none is left → one decode forward
-          (replayed as a CUDA graph with INFERENCE_CUDA_GRAPHS, decode_graphs.py)
+          rows while the KV blocks of their prompts are free (the prefill takes them, and computes
+          the prompts together from where the prefix cache leaves off, up to
+          INFERENCE_PREFILL_CHUNK_TOKENS per step (prefill.py); a complete prompt's blocks join the
+          batch) → pick one token per sequence (one that cannot be picked fails that request alone)
+          → retire the finished ones (their KV goes to the prefix cache, their blocks back to the
+          pool; the last row moves into a freed row, so the running rows stay at the front) → give
+          every row a block for its next position → one decode forward (replayed as a CUDA graph with
+          INFERENCE_CUDA_GRAPHS, decode_graphs.py)
 
-A preempted sequence keeps everything but its KV (its tokens, text, generator, tool state): its KV
-goes to the prefix cache, and it is prefilled again (in chunks, as a prompt is), ahead of new
-requests, once blocks are free.
+When a running row needs a block and none is free, the latest admitted holder of blocks gives its up,
+first come first served: the prefill under way (new prompts are the latest; a preempted sequence's
+prefill keeps its first place) is put back to wait, or a running sequence is preempted. A preempted
+sequence keeps everything but its KV (its tokens, text, generator, tool state), and a put-back
+prefill its place in the queue; their KV goes to the prefix cache, and they are prefilled again (in
+chunks, as a prompt is), ahead of new requests, once blocks are free.
 
 Each row has its own position and mask (paged_cache.py), and each sequence its own seeded generator,
 so what a request gets does not depend on what else is in the batch (but for a preempted sequence's
@@ -42,7 +45,7 @@ from inference.metrics import Metrics
 from inference.paged_cache import OutOfBlocks, PagedKVCache, blocks_for
 from inference.prefill import Prefill
 from inference.prefix_cache import BLOCK_TOKENS, Hit, PrefixCache
-from trainer.engine import Engine, KVCache, Row, TextStream, is_greedy, sample
+from trainer.engine import Engine, Row, TextStream, is_greedy, sample
 
 log = logging.getLogger("inference")
 PREFILL_TOKEN_BUDGET = 8192  # prompts prefilled together in one forward, counted padded (one always goes)
@@ -118,6 +121,7 @@ class Submission:
         self.cancelled = False  # set by the event loop when the client goes away
         self.created = time.perf_counter()
         self.sequences: list[Sequence] = []  # made by the scheduler once the prompt is prefilled
+        self.counted = False  # its prompt in the metrics (a put-back prefill looks it up again)
 
 
 Event = Output | PromptScores | Failure
@@ -198,7 +202,7 @@ class Scheduler:
         self.cache = PagedKVCache(self.model, max_batch_size, kv_blocks)
         # Fixed-shape decode steps, captured as CUDA graphs on a GPU (decode_graphs.py); None: eager.
         self.graphs = DecodeGraphs(self.model, self.cache, max_batch_size) if decode_graphs else None
-        self.preempted: deque[Sequence] = deque()  # resumed in this order, before new requests
+        self.preempted: list[Sequence] = []  # resumed first admitted first, before new requests
         self.admissions = itertools.count(1)
         self.prefix = PrefixCache(prefix_tokens)
         self.chunk_tokens = chunk_tokens  # of prompt prefilled per step; None: whole prompts
@@ -305,7 +309,10 @@ class Scheduler:
                         isinstance(e, Submission) and e.params.prompt_logprobs is not None for e in group
                     ]
                     prompts = [prompt_of(entry) for entry in group]
-                    self.prefilling = Prefill.start(self.model, prompts, hits, scored, self.chunk_tokens)
+                    copies = [e.n - 1 if isinstance(e, Submission) else 0 for e in group]
+                    self.prefilling = Prefill.start(
+                        self.model, self.cache, prompts, hits, scored, self.chunk_tokens, copies
+                    )
                 except Exception as error:
                     self.fail_prefill(error)
                     continue
@@ -315,15 +322,38 @@ class Scheduler:
                 self.fail_prefill(error)
 
     def fail_prefill(self, error: Exception) -> None:
-        """The prefill in progress failed: its requests fail; the running ones go on."""
+        """The prefill in progress failed: its requests fail; the running ones go on. A join it failed
+        in may have left blocks in rows past the running ones: they go back to the pool too."""
         log.exception("prefill failed")
         for submission in self.unanswered():
             self.send(submission, Failure(f"generation failed: {error}"))
             submission.cancelled = True  # a preempted sequence's request is over too
         self.end_prefill()
+        for row in range(len(self.running), len(self.cache.tables)):
+            self.cache.release(row)
 
     def end_prefill(self) -> None:
+        """No prefill under way: the blocks its rows still hold go back to the pool."""
+        if self.prefilling is not None:
+            self.prefilling.release()
         self.prefilling, self.group = None, []
+
+    def put_back_prefill(self) -> None:
+        """The prefill under way gives its blocks up: its requests wait again at the front of the queue
+        (a preempted sequence's stays at the front of its own), the KV computed so far kept in the
+        prefix cache for when they are prefilled again."""
+        prefill, entries = self.prefilling, [e for e in self.group if e is not None]
+        if self.prefix.max_blocks:
+            for row, entry in enumerate(self.group):
+                if entry is not None:
+                    length = prefill.cache.lengths[row]
+                    self.prefix.store(prompt_of(entry)[:length], partial(prefill.cache.row_kv, row))
+            self.show_prefix_cache()
+        with self.wake:
+            self.waiting.extendleft(reversed([e for e in entries if isinstance(e, Submission)]))
+            self.metrics.waiting.labels(self.name).set(len(self.waiting))
+        self.metrics.preemptions.inc(len(entries))
+        self.end_prefill()
 
     def take_group(self) -> list[Submission]:
         """Waiting submissions for one prefill: as many as have free rows and free KV blocks for their
@@ -354,62 +384,42 @@ class Scheduler:
         (a preempted sequence: in its row). The tokens computed."""
         prefill = self.prefilling
         spent, ready = prefill.step()
-        started = []  # (ready row, its sequences, whether it is a preempted sequence's)
         for r in ready:
             entry = self.group[r.row]
             if isinstance(entry, Sequence):
-                started.append((r, [entry], True))
+                self.join(prefill, r.row, [entry], r.logits)
+                self.preempted.remove(entry)
             elif self.start_sequences(entry, r.logits):
-                started.append((r, entry.sequences, False))
-            else:
-                self.group[r.row] = None  # answered: nothing to generate
-        for r, sequences, resumed in started:
-            if not resumed:
-                self.join(prefill.cache, r.row, sequences, r.logits)
-            elif self.join(prefill.cache, r.row, sequences, r.logits, resumed=True):
-                self.preempted.remove(sequences[0])
-            else:  # older sequences took the blocks meanwhile: it waits again, its KV kept for then
-                self.prefix.store(prompt_of(sequences[0]), partial(prefill.cache.row_kv, r.row))
-                self.show_prefix_cache()
+                self.join(prefill, r.row, entry.sequences, r.logits)
+            else:  # answered: nothing to generate
+                prefill.release(r.row)
             self.group[r.row] = None
         if prefill.finished:
             self.end_prefill()
         return spent
 
-    def join(
-        self,
-        source: KVCache,
-        source_row: int,
-        sequences: list[Sequence],
-        logits: torch.Tensor,
-        resumed: bool = False,
-    ) -> bool:
-        """Add sequences to the batch, each continuing from row source_row of a prefill's cache. Running
-        rows grew while a chunked prefill ran: the latest admitted ones make room if need be, for a
-        resumed sequence only those admitted after it (False, and nothing joins, when they cannot)."""
-        blocks = len(sequences) * blocks_for(int(source.lengths[source_row]))
-        if not self.make_room(blocks, after=sequences[0].admitted if resumed else 0):
-            if resumed:
-                return False
-            raise OutOfBlocks(f"{blocks} blocks needed, {self.cache.free_blocks} free")
+    def join(self, prefill: Prefill, row: int, sequences: list[Sequence], logits: torch.Tensor) -> None:
+        """Add sequences to the batch, each continuing from a row of the prefill (its blocks, held since
+        the prefill started: joining takes none from the running rows)."""
         first = len(self.running)
-        self.cache.copy_rows(source, source_row, list(range(first, first + len(sequences))))
+        rows = list(range(first, first + len(sequences)))
+        self.cache.take_row(prefill.cache, row, rows, prefill.spare[row])
         new_logits = logits[-1:].expand(len(sequences), -1).clone()  # rows get moved in place later
         self.logits = new_logits if self.logits is None else torch.cat([self.logits[:first], new_logits])
         for sequence in sequences:  # first come, first served: a resumed sequence keeps its place
             sequence.admitted = sequence.admitted or next(self.admissions)
         self.running += sequences
-        return True
 
-    def make_room(self, blocks: int, after: int = 0) -> bool:
-        """Preempt the latest admitted sequences, of those admitted after `after`, until `blocks` blocks
-        are free; whether they are."""
-        while self.cache.free_blocks < blocks:
-            later = [row for row, s in enumerate(self.running) if s.admitted > after]
-            if not later:
-                return False
-            self.preempt(max(later, key=lambda row: self.running[row].admitted))
-        return True
+    def make_room(self) -> None:
+        """Free blocks for the running rows: the latest admitted holder gives its blocks up, the prefill
+        under way (put back to wait) or a running sequence (preempted)."""
+        latest = max(range(len(self.running)), key=lambda row: self.running[row].admitted)
+        resumed = [e.admitted for e in self.group if isinstance(e, Sequence)]
+        prefill_place = min(resumed, default=math.inf)  # new prompts come after every running one
+        if self.prefilling is not None and prefill_place > self.running[latest].admitted:
+            self.put_back_prefill()
+        else:
+            self.preempt(latest)
 
     def preempt(self, row: int) -> None:
         """Take a sequence out of the batch to be prefilled again later: its KV goes to the prefix
@@ -421,16 +431,16 @@ class Scheduler:
         self.metrics.preemptions.inc()
 
     def take_resume(self) -> list[Sequence]:
-        """The oldest preempted sequence, to be prefilled again (its prompt and every token chosen so
-        far), once a row and the blocks for it are free; it stays in `preempted` until it runs. A
-        sequence that had grown to the whole cache ends there."""
+        """The first admitted of the preempted sequences, to be prefilled again (its prompt and every
+        token chosen so far), once a row and the blocks for it are free; it stays in `preempted` until
+        it runs. A sequence that had grown to the whole cache ends there."""
         while self.preempted and len(self.running) < self.max_batch_size:
-            sequence = self.preempted[0]
+            sequence = min(self.preempted, key=lambda s: s.admitted)  # by admission, not preemption
             tokens = prompt_of(sequence)
             if sequence.submission.cancelled:
-                self.preempted.popleft()
+                self.preempted.remove(sequence)
             elif blocks_for(len(tokens)) > self.cache.num_blocks:
-                self.preempted.popleft()
+                self.preempted.remove(sequence)
                 self.end_at_capacity(sequence)
             # Room for its next token too, so that it is not preempted again at once.
             elif min(blocks_for(len(tokens) + 1), self.cache.num_blocks) > self.cache.free_blocks:
@@ -447,16 +457,17 @@ class Scheduler:
 
     def cached_prefix(self, entry: Submission | Sequence) -> Hit | None:
         """The longest start of the prompt the prefix cache holds (none for a prompt to score: that
-        needs the logits at every position). A preempted sequence's recompute is not counted: its
-        request's prompt was, when it first came."""
-        if isinstance(entry, Sequence):
-            return self.prefix.lookup(prompt_of(entry))
-        self.metrics.prompt_tokens.inc(len(entry.prompt))
-        if entry.params.prompt_logprobs is not None:
-            return None
-        self.metrics.prefix_cache_queries.inc(len(entry.prompt))
-        hit = self.prefix.lookup(entry.prompt)
-        self.metrics.prefix_cache_hits.inc(0 if hit is None else hit.length)
+        needs the logits at every position). Counted in the metrics once per request: not for a
+        preempted sequence's recompute or a put-back prefill's second look (its prompt was, the first
+        time)."""
+        scored = isinstance(entry, Submission) and entry.params.prompt_logprobs is not None
+        hit = None if scored else self.prefix.lookup(prompt_of(entry))
+        if isinstance(entry, Submission) and not entry.counted:
+            entry.counted = True
+            self.metrics.prompt_tokens.inc(len(entry.prompt))
+            if not scored:
+                self.metrics.prefix_cache_queries.inc(len(entry.prompt))
+                self.metrics.prefix_cache_hits.inc(0 if hit is None else hit.length)
         return hit
 
     def remember(self, rows: list[int]) -> None:
@@ -602,19 +613,19 @@ class Scheduler:
         self.logits = self.model(fed, kv_cache=self.cache.head(len(self.running)))[:, -1]
 
     def reserve_next_positions(self) -> None:
-        """A block for every running row's next position. When none is left the latest admitted
-        sequence is preempted; a sequence alone that fills the whole cache ends ("length")."""
+        """A block for every running row's next position. When none is left the latest admitted holder
+        gives its blocks up (make_room); a sequence alone that fills the whole cache ends ("length")."""
         row = 0
         while row < len(self.running):
             try:
                 self.cache.reserve(row, self.cache.lengths[row] + 1)
                 row += 1
             except OutOfBlocks:
-                if len(self.running) == 1:
+                if len(self.running) == 1 and self.prefilling is None:
                     self.end_at_capacity(self.running[0])
                     self.retire([0])
                     return
-                self.make_room(self.cache.free_blocks + 1)
+                self.make_room()
                 row = 0  # rows moved: look again from the first (reserving twice takes nothing)
 
     def end_at_capacity(self, sequence: Sequence) -> None:
@@ -635,7 +646,7 @@ class Scheduler:
         failed |= {id(s.submission): s.submission for s in self.preempted}
         for row in range(len(self.cache.tables)):
             self.cache.release(row)
-        self.running, self.logits, self.preempted = [], None, deque()
+        self.running, self.logits, self.preempted = [], None, []
         for submission in failed.values():
             self.send(submission, Failure(message))
         self.flush()

@@ -65,9 +65,10 @@ class InferenceSettings(BaseSettings):
     inference_kv_cache_tokens: int = Field(
         default=0,
         ge=0,
-        description="Token positions of KV cache per model, in blocks of 16 that running sequences take as "
-        "they grow (paged): a request waits for the blocks of its prompt, and when they run out the "
-        "latest admitted sequence is prefilled again later; 0: max batch size × the model's context.",
+        description="Token positions of KV cache per model, in blocks of 16, for the running sequences "
+        "and the prompts being prefilled (paged): a request waits for the blocks of its prompt, and when "
+        "they run out the latest admitted (a prompt being prefilled, or else a running sequence) gives "
+        "its blocks up and is prefilled again later; 0: max batch size × the model's context.",
     )
     inference_cuda_graphs: bool = Field(
         default=False,
