@@ -80,6 +80,13 @@ def record_give_ups(scheduler: Scheduler, names: dict[int, str]) -> tuple[list[s
     return victims, put_back
 
 
+def step_until_idle(scheduler: Scheduler) -> None:
+    """Run the scheduler's steps (its lock held) until nothing is left: every block is back then."""
+    while scheduler.busy:
+        scheduler.step()
+    assert scheduler.cache.free_blocks == scheduler.cache.num_blocks
+
+
 def queued_tokens(submission: Submission) -> list[int]:
     """The tokens of the events already handed to this loop."""
     tokens = []
@@ -189,9 +196,7 @@ def test_when_blocks_run_out_the_latest_admitted_gives_its_up_a_prefill_under_wa
                 assert scheduler.cache.free_blocks == 0
                 scheduler.preempt("AB".index(resumed))
                 scheduler.chunk_tokens = 4
-                while scheduler.busy:
-                    scheduler.step()
-                assert scheduler.cache.free_blocks == scheduler.cache.num_blocks
+                step_until_idle(scheduler)
         finally:
             scheduler.close()
         await asyncio.sleep(0)  # the steps' events, handed to this loop
@@ -252,9 +257,7 @@ def test_a_new_prompt_holds_its_blocks_while_prefilled_and_gives_them_up_to_an_o
                 scheduler.chunk_tokens = 4
                 scheduler.step()
                 assert scheduler.prefilling is not None and scheduler.cache.free_blocks == 0
-                while scheduler.busy:
-                    scheduler.step()
-                assert scheduler.cache.free_blocks == scheduler.cache.num_blocks
+                step_until_idle(scheduler)
                 assert counter(scheduler, "inference_prompt_tokens_total") == 45 + 20
         finally:
             scheduler.close()
