@@ -282,6 +282,35 @@ def test_a_prefill_that_cannot_take_every_block_it_needs_takes_none(model: GPT) 
     assert pool.free_blocks == 3
 
 
+def test_a_prompt_whose_client_leaves_while_prefilled_gives_its_blocks_back_at_once(model: GPT) -> None:
+    """Two 40-token prompts prefilled together, 4 tokens a step, hold 3 blocks each. One client goes:
+    its blocks come back at the next step, while the other prompt is still being prefilled; the other
+    reply is the engine's. The test runs the scheduler's steps itself, holding its lock."""
+    engine = Engine(model, tiny_tokenizer())
+    prompts = [random_prompt(40, 1), random_prompt(40, 2)]
+
+    async def run() -> tuple[list[int], list[int]]:
+        scheduler = Scheduler(engine, 4, 4, Metrics(), "tiny", kv_tokens=8 * BLOCK_TOKENS, chunk_tokens=8)
+        kept, left = (Submission(p, SamplingParams(max_tokens=6, temperature=0)) for p in prompts)
+        try:
+            with scheduler.wake, torch.inference_mode():
+                scheduler.waiting.extend([kept, left])
+                scheduler.step()
+                assert scheduler.cache.free_blocks == 8 - 2 * 3
+                left.cancelled = True  # as the event loop does when its client disconnects
+                scheduler.step()
+                assert scheduler.prefilling is not None and scheduler.cache.free_blocks == 8 - 3
+                step_until_idle(scheduler)
+        finally:
+            scheduler.close()
+        await asyncio.sleep(0)  # the steps' events, handed to this loop
+        return queued_tokens(kept), queued_tokens(left)
+
+    kept_tokens, left_tokens = asyncio.run(run())
+    (expected,) = engine.complete(prompts[0], max_tokens=6, temperature=0)
+    assert kept_tokens == [t.id for t in expected] and left_tokens == []
+
+
 def test_preempted_sequences_resume_in_the_order_they_were_admitted(model: GPT) -> None:
     """The last admitted is preempted first, then an earlier one: the earlier one comes back first."""
     scheduler = Scheduler(Engine(model, tiny_tokenizer()), 4, 4, Metrics(), "tiny")

@@ -82,6 +82,11 @@ class Prefill:
             self.cache.give_back(self.spare[r])
             self.spare[r] = []
 
+    def drop(self, row: int) -> None:
+        """Compute no more of a row (its client has gone): its blocks go back to the pool now."""
+        self.rests[row] = self.rests[row][: self.done]
+        self.release(row)
+
     @property
     def finished(self) -> bool:
         return self.done >= max(len(rest) for rest in self.rests)

@@ -293,8 +293,8 @@ class Scheduler:
         Preempted sequences go first, one at a time, on the same budget (once a prefill under way has
         finished); new requests wait for them."""
         spent = 0
-        if self.prefilling and all(s.cancelled for s in self.unanswered()):
-            self.end_prefill()  # every client of the group still waiting for it has gone
+        if self.prefilling is not None:
+            self.drop_cancelled()
         while self.chunk_tokens is None or spent < self.chunk_tokens:
             if self.prefilling is None:
                 group = self.take_resume()
@@ -320,6 +320,17 @@ class Scheduler:
                 spent += self.prefill_chunk()
             except Exception as error:
                 self.fail_prefill(error)
+
+    def drop_cancelled(self) -> None:
+        """The rows of the prefill under way whose client has gone stop there, their blocks back to the
+        pool at once (a long prompt's may be many); a prefill with no row left ends."""
+        for row, entry in enumerate(self.group):
+            submission = entry.submission if isinstance(entry, Sequence) else entry
+            if submission is not None and submission.cancelled:
+                self.prefilling.drop(row)
+                self.group[row] = None
+        if self.prefilling.finished:
+            self.end_prefill()
 
     def fail_prefill(self, error: Exception) -> None:
         """The prefill in progress failed: its requests fail; the running ones go on. A join it failed
