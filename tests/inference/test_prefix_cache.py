@@ -13,9 +13,9 @@ from inference.paged_cache import PagedKVCache, blocks_for
 from inference.prefill import Prefill
 from inference.prefix_cache import BLOCK_TOKENS, Hit, PrefixCache
 from inference.scheduler import Output, SamplingParams, Scheduler, Submission
-from tests.inference.conftest import AUTH_HEADER, write_checkpoint
+from tests.inference.conftest import AUTH_HEADER, prefilled_pool, write_checkpoint
 from trainer.chat_format import render_for_completion
-from trainer.engine import Engine, KVCache
+from trainer.engine import Engine
 from trainer.tokenizer import Tokenizer
 
 
@@ -48,8 +48,7 @@ def test_a_prompt_continued_from_the_cache_gets_the_logits_of_a_full_prefill(tmp
     prompt = earlier[:40] + torch.randint(0, 500, (9,)).tolist()  # a next turn: shared start, new end
     prefix = PrefixCache(max_tokens=1024)
     with torch.inference_mode():
-        first = KVCache(model, 1, len(earlier))
-        model(torch.tensor([earlier]), kv_cache=first)
+        first = prefilled_pool(model, [earlier], max_rows=1, num_blocks=blocks_for(len(earlier)))
         prefix.store(earlier, partial(first.row_kv, 0))
         hit = prefix.lookup(prompt)
         assert hit is not None and hit.length == 40  # two whole blocks and 8 tokens of the third

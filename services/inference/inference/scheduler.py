@@ -489,8 +489,7 @@ class Scheduler:
         for row in rows:
             sequence = self.running[row]
             length = self.cache.lengths[row]
-            tokens = (sequence.submission.prompt + sequence.tokens)[:length]
-            self.prefix.store(tokens, partial(self.cache.row_kv, row))
+            self.prefix.store(prompt_of(sequence)[:length], partial(self.cache.row_kv, row))
         self.show_prefix_cache()
 
     def show_prefix_cache(self) -> None:

@@ -43,7 +43,6 @@ class KVCache:
         self.last_embedding = torch.zeros(batch_size, 1, c.n_embd, device=device, dtype=dtype)
         self.positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # of this forward
         self.end = 0  # one past the last position written by this forward, over all rows
-        self.real_counts: torch.Tensor | None = None  # of the next forward, when its rows are padded
 
     @property
     def batch_size(self) -> int:
@@ -67,31 +66,15 @@ class KVCache:
         self.values[layer, rows, self.positions] = v
         return self.keys[layer, :, : self.end], self.values[layer, :, : self.end]
 
-    def pad_next(self, real_counts: list[int]) -> None:
-        """The next forward's rows are padded at the end: only row i's first real_counts[i] tokens
-        count. The pads are cached past the row's length, where no query sees them before the row's
-        next tokens overwrite them (several prompts of different lengths share one prefill)."""
-        self.real_counts = torch.tensor(real_counts, device=self.lengths.device)
-
     def advance(self) -> None:
-        self.lengths += self.positions.size(1) if self.real_counts is None else self.real_counts
-        self.real_counts = None
+        self.lengths += self.positions.size(1)
 
     def swap_last_embedding(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Store each row's newest token embedding from this forward's (B, T, C) embeddings; return the
         previous ones."""
         previous = self.last_embedding.clone()
-        if self.real_counts is None:
-            self.last_embedding.copy_(embeddings[:, -1:])
-        else:
-            rows = torch.arange(embeddings.size(0), device=embeddings.device)
-            self.last_embedding.copy_(embeddings[rows, self.real_counts - 1][:, None])
+        self.last_embedding.copy_(embeddings[:, -1:])
         return previous
-
-    def row_kv(self, row: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's keys and values of one row from position `start` to its length."""
-        length = int(self.lengths[row])
-        return self.keys[:, row, start:length], self.values[:, row, start:length]
 
     def copy_rows(self, source: "KVCache", source_row: int, rows: list[int]) -> None:
         """Make `rows` of this cache continue from row `source_row` of another (e.g. a prefill)."""
