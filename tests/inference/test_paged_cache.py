@@ -122,6 +122,21 @@ def test_attention_over_gathered_blocks_computes_what_the_contiguous_cache_does(
     assert paged.free_blocks == 12
 
 
+def test_prompts_prefilled_together_padded_on_the_pool_get_the_logits_each_gets_alone(model: GPT) -> None:
+    """Two prompts in one forward, the short one padded at the end: every position's logits are those
+    of the prompt alone (the pads land past its length and count for nothing)."""
+    prompts = [random_prompt(9, 1), random_prompt(23, 2)]
+    pool = PagedKVCache(model, max_rows=2, num_blocks=4)
+    with torch.inference_mode():
+        prefill = Prefill.start(model, pool, prompts, [None, None], [True, True], None, [0, 0])
+        _, ready = prefill.step()
+        assert prefill.cache.lengths == [9, 23]
+        for r in ready:
+            alone = model(torch.tensor([prompts[r.row]]))[0]
+            torch.testing.assert_close(r.logits, alone, rtol=0, atol=1e-4)
+    assert sorted(r.row for r in ready) == [0, 1]
+
+
 def test_a_pool_too_small_for_every_stream_preempts_and_replies_as_with_room_for_all(model: GPT) -> None:
     """Four streams that end at 60 positions each (4 blocks) in a pool of 9 blocks: the newest are
     preempted and prefilled again, greedy replies equal the engine's, and a sampled one keeps its seed's
