@@ -28,11 +28,14 @@ prefilled (the gaps that overlap its time to first token), for each INFERENCE_PR
 
 The memory part: what the paged KV cache buys at a fixed KV budget (--kv-budget-tokens positions,
 INFERENCE_KV_CACHE_TOKENS). 64 greedy requests arrive at once, one in eight with a prompt of half the
-context, the rest ~32 tokens, each up to --new-tokens; the peak of running streams (sampled from
-/metrics), preemptions and aggregate tok/s of the paged server, next to the streams a contiguous batch
-cache could hold in the same budget. That one is computed, not run: it is the rule of the cache the
-server had before (every row reserves the longest row's length, doubled from 256 up to the context),
-budget // that length once a long prompt runs.
+context, the rest ~32 tokens, no two starting with the same 16 tokens, each up to --new-tokens; the
+peak of running streams (sampled from /metrics), preemptions and aggregate tok/s of the paged server,
+next to the streams a contiguous batch cache could hold in the same budget. That one is computed, not
+run: it is the rule of the cache the server had before (every row reserves the longest row's length,
+doubled from 256 up to the context), budget // that length once a long prompt runs. A second run
+("shared start") sends 64 requests that each start with the same text of a quarter of the context (a
+long system prompt) and end with their own question, after one such request (a server that has served
+that start before): with the prefix cache, their streams share its blocks.
 
 The peer part: the same model served by Hugging Face `transformers serve --continuous-batching` (its
 paged-attention batching; it needs `pip install accelerate==1.16.0`, not in requirements-dev.txt) and
@@ -254,8 +257,11 @@ def long_text(tokenizer: Tokenizer, tokens: int) -> str:
     return tokenizer.decode(tokenizer.encode(words)[: tokens - 8])
 
 
-async def peak_streams(url: str, model: str, requests: list[list[dict]], new_tokens: int) -> dict:
-    """Send every request at once; the peak of running sequences the server reported while they ran."""
+async def peak_streams(
+    url: str, model: str, requests: list[list[dict]], new_tokens: int, served_before: list[list[dict]]
+) -> dict:
+    """Send the requests served_before one after the other, then every request at once: the peak of
+    running sequences the server reported while these ran."""
     peak, done = 0, asyncio.Event()
 
     async def watch(client: httpx.AsyncClient) -> None:
@@ -267,6 +273,8 @@ async def peak_streams(url: str, model: str, requests: list[list[dict]], new_tok
             await asyncio.sleep(0.05)
 
     async with httpx.AsyncClient(base_url=url, timeout=1200) as client:
+        for messages in served_before:
+            await one_request(client, model, messages, new_tokens)
         watcher = asyncio.create_task(watch(client))
         start = time.perf_counter()
         results = await asyncio.gather(*(one_request(client, model, m, new_tokens) for m in requests))
@@ -539,25 +547,36 @@ def memory_rows(
 ) -> list[dict]:
     context = MODELS[name].sequence_len
     long_message = long_text(tokenizer, context // 2)
-    requests = [
-        [{"role": "user", "content": long_message}] if i % 8 == 0 else messages
+    distinct = [  # the long ones start apart: no two requests share a whole block
+        [{"role": "user", "content": f"Story {i}: {long_message}"}] if i % 8 == 0 else messages
         for i, messages in enumerate(prompts(64))
     ]
-    port = 18300
-    settings = {"INFERENCE_KV_CACHE_TOKENS": str(args.kv_budget_tokens), "INFERENCE_MAX_WAITING": "64"}
-    server = start_server(base, port, 64, runtime, settings)
-    try:
-        result = asyncio.run(
-            peak_streams(f"http://127.0.0.1:{port}", f"{name}-sft", requests, args.new_tokens)
+    shared = long_text(tokenizer, context // 4)
+    shared_start = [[{"role": "user", "content": f"{shared}\n\n{m[0]['content']}"}] for m in prompts(65)]
+    rows = []
+    runs = [("distinct", distinct, []), ("shared start", shared_start[1:], shared_start[:1])]
+    for kind, requests, served_before in runs:
+        port = 18300
+        settings = {"INFERENCE_KV_CACHE_TOKENS": str(args.kv_budget_tokens), "INFERENCE_MAX_WAITING": "64"}
+        server = start_server(base, port, 64, runtime, settings)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            result = asyncio.run(peak_streams(url, f"{name}-sft", requests, args.new_tokens, served_before))
+        finally:
+            server.terminate()
+            server.wait()
+        longest_row = result["longest_prompt_tokens"] + args.new_tokens
+        contiguous = contiguous_streams(args.kv_budget_tokens, longest_row, context)
+        rows.append(
+            {
+                "model": name,
+                "prompts": kind,
+                "kv_budget_tokens": args.kv_budget_tokens,
+                "contiguous_streams": contiguous,
+                **result,
+            }
         )
-    finally:
-        server.terminate()
-        server.wait()
-    longest_row = result["longest_prompt_tokens"] + args.new_tokens
-    contiguous = contiguous_streams(args.kv_budget_tokens, longest_row, context)
-    return [
-        {"model": name, "kv_budget_tokens": args.kv_budget_tokens, "contiguous_streams": contiguous, **result}
-    ]
+    return rows
 
 
 def print_throughput(rows: list[dict]) -> None:
@@ -606,12 +625,13 @@ def print_long_prompt(rows: list[dict]) -> None:
 
 def print_memory(rows: list[dict]) -> None:
     print(
-        f"{'model':>5} {'KV budget':>10} {'longest prompt':>15} {'contiguous streams':>19} "
+        f"{'model':>5} {'prompts':>12} {'KV budget':>10} {'longest prompt':>15} {'contiguous streams':>19} "
         f"{'paged peak streams':>19} {'ratio':>6} {'preemptions':>12} {'paged tok/s':>12}"
     )
     for r in rows:
         print(
-            f"{r['model']:>5} {r['kv_budget_tokens']:>10,} {r['longest_prompt_tokens']:>15} "
+            f"{r['model']:>5} {r['prompts']:>12} {r['kv_budget_tokens']:>10,} "
+            f"{r['longest_prompt_tokens']:>15} "
             f"{r['contiguous_streams']:>19} {r['peak_streams']:>19} "
             f"{r['peak_streams'] / max(r['contiguous_streams'], 1):>5.1f}× {r['preemptions']:>12.0f} "
             f"{r['aggregate_tok_s']:>12,.1f}"

@@ -88,10 +88,12 @@ def random_prompt(length: int, seed: int) -> list[int]:
     return torch.randint(0, 500, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def prefilled_pool(model: GPT, prompts: list[list[int]], max_rows: int, num_blocks: int) -> PagedKVCache:
+def prefilled_pool(
+    model: GPT, prompts: list[list[int]], max_rows: int, num_blocks: int, prefix_tokens: int = 0
+) -> PagedKVCache:
     """A paged pool whose first rows hold the prompts, prefilled together (padded to the longest) on
     the pool as the scheduler does, each row then joined to the batch."""
-    pool = PagedKVCache(model, max_rows=max_rows, num_blocks=num_blocks)
+    pool = PagedKVCache(model, max_rows=max_rows, num_blocks=num_blocks, prefix_tokens=prefix_tokens)
     none = [None] * len(prompts)
     with torch.inference_mode():
         prefill = Prefill.start(model, pool, prompts, none, [False] * len(prompts), None, [0] * len(prompts))

@@ -41,9 +41,11 @@ async def reply(submission: Submission) -> tuple[list[int], str | None]:
 Request = tuple[list[int], SamplingParams]
 
 
-def serve(scheduler: Scheduler, requests: list[Request]) -> list[tuple[list[int], str | None]]:
+def serve(
+    scheduler: Scheduler, requests: list[Request], close: bool = True
+) -> list[tuple[list[int], str | None]]:
     """Submit every request together (the first step sees them all, so a run is the same every time)
-    and collect their replies; the scheduler closes after."""
+    and collect their replies; the scheduler closes after (unless told not to)."""
 
     async def together() -> list[tuple[list[int], str | None]]:
         submissions = [Submission(*request) for request in requests]
@@ -53,7 +55,8 @@ def serve(scheduler: Scheduler, requests: list[Request]) -> list[tuple[list[int]
     try:
         return asyncio.run(together())
     finally:
-        scheduler.close()
+        if close:
+            scheduler.close()
 
 
 def counter(scheduler: Scheduler, name: str) -> float:
@@ -135,6 +138,34 @@ def test_prompts_prefilled_together_padded_on_the_pool_get_the_logits_each_gets_
             alone = model(torch.tensor([prompts[r.row]]))[0]
             torch.testing.assert_close(r.logits, alone, rtol=0, atol=1e-4)
     assert sorted(r.row for r in ready) == [0, 1]
+
+
+def test_the_samples_of_one_prompt_share_its_whole_blocks_and_copy_its_partial_last_one(model: GPT) -> None:
+    """n = 3 of a 40-token prompt: its 2 whole blocks held by all three rows, its third copied for the
+        two others (5 blocks, where copies of the prompt would take 9), and each row decodes its own tokens
+    as the prompt alone would."""
+    prompt = random_prompt(40, 1)
+    pool = PagedKVCache(model, max_rows=3, num_blocks=9)
+    with torch.inference_mode():
+        prefill = Prefill.start(model, pool, [prompt], [None], [False], None, [2])
+        assert pool.free_blocks == 9 - 3 - 2
+        prefill.step()
+        pool.take_row(prefill.cache, 0, [0, 1, 2], prefill.spare[0])
+        whole = pool.tables[0][:2]
+        assert [table[:2] for table in pool.tables] == [whole] * 3 and len({t[2] for t in pool.tables}) == 3
+        assert [pool.holders[block] for block in whole] == [3, 3]
+        fed: list[list[int]] = [[], [], []]
+        for step in range(12):  # each row its own tokens, into a fourth block of its own
+            for row in range(3):
+                pool.reserve(row, pool.lengths[row] + 1)
+                fed[row].append(step + 100 * row)
+            logits = model(torch.tensor([[tokens[-1]] for tokens in fed]), kv_cache=pool.head(3))[:, -1]
+            alone = [model(torch.tensor([prompt + tokens]))[0, -1] for tokens in fed]
+            torch.testing.assert_close(logits, torch.stack(alone), rtol=0, atol=1e-4)
+    assert pool.free_blocks == 9 - 2 - 3 * 2
+    for row in range(3):
+        pool.release(row)
+    assert pool.free_blocks == 9 and pool.holders == [0] * 10
 
 
 def test_a_pool_too_small_for_every_stream_preempts_and_replies_as_with_room_for_all(model: GPT) -> None:
@@ -341,7 +372,7 @@ def test_preempted_sequences_resume_in_the_order_they_were_admitted(model: GPT) 
                 scheduler.preempt(2)
                 scheduler.preempt(1)
                 preempted = [s.submission for s in scheduler.preempted]
-                return submissions, preempted, [s.submission for s in scheduler.take_resume()]
+                return submissions, preempted, [s.submission for s in scheduler.take_resume()[0]]
         finally:
             scheduler.close()
 

@@ -30,11 +30,14 @@ class Metrics:
             registry=r,
         )
         self.prefix_cache_blocks = Gauge(
-            "inference_prefix_cache_blocks", "Blocks held by the prefix cache.", ["model"], registry=r
+            "inference_prefix_cache_blocks",
+            "KV cache blocks named by the prefix cache: kept for reuse, or shared by running sequences.",
+            ["model"],
+            registry=r,
         )
         self.prefix_cache_tokens = Gauge(
             "inference_prefix_cache_tokens",
-            "Token positions held by the prefix cache.",
+            "Token positions in the blocks the prefix cache names.",
             ["model"],
             registry=r,
         )

@@ -16,8 +16,14 @@ layer: a layer costs one index_copy_ and one index_select per tensor.
 
 A prefill computes its prompts in the same pool, on rows of its own (rows_view: its own block tables
 and lengths, the pool and its free list shared), and a complete prompt's row joins the batch by handing
-its blocks over (take_row; only the other samples of an n > 1 request get a copy), and the prompts being
-prefilled count against the pool.
+its blocks over (take_row), and the prompts being prefilled count against the pool.
+
+A whole block can have several holders, as it is never written again: the rows whose prompts start
+with the tokens of a prefix-cache hit (prefix_cache.py), and the n samples of one prompt. A row writes
+only into blocks it holds alone, so a block it would continue (a hit's used in part, a prompt's partial
+last one for its other samples) is copied first. A block no row holds is free, or, while the prefix
+cache names it, kept for the next prompt that starts with its tokens, until a row needs a block and
+none is free (the least recently given back goes first).
 
 The scheduler decides what the pool holds: a request is admitted when the blocks of its prompt are
 free (the prefill takes them at once), and when a running row needs a block and none is left, the
@@ -27,10 +33,11 @@ full pool never runs out of memory.
 
 import copy
 import math
+from collections import OrderedDict
 
 import torch
 
-from inference.prefix_cache import BLOCK_TOKENS, Hit
+from inference.prefix_cache import BLOCK_TOKENS, Hit, PrefixCache
 from trainer.gpt import GPT
 
 
@@ -48,14 +55,17 @@ def block_slots(blocks: torch.Tensor) -> torch.Tensor:
 
 
 class PagedKVCache:
-    def __init__(self, model: GPT, max_rows: int, num_blocks: int) -> None:
+    def __init__(self, model: GPT, max_rows: int, num_blocks: int, prefix_tokens: int = 0) -> None:
         c = model.config
         shape = (c.n_layer, (num_blocks + 1) * BLOCK_TOKENS, c.n_kv_head, c.head_dim)  # + the pad block
         device, dtype = model.wte.weight.device, model.compute_dtype
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.num_blocks = num_blocks
-        self.free = list(range(num_blocks, 0, -1))  # popped from the end: the lowest ids first
+        self.free = list(range(num_blocks, 0, -1))  # unnamed, unheld: popped from the end, lowest ids first
+        self.holders = [0] * (num_blocks + 1)  # rows holding each block (several: a shared whole block)
+        self.prefix = PrefixCache(prefix_tokens)  # names blocks by the tokens they hold
+        self.kept: OrderedDict[int, None] = OrderedDict()  # named blocks no row holds, least recent first
         self.tables: list[list[int]] = [[] for _ in range(max_rows)]
         self.lengths = [0] * max_rows  # on the host: the scheduler reads them every step, no device sync
         self.last_embedding = torch.zeros(max_rows, 1, c.n_embd, device=device, dtype=dtype)
@@ -71,7 +81,8 @@ class PagedKVCache:
 
     @property
     def free_blocks(self) -> int:
-        return len(self.free)
+        """Blocks a row can take: the unheld ones, named blocks kept for the prefix cache included."""
+        return len(self.free) + len(self.kept)
 
     @property
     def capacity(self) -> int:
@@ -79,13 +90,49 @@ class PagedKVCache:
         return self.num_blocks * BLOCK_TOKENS
 
     def take(self, count: int) -> list[int]:
-        """`count` free blocks (OutOfBlocks, taking none, when short)."""
-        if count > len(self.free):
-            raise OutOfBlocks(f"{count} blocks needed, {len(self.free)} free")
-        return [self.free.pop() for _ in range(count)]
+        """`count` blocks for one holder each (OutOfBlocks, taking none, when short): free ones first,
+        then the least recently given back of those the prefix cache keeps, unnamed."""
+        if count > self.free_blocks:
+            raise OutOfBlocks(f"{count} blocks needed, {self.free_blocks} free")
+        taken = [self.free.pop() if self.free else self.unkeep() for _ in range(count)]
+        for block in taken:
+            self.holders[block] = 1
+        return taken
+
+    def share(self, blocks: list[int]) -> None:
+        """One more holder for each block (a prefix hit's, or a prompt's whole blocks for its n samples)."""
+        for block in blocks:
+            self.holders[block] += 1
+            self.kept.pop(block, None)
 
     def give_back(self, blocks: list[int]) -> None:
-        self.free.extend(reversed(blocks))
+        """One holder fewer for each block; a block no one holds is free again, or kept while named (the
+        last of a row's blocks first in line to go: a parent outlasts its children)."""
+        for block in reversed(blocks):
+            self.holders[block] -= 1
+            if self.holders[block]:
+                continue
+            if block in self.prefix.by_block:
+                self.kept[block] = None
+            else:
+                self.free.append(block)
+        while len(self.kept) > self.prefix.max_blocks:
+            self.free.append(self.unkeep())
+
+    def unkeep(self) -> int:
+        """The least recently given back of the kept blocks, unnamed."""
+        block, _ = self.kept.popitem(last=False)
+        return self.prefix.forget(block)
+
+    def name_row(self, row: int, tokens: list[int]) -> None:
+        """Name the row's blocks by the tokens they hold (its first lengths[row], `tokens`), so that the
+        prefix cache keeps them once given back."""
+        if not self.prefix.max_blocks:
+            return
+        for block in self.prefix.name_blocks(tokens[: self.lengths[row]], self.tables[row]):
+            if not self.holders[block]:  # kept for its tokens, which a named block now holds
+                del self.kept[block]
+                self.free.append(block)
 
     def reserve(self, row: int, positions: int) -> None:
         """Blocks for the row's first `positions` positions (OutOfBlocks, taking none, when short)."""
@@ -113,16 +160,16 @@ class PagedKVCache:
 
     def take_row(self, source: "PagedKVCache", source_row: int, rows: list[int], spare: list[int]) -> None:
         """Make `rows` (empty) continue from row source_row of a view on this pool (rows_view): the first
-        takes its blocks over, each other gets a copy of them in blocks taken from `spare`. A failure
-        midway leaves every block with one holder (the source, `spare`, or a row of this cache)."""
+        takes its blocks over, each other shares its whole blocks and gets a copy of its partial last
+        one, in a block taken from `spare`. A failure midway leaves every block with its holders."""
         length, blocks = source.lengths[source_row], source.tables[source_row]
-        held = self.slots(blocks, length)
+        whole = length // BLOCK_TOKENS
         for row in rows[1:]:
-            table = spare[-len(blocks) :]
-            slots = self.slots(table, length)
-            self.keys.index_copy_(1, slots, self.keys.index_select(1, held))
-            self.values.index_copy_(1, slots, self.values.index_select(1, held))
-            del spare[-len(blocks) :]
+            table = blocks[:whole]
+            if length % BLOCK_TOKENS:
+                self.copy_block(blocks[whole], spare[-1])
+                table = [*table, spare.pop()]
+            self.share(blocks[:whole])
             self.hold(row, table, length, source.last_embedding[source_row])
         source.tables[source_row], source.lengths[source_row] = [], 0
         self.hold(rows[0], blocks, length, source.last_embedding[source_row])
@@ -132,23 +179,30 @@ class PagedKVCache:
         self.tables[row], self.lengths[row] = table, length
         self.last_embedding[row] = last_embedding
 
-    def copy_hit(self, row: int, hit: Hit) -> None:
-        """Write a prefix-cache hit into the row's first blocks (held: reserve), its length with it."""
-        for block, pool_block in zip(hit.blocks, self.tables[row], strict=False):
-            start = pool_block * BLOCK_TOKENS
-            self.keys[:, start : start + block.size] = block.keys
-            self.values[:, start : start + block.size] = block.values
-        self.lengths[row] = hit.length
+    def start_from(self, row: int, hit: Hit) -> None:
+        """The (empty) row starts with a prefix-cache hit: it shares the hit's blocks."""
+        self.share(hit.blocks)
+        self.tables[row], self.lengths[row] = list(hit.blocks), hit.length
 
-    def row_kv(self, row: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's keys and values of one row from position `start` on, in order:
-        (length − start, kv_heads, head_dim)."""
-        slots = self.slots(self.tables[row], self.lengths[row])[start:]
-        return self.keys.index_select(1, slots), self.values.index_select(1, slots)
+    def own_last_block(self, row: int) -> None:
+        """Give the row a block of its own to write the rest of its last one (a hit's, used in part)
+        into: a copy, or, when no block is free and no other row holds it, that block itself, unnamed (a
+        sequence that fills the whole pool comes back from its kept blocks)."""
+        shared = self.tables[row][-1]
+        if not self.free_blocks and self.holders[shared] == 1:
+            self.prefix.forget(shared)
+            return
+        self.tables[row][-1:] = self.take(1)
+        try:
+            self.copy_block(shared, self.tables[row][-1])
+        finally:
+            self.give_back([shared])
 
-    def slots(self, table: list[int], length: int) -> torch.Tensor:
-        """The pool slots of a row's first `length` positions."""
-        return block_slots(torch.tensor(table, device=self.keys.device))[:length]
+    def copy_block(self, source: int, target: int) -> None:
+        source_slots = slice(source * BLOCK_TOKENS, (source + 1) * BLOCK_TOKENS)
+        target_slots = slice(target * BLOCK_TOKENS, (target + 1) * BLOCK_TOKENS)
+        self.keys[:, target_slots] = self.keys[:, source_slots]
+        self.values[:, target_slots] = self.values[:, source_slots]
 
     def head(self, num_rows: int) -> "PagedKVCache":
         """The first num_rows rows, for a forward pass (sharing this cache's pool and state)."""

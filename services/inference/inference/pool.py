@@ -1,9 +1,9 @@
 """
 Loaded models: each with its tokenizer and its scheduler thread, loaded on first use and kept in
-least-recently-used order. When the estimated memory of the loaded models (weights plus the KV cache
-and the prefix cache) passes INFERENCE_MAX_MODEL_MEMORY_GB, idle models are unloaded, oldest use
-first; a model with requests in flight is never unloaded. While a training job holds the GPU
-(gpu_share), every model is unloaded and none loads.
+least-recently-used order. When the estimated memory of the loaded models (weights plus the KV cache,
+which holds the prefix cache's blocks too) passes INFERENCE_MAX_MODEL_MEMORY_GB, idle models are
+unloaded, oldest use first; a model with requests in flight is never unloaded. While a training job
+holds the GPU (gpu_share), every model is unloaded and none loads.
 """
 
 import gc
@@ -49,12 +49,11 @@ class ServedModel:
         return self.scheduler.cache.capacity
 
 
-def memory_estimate(model: GPT, kv_tokens: int, prefix_tokens: int) -> int:
-    """Weights plus the paged KV cache and a full prefix cache."""
+def memory_estimate(model: GPT, kv_tokens: int) -> int:
+    """Weights plus the paged KV cache (the prefix cache keeps its blocks in the pool)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     c = model.config
-    positions = kv_tokens + prefix_tokens
-    cache = 2 * c.n_layer * positions * c.n_kv_head * c.head_dim
+    cache = 2 * c.n_layer * kv_tokens * c.n_kv_head * c.head_dim
     return weights + cache * torch.finfo(model.compute_dtype).bits // 8
 
 
@@ -93,19 +92,18 @@ class ModelPool:
         model.eval()
         engine = Engine(model, Tokenizer.load(checkpoint.tokenizer_dir))
         settings, batch = self.settings, self.settings.inference_max_batch_size
-        prefix = settings.inference_prefix_cache_tokens
         scheduler = Scheduler(
             engine,
             batch,
             settings.inference_max_waiting,
             self.metrics,
             checkpoint.id,
-            prefix_tokens=prefix,
+            prefix_tokens=settings.inference_prefix_cache_tokens,
             chunk_tokens=settings.inference_prefill_chunk_tokens or None,
             kv_tokens=settings.inference_kv_cache_tokens or None,  # None: the scheduler's default
             decode_graphs=self.cuda_graphs,
         )
-        memory = memory_estimate(model, scheduler.cache.capacity, prefix)
+        memory = memory_estimate(model, scheduler.cache.capacity)
         return ServedModel(checkpoint, engine, scheduler, memory)
 
     def evict(self) -> None:

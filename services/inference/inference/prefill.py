@@ -6,17 +6,18 @@ delays the running sequences by one chunk's forward at a time rather than by its
 prefill, as in Sarathi and vLLM); a row whose prompt is complete joins the batch at once, its blocks
 handed over.
 
-The blocks of every prompt (and of the copies its n samples will need) are taken when the prefill
-starts, so a prefill under way holds what its rows will join with, and counts against the pool like
-the running rows.
+The blocks of every prompt (past the whole ones of its prefix-cache hit, which it shares, and one for
+each of its n − 1 other samples' copy of its partial last block) are taken when the prefill starts, so
+a prefill under way holds what its rows will join with, and counts against the pool like the running
+rows.
 """
 
 from dataclasses import dataclass, field
 
 import torch
 
-from inference.paged_cache import PagedKVCache, blocks_for
-from inference.prefix_cache import Hit
+from inference.paged_cache import PagedKVCache
+from inference.prefix_cache import BLOCK_TOKENS, Hit
 from trainer.gpt import GPT
 
 
@@ -36,7 +37,7 @@ class Prefill:
     scored: list[bool]  # rows whose every position's logits are wanted
     width: int  # columns per chunk
     cache: PagedKVCache  # rows of its own on the pool (rows_view)
-    spare: list[list[int]]  # per row, the blocks its n − 1 copies will take when it joins
+    spare: list[list[int]]  # per row, the blocks its n − 1 copies' partial last blocks will take
     done: int = 0  # columns computed
     kept: list[list[torch.Tensor]] = field(default_factory=list)  # per scored row, its chunks' logits
 
@@ -52,8 +53,10 @@ class Prefill:
         copies: list[int],
     ) -> "Prefill":
         """A group's prefill, `chunk` tokens per forward (None: all in one), the hits already cached.
-        Takes the blocks of every prompt, and of `copies` more of it (n − 1: the rows its other samples
-        will fill), from the pool (OutOfBlocks, taking none, when short)."""
+        Takes the blocks of every prompt past the whole ones of its hit (shared) and, when its last block
+        is partial, one for each of `copies` more rows (n − 1: its other samples, which share its whole
+        blocks and copy that one), from the pool (OutOfBlocks when short, everything given back; kept
+        blocks it took are no longer named)."""
         starts = [0 if hit is None else hit.length for hit in hits]
         rests = [prompt[start:] for prompt, start in zip(prompts, starts, strict=True)]
         longest = max(len(rest) for rest in rests)
@@ -62,11 +65,15 @@ class Prefill:
         prefill = cls(model, rests, scored, width, view, [[] for _ in rests], kept=[[] for _ in rests])
         device = model.wte.weight.device
         try:
+            for row, hit in enumerate(hits):  # every hit shared first: a take may take kept blocks back
+                if hit is not None:
+                    prefill.cache.start_from(row, hit)
             for row, (prompt, hit, more) in enumerate(zip(prompts, hits, copies, strict=True)):
+                if hit is not None and hit.length % BLOCK_TOKENS:
+                    prefill.cache.own_last_block(row)
                 prefill.cache.reserve(row, len(prompt))
-                prefill.spare[row] = pool.take(more * blocks_for(len(prompt)))
-                if hit is not None:  # the row continues from the cached keys and values
-                    prefill.cache.copy_hit(row, hit)
+                prefill.spare[row] = pool.take(more if len(prompt) % BLOCK_TOKENS else 0)
+                if hit is not None:
                     # The smear of the first computed token mixes in the last reused one's embedding.
                     last = torch.tensor([[prompt[hit.length - 1]]], device=device)
                     prefill.cache.last_embedding[row] = model.embed(last)[0]

@@ -7,8 +7,8 @@ of every request shares each step.
           the prompts together from where the prefix cache leaves off, up to
           INFERENCE_PREFILL_CHUNK_TOKENS per step (prefill.py); a complete prompt's blocks join the
           batch) → pick one token per sequence (one that cannot be picked fails that request alone)
-          → retire the finished ones (their KV goes to the prefix cache, their blocks back to the
-          pool; the last row moves into a freed row, so the running rows stay at the front) → give
+          → retire the finished ones (their blocks back to the pool, named by their tokens for the
+          prefix cache; the last row moves into a freed row, so the running rows stay at the front) → give
           every row a block for its next position → one decode forward (replayed as a CUDA graph with
           INFERENCE_CUDA_GRAPHS, decode_graphs.py)
 
@@ -16,8 +16,9 @@ When a running row needs a block and none is free, the latest admitted holder of
 first come first served: the prefill under way (new prompts are the latest; a preempted sequence's
 prefill keeps its first place) is put back to wait, or a running sequence is preempted. A preempted
 sequence keeps everything but its KV (its tokens, text, generator, tool state), and a put-back
-prefill its place in the queue; their KV goes to the prefix cache, and they are prefilled again (in
-chunks, as a prompt is), ahead of new requests, once blocks are free.
+prefill its place in the queue; their blocks are named for the prefix cache (what of them is still
+kept when they come back is not computed again), and they are prefilled again (in chunks, as a prompt
+is), ahead of new requests, once blocks are free.
 
 Each row has its own position and mask (paged_cache.py), and each sequence its own seeded generator,
 so what a request gets does not depend on what else is in the batch (but for a preempted sequence's
@@ -36,7 +37,6 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
@@ -44,7 +44,7 @@ from inference.decode_graphs import CaptureFailed, DecodeGraphs
 from inference.metrics import Metrics
 from inference.paged_cache import OutOfBlocks, PagedKVCache, blocks_for
 from inference.prefill import Prefill
-from inference.prefix_cache import BLOCK_TOKENS, Hit, PrefixCache
+from inference.prefix_cache import BLOCK_TOKENS, Hit
 from trainer.engine import Engine, Row, TextStream, is_greedy, sample
 
 log = logging.getLogger("inference")
@@ -199,12 +199,11 @@ class Scheduler:
         self.metrics, self.name = metrics, name
         # Positions of KV for the running rows (None: every row at the full context, none ever waits).
         kv_blocks = blocks_for(kv_tokens) if kv_tokens else max_batch_size * blocks_for(self.context)
-        self.cache = PagedKVCache(self.model, max_batch_size, kv_blocks)
+        self.cache = PagedKVCache(self.model, max_batch_size, kv_blocks, prefix_tokens)
         # Fixed-shape decode steps, captured as CUDA graphs on a GPU (decode_graphs.py); None: eager.
         self.graphs = DecodeGraphs(self.model, self.cache, max_batch_size) if decode_graphs else None
         self.preempted: list[Sequence] = []  # resumed first admitted first, before new requests
         self.admissions = itertools.count(1)
-        self.prefix = PrefixCache(prefix_tokens)
         self.chunk_tokens = chunk_tokens  # of prompt prefilled per step; None: whole prompts
         self.prefilling: Prefill | None = None  # of the group below, while its prompts are computed
         # By row of `prefilling`, the submissions being prefilled (or the preempted sequence being
@@ -286,6 +285,8 @@ class Scheduler:
         self.metrics.running.labels(self.name).set(len(self.running))
         used = self.cache.num_blocks - self.cache.free_blocks
         self.metrics.kv_cache_used_blocks.labels(self.name).set(used)
+        self.metrics.prefix_cache_blocks.labels(self.name).set(len(self.cache.prefix.named))
+        self.metrics.prefix_cache_tokens.labels(self.name).set(self.cache.prefix.tokens)
 
     def admit(self) -> None:
         """Prefill waiting submissions into free rows: a group of them at a time, as many as fit in one
@@ -297,14 +298,14 @@ class Scheduler:
             self.drop_cancelled()
         while self.chunk_tokens is None or spent < self.chunk_tokens:
             if self.prefilling is None:
-                group = self.take_resume()
+                group, hits = self.take_resume()
                 if not group and not self.preempted:
-                    group = self.take_group()
+                    group, hits = self.take_group()
                 if not group:
                     return
                 self.group = group
                 try:
-                    hits = [self.cached_prefix(entry) for entry in group]
+                    self.count_prompts(group, hits)
                     scored = [
                         isinstance(e, Submission) and e.params.prompt_logprobs is not None for e in group
                     ]
@@ -351,44 +352,64 @@ class Scheduler:
 
     def put_back_prefill(self) -> None:
         """The prefill under way gives its blocks up: its requests wait again at the front of the queue
-        (a preempted sequence's stays at the front of its own), the KV computed so far kept in the
-        prefix cache for when they are prefilled again."""
+        (a preempted sequence's stays at the front of its own), the blocks computed so far named for
+        the prefix cache, for when they are prefilled again."""
         prefill, entries = self.prefilling, [e for e in self.group if e is not None]
-        if self.prefix.max_blocks:
-            for row, entry in enumerate(self.group):
-                if entry is not None:
-                    length = prefill.cache.lengths[row]
-                    self.prefix.store(prompt_of(entry)[:length], partial(prefill.cache.row_kv, row))
-            self.show_prefix_cache()
+        for row, entry in enumerate(self.group):
+            if entry is not None:
+                prefill.cache.name_row(row, prompt_of(entry))
         with self.wake:
             self.waiting.extendleft(reversed([e for e in entries if isinstance(e, Submission)]))
             self.metrics.waiting.labels(self.name).set(len(self.waiting))
         self.metrics.preemptions.inc(len(entries))
         self.end_prefill()
 
-    def take_group(self) -> list[Submission]:
-        """Waiting submissions for one prefill: as many as have free rows and free KV blocks for their
-        prompts, within the token budget. One that the whole cache could not hold fails."""
-        group, rows, longest, blocks = [], len(self.running), 0, 0
+    def take_group(self) -> tuple[list[Submission], list[Hit | None]]:
+        """Waiting submissions for one prefill, with what the prefix cache holds of their prompts: as
+        many as have free rows and free KV blocks for their prompts, within the token budget. One that
+        the whole cache could not hold fails."""
+        group, hits, rows, longest, blocks, counted = [], [], len(self.running), 0, 0, set()
         with self.wake:
             while self.waiting and rows + self.waiting[0].n <= self.max_batch_size:
                 submission = self.waiting[0]
                 if submission.cancelled:
                     self.waiting.popleft()
                     continue
-                needed = submission.n * blocks_for(len(submission.prompt) + 1)
-                if needed > self.cache.num_blocks:
+                alone = self.blocks_to_start(len(submission.prompt), submission.n, None)
+                if alone > self.cache.num_blocks:
                     self.waiting.popleft()
-                    self.send(submission, Failure(too_long(submission, self.cache.capacity), 400))
+                    self.send(submission, Failure(too_long(submission, alone, self.cache.capacity), 400))
                     continue
+                hit = self.lookup(submission)
+                kept = self.kept_blocks(hit) - counted  # one count each, however many prompts share one
+                needed = self.blocks_to_admit(len(submission.prompt), submission.n, hit, kept)
                 padded = max(longest, len(submission.prompt)) * (len(group) + 1)
                 if blocks + needed > self.cache.free_blocks or (group and padded > PREFILL_TOKEN_BUDGET):
                     break
                 group.append(self.waiting.popleft())
+                hits.append(hit)
                 rows, longest = rows + submission.n, max(longest, len(submission.prompt))
-                blocks += needed
+                blocks, counted = blocks + needed, counted | kept
             self.metrics.waiting.labels(self.name).set(len(self.waiting))
-        return group
+        return group, hits
+
+    def blocks_to_start(self, prompt_length: int, n: int, hit: Hit | None) -> int:
+        """Blocks a prompt takes to be prefilled and for each of its n sequences' first token: its own
+        past the whole ones its hit shares, a copy of its partial last block for each other sequence
+        (they share the whole ones), and a block for each first token when the prompt fills its last."""
+        whole = 0 if hit is None else hit.length // BLOCK_TOKENS
+        partial = prompt_length % BLOCK_TOKENS > 0
+        return blocks_for(prompt_length) - whole + (n - 1) * partial + n * (not partial)
+
+    def blocks_to_admit(self, prompt_length: int, n: int, hit: Hit | None, kept: set[int]) -> int:
+        """Free blocks a prompt needs to be admitted: those it takes (blocks_to_start) and the kept
+        blocks of its hit, free until it shares them. At most the whole pool: a prompt that needs every
+        block takes its hit's partial block over rather than copying it (own_last_block)."""
+        return min(self.blocks_to_start(prompt_length, n, hit) + len(kept), self.cache.num_blocks)
+
+    def kept_blocks(self, hit: Hit | None) -> set[int]:
+        """A hit's blocks that no row holds: counted as free until a prefill shares them."""
+        return set() if hit is None else {block for block in hit.blocks if not self.cache.holders[block]}
 
     def prefill_chunk(self) -> int:
         """One chunk of the prefill in progress; each prompt it completes joins the batch in its n rows
@@ -411,10 +432,13 @@ class Scheduler:
 
     def join(self, prefill: Prefill, row: int, sequences: list[Sequence], logits: torch.Tensor) -> None:
         """Add sequences to the batch, each continuing from a row of the prefill (its blocks, held since
-        the prefill started: joining takes none from the running rows)."""
+        the prefill started: joining takes none from the running rows). The prompt's whole blocks, never
+        written again, are named at once: a prompt that starts alike shares them while these run."""
         first = len(self.running)
         rows = list(range(first, first + len(sequences)))
         self.cache.take_row(prefill.cache, row, rows, prefill.spare[row])
+        prompt = prompt_of(sequences[0])
+        self.cache.name_row(first, prompt[: len(prompt) // BLOCK_TOKENS * BLOCK_TOKENS])
         new_logits = logits[-1:].expand(len(sequences), -1).clone()  # rows get moved in place later
         self.logits = new_logits if self.logits is None else torch.cat([self.logits[:first], new_logits])
         for sequence in sequences:  # first come, first served: a resumed sequence keeps its place
@@ -433,15 +457,15 @@ class Scheduler:
             self.preempt(latest)
 
     def preempt(self, row: int) -> None:
-        """Take a sequence out of the batch to be prefilled again later: its KV goes to the prefix
-        cache (its resume finds it there while it lasts), its blocks back to the pool."""
+        """Take a sequence out of the batch to be prefilled again later: its blocks go back to the pool,
+        named for the prefix cache (its resume finds what of them is still kept)."""
         sequence = self.running[row]
         self.remember([row])
         self.retire([row])
         self.preempted.append(sequence)
         self.metrics.preemptions.inc()
 
-    def take_resume(self) -> list[Sequence]:
+    def take_resume(self) -> tuple[list[Sequence], list[Hit | None]]:
         """The first admitted of the preempted sequences, to be prefilled again (its prompt and every
         token chosen so far), once a row and the blocks for it are free; it stays in `preempted` until
         it runs. A sequence that had grown to the whole cache ends there."""
@@ -453,12 +477,12 @@ class Scheduler:
             elif blocks_for(len(tokens)) > self.cache.num_blocks:
                 self.preempted.remove(sequence)
                 self.end_at_capacity(sequence)
-            # Room for its next token too, so that it is not preempted again at once.
-            elif min(blocks_for(len(tokens) + 1), self.cache.num_blocks) > self.cache.free_blocks:
-                return []
             else:
-                return [sequence]
-        return []
+                # Room for its next token too, so that it is not preempted again at once.
+                hit = self.lookup(sequence)
+                needed = self.blocks_to_admit(len(tokens), 1, hit, self.kept_blocks(hit))
+                return ([sequence], [hit]) if needed <= self.cache.free_blocks else ([], [])
+        return [], []
 
     def unanswered(self) -> list[Submission]:
         """The submissions of the prefill in progress that have neither joined the batch nor been
@@ -466,35 +490,30 @@ class Scheduler:
         entries = [e for e in self.group if e is not None]
         return [e.submission if isinstance(e, Sequence) else e for e in entries]
 
-    def cached_prefix(self, entry: Submission | Sequence) -> Hit | None:
+    def lookup(self, entry: Submission | Sequence) -> Hit | None:
         """The longest start of the prompt the prefix cache holds (none for a prompt to score: that
-        needs the logits at every position). Counted in the metrics once per request: not for a
-        preempted sequence's recompute or a put-back prefill's second look (its prompt was, the first
-        time)."""
-        scored = isinstance(entry, Submission) and entry.params.prompt_logprobs is not None
-        hit = None if scored else self.prefix.lookup(prompt_of(entry))
-        if isinstance(entry, Submission) and not entry.counted:
-            entry.counted = True
-            self.metrics.prompt_tokens.inc(len(entry.prompt))
-            if not scored:
-                self.metrics.prefix_cache_queries.inc(len(entry.prompt))
-                self.metrics.prefix_cache_hits.inc(0 if hit is None else hit.length)
-        return hit
+        needs the logits at every position)."""
+        if isinstance(entry, Submission) and entry.params.prompt_logprobs is not None:
+            return None
+        return self.cache.prefix.lookup(prompt_of(entry))
+
+    def count_prompts(self, group: list[Submission | Sequence], hits: list[Hit | None]) -> None:
+        """The prompts of a prefill and what the prefix cache held of them, in the metrics once per
+        request: not for a preempted sequence's recompute or a put-back prefill's second start (its
+        prompt was counted the first time)."""
+        for entry, hit in zip(group, hits, strict=True):
+            if isinstance(entry, Submission) and not entry.counted:
+                entry.counted = True
+                self.metrics.prompt_tokens.inc(len(entry.prompt))
+                if entry.params.prompt_logprobs is None:
+                    self.metrics.prefix_cache_queries.inc(len(entry.prompt))
+                    self.metrics.prefix_cache_hits.inc(0 if hit is None else hit.length)
 
     def remember(self, rows: list[int]) -> None:
-        """Keep the KV of these finished rows in the prefix cache: the next turn of their chat starts
-        with their prompt and reply."""
-        if not self.prefix.max_blocks:
-            return
+        """Name the blocks of these rows, about to give them back, in the prefix cache: the next turn of
+        their chat starts with their prompt and reply."""
         for row in rows:
-            sequence = self.running[row]
-            length = self.cache.lengths[row]
-            self.prefix.store(prompt_of(sequence)[:length], partial(self.cache.row_kv, row))
-        self.show_prefix_cache()
-
-    def show_prefix_cache(self) -> None:
-        self.metrics.prefix_cache_blocks.labels(self.name).set(len(self.prefix.blocks))
-        self.metrics.prefix_cache_tokens.labels(self.name).set(self.prefix.tokens)
+            self.cache.name_row(row, prompt_of(self.running[row]))
 
     def start_sequences(self, submission: Submission, logits: torch.Tensor) -> bool:
         """Send the prompt's scores when asked for, and make the submission's n sequences; False
@@ -674,11 +693,10 @@ class Scheduler:
             loop.call_soon_threadsafe(deliver, items)
 
 
-def too_long(submission: Submission, capacity: int) -> str:
-    positions = submission.n * blocks_for(len(submission.prompt) + 1) * BLOCK_TOKENS
+def too_long(submission: Submission, blocks: int, capacity: int) -> str:
     return (
-        f"this request needs {positions} positions of KV cache ({submission.n} × a prompt of "
-        f"{len(submission.prompt)} tokens and one generated, in blocks of {BLOCK_TOKENS}), more than "
-        f"the server holds ({capacity}, INFERENCE_KV_CACHE_TOKENS): shorten the prompt "
-        "or lower n"
+        f"this request needs {blocks * BLOCK_TOKENS} positions of KV cache (a prompt of "
+        f"{len(submission.prompt)} tokens and the first token of each of its {submission.n} replies, which "
+        f"share the prompt's whole blocks, in blocks of {BLOCK_TOKENS}), more than the server holds "
+        f"({capacity}, INFERENCE_KV_CACHE_TOKENS): shorten the prompt or lower n"
     )

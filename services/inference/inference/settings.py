@@ -53,8 +53,9 @@ class InferenceSettings(BaseSettings):
     inference_prefix_cache_tokens: int = Field(
         default=16384,
         ge=0,
-        description="Token positions of finished requests' KV kept per model, least recently used out "
-        "first, so a prompt that starts the same (the next chat turn) prefills only its new tokens; 0: off.",
+        description="Token positions of finished requests' KV kept per model for reuse, in KV cache blocks "
+        "no running sequence holds (taken back, least recently used first, when one needs them), so a prompt "
+        "that starts the same (the next chat turn) shares them and prefills only its new tokens; 0: off.",
     )
     inference_prefill_chunk_tokens: int = Field(
         default=512,
@@ -65,10 +66,11 @@ class InferenceSettings(BaseSettings):
     inference_kv_cache_tokens: int = Field(
         default=0,
         ge=0,
-        description="Token positions of KV cache per model, in blocks of 16, for the running sequences "
-        "and the prompts being prefilled (paged): a request waits for the blocks of its prompt, and when "
-        "they run out the latest admitted (a prompt being prefilled, or else a running sequence) gives "
-        "its blocks up and is prefilled again later; 0: max batch size × the model's context.",
+        description="Token positions of KV cache per model, in blocks of 16, for the running sequences, "
+        "the prompts being prefilled and the prefix cache (paged): a request waits for the blocks of its "
+        "prompt, and when they run out the latest admitted (a prompt being prefilled, or else a running "
+        "sequence) gives its blocks up and is prefilled again later; 0: max batch size × the model's "
+        "context.",
     )
     inference_cuda_graphs: bool = Field(
         default=False,
