@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from inference.metrics import Metrics
+from inference.paged_cache import PagedKVCache
 from inference.prefill import Prefill
 from inference.scheduler import Failure, Output, PromptScores, SamplingParams, Scheduler, Submission
 from tests.inference.conftest import random_prompt, tiny_tokenizer
+from tests.inference.test_paged_cache import serve
 from trainer.engine import Engine
 from trainer.gpt import GPT
 
@@ -130,3 +132,42 @@ def test_a_prefill_that_cannot_start_fails_its_requests_and_the_next_ones_are_se
         scheduler.close()
     assert isinstance(failure, Failure) and "CUDA out of memory" in failure.message
     assert len(tokens) == 4
+
+
+def test_a_group_prefill_leaves_its_complete_rows_out_of_later_chunks(model: GPT) -> None:
+    """A 100-token prompt and three of 8, 32 tokens a chunk: the first chunk computes 8 of each, the
+    next ones the long prompt alone, 32 at a time (124 tokens in all, where every row in every forward
+    would compute 4 × 104); each prompt gets the logits it gets alone."""
+    prompts = [random_prompt(100, 1), random_prompt(8, 2), random_prompt(8, 3), random_prompt(8, 4)]
+    pool = PagedKVCache(model, max_rows=4, num_blocks=12)
+    spent, logits = [], {}
+    with torch.inference_mode():
+        prefill = Prefill.start(model, pool, prompts, [None] * 4, [True] * 4, 32, [0] * 4)
+        while not prefill.finished:
+            cost, ready = prefill.step()
+            spent.append(cost)
+            logits |= {r.row: r.logits for r in ready}
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.tensor([prompt]))[0]
+            torch.testing.assert_close(logits[row], alone, rtol=0, atol=1e-4)
+    assert spent == [32, 32, 32, 28]
+
+
+def test_a_group_is_prefilled_longest_first_and_each_reply_is_its_own_prompts(
+    model: GPT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_start, lengths = Prefill.start, []
+
+    def start(model: GPT, pool: PagedKVCache, prompts: list[list[int]], *rest: object) -> Prefill:
+        lengths.append([len(prompt) for prompt in prompts])
+        return real_start(model, pool, prompts, *rest)
+
+    monkeypatch.setattr(Prefill, "start", start)
+    engine = Engine(model, tiny_tokenizer())
+    prompts = [random_prompt(length, seed) for seed, length in enumerate((5, 40, 12, 70))]
+    scheduler = Scheduler(engine, 4, 4, Metrics(), "tiny", chunk_tokens=32)
+    replies = serve(scheduler, [(prompt, SamplingParams(max_tokens=6, temperature=0)) for prompt in prompts])
+    assert lengths == [[70, 40, 12, 5]]
+    for prompt, (tokens, reason) in zip(prompts, replies, strict=True):
+        (expected,) = engine.complete(prompt, max_tokens=6, temperature=0)
+        assert (tokens, reason) == ([t.id for t in expected], "length")

@@ -35,7 +35,7 @@ class Prefill:
     model: GPT
     rests: list[list[int]]  # per row, the prompt tokens to compute (after the prefix cache's part)
     scored: list[bool]  # rows whose every position's logits are wanted
-    width: int  # columns per chunk
+    chunk: int | None  # prompt tokens per forward (None: every prompt whole, in one)
     cache: PagedKVCache  # rows of its own on the pool (rows_view)
     spare: list[list[int]]  # per row, the blocks its n − 1 copies' partial last blocks will take
     done: int = 0  # columns computed
@@ -59,10 +59,8 @@ class Prefill:
         blocks it took are no longer named)."""
         starts = [0 if hit is None else hit.length for hit in hits]
         rests = [prompt[start:] for prompt, start in zip(prompts, starts, strict=True)]
-        longest = max(len(rest) for rest in rests)
-        width = longest if chunk is None else max(1, min(longest, chunk // len(rests)))
         view = pool.rows_view(len(rests))
-        prefill = cls(model, rests, scored, width, view, [[] for _ in rests], kept=[[] for _ in rests])
+        prefill = cls(model, rests, scored, chunk, view, [[] for _ in rests], kept=[[] for _ in rests])
         device = model.wte.weight.device
         try:
             for row, hit in enumerate(hits):  # every hit shared first: a take may take kept blocks back
@@ -99,15 +97,20 @@ class Prefill:
         return self.done >= max(len(rest) for rest in self.rests)
 
     def step(self) -> tuple[int, list[Ready]]:
-        """Compute the next chunk: the tokens it cost (pads included) and the rows it completed."""
-        chunks = [rest[self.done : self.done + self.width] for rest in self.rests]
+        """Compute the next chunk: the tokens it cost (pads included) and the rows it completed. The
+        forward runs over the rows up to the last one not complete (the scheduler puts the longest
+        first, so the complete ones drop out), each `chunk` // rows tokens further."""
+        rows = 1 + max(row for row, rest in enumerate(self.rests) if len(rest) > self.done)
+        columns = max(len(rest) for rest in self.rests) - self.done
+        width = columns if self.chunk is None else max(1, min(columns, self.chunk // rows))
+        chunks = [rest[self.done : self.done + width] for rest in self.rests[:rows]]
         counts = [len(chunk) for chunk in chunks]
-        width = max(counts)
         padded = [chunk + [0] * (width - len(chunk)) for chunk in chunks]
-        self.cache.pad_next(counts)  # a complete row computes only pads, past its end
-        logits = self.model(torch.tensor(padded, device=self.model.wte.weight.device), kv_cache=self.cache)
+        cache = self.cache.head(rows)
+        cache.pad_next(counts)  # a complete row computes only pads, past its end
+        logits = self.model(torch.tensor(padded, device=self.model.wte.weight.device), kv_cache=cache)
         ready = []
-        for row, (rest, count) in enumerate(zip(self.rests, counts, strict=True)):
+        for row, (rest, count) in enumerate(zip(self.rests, counts, strict=False)):
             if count == 0:
                 continue
             if self.scored[row]:
@@ -116,4 +119,4 @@ class Prefill:
                 last = torch.cat(self.kept[row]) if self.scored[row] else logits[row, count - 1 : count]
                 ready.append(Ready(row, last))
         self.done += width
-        return len(padded) * width, ready
+        return rows * width, ready

@@ -156,6 +156,15 @@ def prompt_of(entry: Submission | Sequence) -> list[int]:
     return entry.prompt
 
 
+def arrival(entry: Submission | Sequence) -> float:
+    return (entry.submission if isinstance(entry, Sequence) else entry).created
+
+
+def to_compute(entry: Submission | Sequence, hit: Hit | None) -> int:
+    """Prompt tokens a prefill computes: those past what the prefix cache holds."""
+    return len(prompt_of(entry)) - (0 if hit is None else hit.length)
+
+
 def token_scores(logprobs: torch.Tensor, tokens: list[int], top: int) -> list[TokenScore]:
     """Each row's chosen token with its log-probability and the `top` likeliest alternatives."""
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
@@ -303,6 +312,10 @@ class Scheduler:
                     group, hits = self.take_group()
                 if not group:
                     return
+                # The longest to compute first: rows complete in order, and a chunk's forward leaves
+                # the complete ones out (prefill.py).
+                order = sorted(range(len(group)), key=lambda i: to_compute(group[i], hits[i]), reverse=True)
+                group, hits = [group[i] for i in order], [hits[i] for i in order]
                 self.group = group
                 try:
                     self.count_prompts(group, hits)
@@ -354,7 +367,8 @@ class Scheduler:
         """The prefill under way gives its blocks up: its requests wait again at the front of the queue
         (a preempted sequence's stays at the front of its own), the blocks computed so far named for
         the prefix cache, for when they are prefilled again."""
-        prefill, entries = self.prefilling, [e for e in self.group if e is not None]
+        prefill = self.prefilling
+        entries = sorted((e for e in self.group if e is not None), key=arrival)  # the group is longest first
         for row, entry in enumerate(self.group):
             if entry is not None:
                 prefill.cache.name_row(row, prompt_of(entry))
@@ -416,7 +430,7 @@ class Scheduler:
         (a preempted sequence: in its row). The tokens computed."""
         prefill = self.prefilling
         spent, ready = prefill.step()
-        for r in ready:
+        for r in sorted(ready, key=lambda r: arrival(self.group[r.row])):  # first come, first admitted
             entry = self.group[r.row]
             if isinstance(entry, Sequence):
                 self.join(prefill, r.row, [entry], r.logits)
