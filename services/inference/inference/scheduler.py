@@ -156,8 +156,18 @@ def prompt_of(entry: Submission | Sequence) -> list[int]:
     return entry.prompt
 
 
+def submission_of(entry: Submission | Sequence) -> Submission:
+    """The request a prefill's entry serves (a preempted sequence's, for a sequence)."""
+    return entry.submission if isinstance(entry, Sequence) else entry
+
+
+def scored(entry: Submission | Sequence) -> bool:
+    """A prompt whose every position's logits are wanted (echo with logprobs): computed in full."""
+    return isinstance(entry, Submission) and entry.params.prompt_logprobs is not None
+
+
 def arrival(entry: Submission | Sequence) -> float:
-    return (entry.submission if isinstance(entry, Sequence) else entry).created
+    return submission_of(entry).created
 
 
 def to_compute(entry: Submission | Sequence, hit: Hit | None) -> int:
@@ -319,13 +329,16 @@ class Scheduler:
                 self.group = group
                 try:
                     self.count_prompts(group, hits)
-                    scored = [
-                        isinstance(e, Submission) and e.params.prompt_logprobs is not None for e in group
-                    ]
                     prompts = [prompt_of(entry) for entry in group]
                     copies = [e.n - 1 if isinstance(e, Submission) else 0 for e in group]
                     self.prefilling = Prefill.start(
-                        self.model, self.cache, prompts, hits, scored, self.chunk_tokens, copies
+                        self.model,
+                        self.cache,
+                        prompts,
+                        hits,
+                        [scored(entry) for entry in group],
+                        self.chunk_tokens,
+                        copies,
                     )
                 except Exception as error:
                     self.fail_prefill(error)
@@ -339,8 +352,7 @@ class Scheduler:
         """The rows of the prefill under way whose client has gone stop there, their blocks back to the
         pool at once (a long prompt's may be many); a prefill with no row left ends."""
         for row, entry in enumerate(self.group):
-            submission = entry.submission if isinstance(entry, Sequence) else entry
-            if submission is not None and submission.cancelled:
+            if entry is not None and submission_of(entry).cancelled:
                 self.prefilling.drop(row)
                 self.group[row] = None
         if self.prefilling.finished:
@@ -502,14 +514,12 @@ class Scheduler:
         """The submissions of the prefill in progress that have neither joined the batch nor been
         answered (for a preempted sequence, its request)."""
         entries = [e for e in self.group if e is not None]
-        return [e.submission if isinstance(e, Sequence) else e for e in entries]
+        return [submission_of(e) for e in entries]
 
     def lookup(self, entry: Submission | Sequence) -> Hit | None:
         """The longest start of the prompt the prefix cache holds (none for a prompt to score: that
         needs the logits at every position)."""
-        if isinstance(entry, Submission) and entry.params.prompt_logprobs is not None:
-            return None
-        return self.cache.prefix.lookup(prompt_of(entry))
+        return None if scored(entry) else self.cache.prefix.lookup(prompt_of(entry))
 
     def count_prompts(self, group: list[Submission | Sequence], hits: list[Hit | None]) -> None:
         """The prompts of a prefill and what the prefix cache held of them, in the metrics once per
@@ -519,7 +529,7 @@ class Scheduler:
             if isinstance(entry, Submission) and not entry.counted:
                 entry.counted = True
                 self.metrics.prompt_tokens.inc(len(entry.prompt))
-                if entry.params.prompt_logprobs is None:
+                if not scored(entry):
                     self.metrics.prefix_cache_queries.inc(len(entry.prompt))
                     self.metrics.prefix_cache_hits.inc(0 if hit is None else hit.length)
 
