@@ -1,5 +1,6 @@
 """The model server as OpenAI's own client sees it: a real `python -m inference` over tiny checkpoints."""
 
+import codecs
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +132,44 @@ def test_a_stop_string_ends_the_reply_before_it(client: openai.OpenAI) -> None:
     )
     assert reply.choices[0].message.content == full[:first]
     assert reply.choices[0].finish_reason == "stop"
+
+
+def test_a_reply_cut_inside_a_character_ends_before_it_without_a_replacement_character(
+    client: openai.OpenAI,
+) -> None:
+    # Find a greedy reply and a length at which its bytes end partway through a character.
+    for number in range(20):
+        messages = [{"role": "user", "content": f"Question {number}: what now?"}]
+        reply = client.chat.completions.create(
+            model="tiny-sft", messages=messages, max_tokens=40, temperature=0, logprobs=True
+        )
+        pieces = [bytes(entry.bytes) for entry in reply.choices[0].logprobs.content]
+        cuts = [k for k in range(1, len(pieces)) if ends_inside_a_character(b"".join(pieces[:k]))]
+        if cuts:
+            break
+    else:
+        pytest.fail("no greedy reply split a character: the test needs one")
+    cut_bytes = b"".join(pieces[: cuts[0]])
+    complete = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(cut_bytes)  # the tail held
+    assert cut_bytes.decode("utf-8", errors="replace") == complete + "\ufffd"
+
+    stream = client.chat.completions.create(
+        model="tiny-sft", messages=messages, max_tokens=cuts[0], temperature=0, stream=True
+    )
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert "".join(c.delta.content or "" for c in chunks) == complete
+    assert chunks[-1].finish_reason == "length"
+    whole = client.chat.completions.create(
+        model="tiny-sft", messages=messages, max_tokens=cuts[0], temperature=0
+    )
+    assert whole.choices[0].message.content == complete
+
+
+def ends_inside_a_character(data: bytes) -> bool:
+    """The bytes end with the start of a UTF-8 character whose other bytes have not come yet."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(data)
+    return decoder.decode(b"", final=True) != ""
 
 
 def test_chat_logprobs_are_the_models_own(client: openai.OpenAI, server: str, served_base: Path) -> None:

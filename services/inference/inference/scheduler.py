@@ -617,10 +617,11 @@ class Scheduler:
             text = sequence.held + sequence.stream.flush()
         else:
             sequence.pending.append(score or TokenScore(token, math.nan, []))
+            # A reply cut at max_tokens inside a character ends before it (its bytes are in the
+            # logprobs): as other OpenAI-compatible servers do, no U+FFFD for a character cut in two.
             text = sequence.held + sequence.stream.push(token)
             if sequence.generated >= params.max_tokens:
                 sequence.finish_reason = "length"
-                text += sequence.stream.flush()
         cut = min((i for i in (text.find(stop) for stop in params.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, sequence.finish_reason = text[:cut], "stop"
@@ -683,8 +684,7 @@ class Scheduler:
 
     def end_at_capacity(self, sequence: Sequence) -> None:
         log.warning("a sequence filled the whole KV cache (%d blocks)", self.cache.num_blocks)
-        text = sequence.held + sequence.stream.flush()
-        self.send(sequence.submission, Output(sequence.index, text, sequence.pending, "length"))
+        self.send(sequence.submission, Output(sequence.index, sequence.held, sequence.pending, "length"))
 
     def fail_all(self, message: str, waiting: bool = False) -> None:
         """Fail the running requests and those being prefilled (and the waiting ones too when the
