@@ -21,6 +21,7 @@ from tests.inference.conftest import (
     start_server,
     tiny_tokenizer,
 )
+from tests.support import wait_until
 from trainer.engine import Engine, KVCache
 from trainer.gpt import GPT
 
@@ -123,6 +124,34 @@ def test_attention_over_gathered_blocks_computes_what_the_contiguous_cache_does(
     for row in range(3):
         paged.release(row)
     assert paged.free_blocks == 12
+
+
+def test_cpu_forwards_gather_into_buffers_kept_until_the_scheduler_is_idle(model: GPT) -> None:
+    """Decode steps gather every row's keys and values into buffers the next step reuses (a fresh
+    tensor of that size costs page faults on every step), with room for rows that grow a position a
+    step; the replies are the engine's, and the buffers' memory goes back once nothing runs."""
+    engine = Engine(model, tiny_tokenizer())
+    scheduler = Scheduler(engine, 4, 4, Metrics(), "tiny")
+    gathered_into: list[torch.Tensor] = []  # held, so that no two buffers can share an id
+    real_decode = scheduler.decode
+
+    def decode() -> None:
+        real_decode()
+        gathered_into.append(scheduler.cache.gather_buffers["keys"])
+
+    scheduler.decode = decode
+    prompts = [random_prompt(20, 1), random_prompt(33, 2)]
+    replies = serve(
+        scheduler, [(p, SamplingParams(max_tokens=12, temperature=0)) for p in prompts], close=False
+    )
+    try:
+        for prompt, (tokens, reason) in zip(prompts, replies, strict=True):
+            (expected,) = engine.complete(prompt, max_tokens=12, temperature=0)
+            assert (tokens, reason) == ([t.id for t in expected], "length")
+        assert len(gathered_into) == 11 and len({id(b) for b in gathered_into}) <= 2
+        wait_until(lambda: not scheduler.cache.gather_buffers, 10, "the idle scheduler to drop its buffers")
+    finally:
+        scheduler.close()
 
 
 def test_prompts_prefilled_together_padded_on_the_pool_get_the_logits_each_gets_alone(model: GPT) -> None:

@@ -76,6 +76,10 @@ class PagedKVCache:
         self.end = 0
         self.real_counts: list[int] | None = None  # of the next forward, when its rows are padded
         self.fixed = False  # a fixed_view: start and advance leave its buffers and lengths alone
+        # On the CPU, a layer's keys and values are gathered into buffers kept from one forward to the
+        # next (the views share them): a fresh tensor of that size comes from the OS every time, and
+        # its page faults cost as much as the gather itself. CUDA's caching allocator reuses memory.
+        self.gather_buffers: dict[str, torch.Tensor] | None = {} if device.type == "cpu" else None
 
     # -- the scheduler's side ----------------------------------------------------------
 
@@ -264,10 +268,27 @@ class PagedKVCache:
         positions, its blocks gathered in order."""
         shape = (k.size(0), self.end, *k.shape[2:])
         gathered = []
-        for pool, new in ((self.keys[layer], k), (self.values[layer], v)):
+        for name, pool, new in (("keys", self.keys[layer], k), ("values", self.values[layer], v)):
             pool.index_copy_(0, self.written, new.flatten(0, 1))
-            gathered.append(pool.index_select(0, self.read).view(shape))
+            gathered.append(self.gather(name, pool).view(shape))
         return gathered[0], gathered[1]
+
+    def gather(self, name: str, pool: torch.Tensor) -> torch.Tensor:
+        """The slots `read` of a layer's pool, in order; on the CPU into the buffer `name`, which the
+        next layer overwrites (a layer's attention is done with its keys and values by then)."""
+        if self.gather_buffers is None:
+            return pool.index_select(0, self.read)
+        slots = self.read.numel()
+        buffer = self.gather_buffers.get(name)
+        if buffer is None or buffer.size(0) < slots:  # rows grow a slot a step: room for many steps
+            room = max(slots, 3 * buffer.size(0) // 2) if buffer is not None else slots
+            buffer = self.gather_buffers[name] = pool.new_empty((room, *pool.shape[1:]))
+        return torch.index_select(pool, 0, self.read, out=buffer[:slots])
+
+    def drop_gather_buffers(self) -> None:
+        """Give the gather buffers' memory back (while the scheduler has nothing to run)."""
+        if self.gather_buffers is not None:
+            self.gather_buffers.clear()
 
     def advance(self) -> None:
         if self.fixed:

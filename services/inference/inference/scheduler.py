@@ -280,6 +280,8 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.wake:
+                    if not self.closed and not self.busy:
+                        self.cache.drop_gather_buffers()
                     while not self.closed and not self.busy:
                         self.wake.wait()
                     if self.closed:
