@@ -52,9 +52,10 @@ def reply(engine: Engine, messages: list[Message], args: argparse.Namespace, see
     parts: list[dict] = []
     kind, stream, pieces = "text", TextStream(tokenizer), []
 
-    def close_part(next_kind: str, shown: str) -> None:
+    def close_part(next_kind: str, shown: str, cut: bool = False) -> None:
+        """End the part; one `cut` at the length limit ends before a character it cut in two."""
         nonlocal kind, stream, pieces
-        pieces.append(stream.flush())
+        pieces.append("" if cut else stream.flush())
         if "".join(pieces) or kind != "text":
             parts.append({"type": kind, "text": "".join(pieces)})
         print(pieces[-1] + shown, end="", flush=True)
@@ -63,7 +64,8 @@ def reply(engine: Engine, messages: list[Message], args: argparse.Namespace, see
     options = {"temperature": args.temperature, "top_k": args.top_k, "seed": seed}
     for (token,) in engine.generate(prompt, max_tokens=min(args.max_tokens, room), **options):
         if token.id in engine.stop_tokens:
-            break
+            close_part("text", "\n")
+            return parts
         if token.id in opens:
             close_part(*opens[token.id])
         elif token.id in closes:
@@ -71,7 +73,7 @@ def reply(engine: Engine, messages: list[Message], args: argparse.Namespace, see
         else:
             pieces.append(stream.push(token.id))
             print(pieces[-1], end="", flush=True)
-    close_part("text", "\n")
+    close_part("text", "\n", cut=True)
     return parts
 
 
