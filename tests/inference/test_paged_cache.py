@@ -154,6 +154,22 @@ def test_cpu_forwards_gather_into_buffers_kept_until_the_scheduler_is_idle(model
         scheduler.close()
 
 
+def test_a_forward_outside_inference_mode_after_one_inside_computes_the_same(model: GPT) -> None:
+    """The kept gather buffers are inference tensors; a forward under no_grad on the same pool (a
+    script's, not the server's) gathers into fresh ones and gets the same logits."""
+    pool = PagedKVCache(model, max_rows=2, num_blocks=4)
+    for row in range(2):
+        pool.reserve(row, 20)
+    tokens = torch.tensor([random_prompt(5, 1), random_prompt(5, 2)])
+    with torch.inference_mode():
+        inside = model(tokens, kv_cache=pool)
+    assert set(pool.gather_buffers) == {"keys", "values"}
+    pool.lengths[:2] = [0, 0]  # the same tokens again, from the start
+    pool.last_embedding.zero_()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, kv_cache=pool), inside, rtol=0, atol=0)
+
+
 def test_prompts_prefilled_together_padded_on_the_pool_get_the_logits_each_gets_alone(model: GPT) -> None:
     """Two prompts in one forward, the short one padded at the end: every position's logits are those
     of the prompt alone (the pads land past its length and count for nothing)."""

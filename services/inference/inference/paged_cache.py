@@ -275,8 +275,9 @@ class PagedKVCache:
 
     def gather(self, name: str, pool: torch.Tensor) -> torch.Tensor:
         """The slots `read` of a layer's pool, in order; on the CPU into the buffer `name`, which the
-        next layer overwrites (a layer's attention is done with its keys and values by then)."""
-        if self.gather_buffers is None:
+        next layer overwrites (a layer's attention is done with its keys and values by then). Buffers
+        are inference tensors: a forward outside inference mode (none of the server's) gets fresh ones."""
+        if self.gather_buffers is None or not torch.is_inference_mode_enabled():
             return pool.index_select(0, self.read)
         slots = self.read.numel()
         buffer = self.gather_buffers.get(name)
