@@ -1,5 +1,6 @@
 """Helpers for tests that run the services as real processes."""
 
+import codecs
 import os
 import shutil
 import socket
@@ -33,6 +34,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ends_inside_a_character(data: bytes) -> bool:
+    """The bytes end with the start of a UTF-8 character whose other bytes have not come yet."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(data)
+    return decoder.decode(b"", final=True) != ""
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.inference.conftest import TOKEN, write_checkpoint
+from tests.support import ends_inside_a_character
 from trainer.chat_format import render_for_completion
 from trainer.checkpoint import load_model
 from trainer.engine import Engine
@@ -163,13 +164,6 @@ def test_a_reply_cut_inside_a_character_ends_before_it_without_a_replacement_cha
         model="tiny-sft", messages=messages, max_tokens=cuts[0], temperature=0
     )
     assert whole.choices[0].message.content == complete
-
-
-def ends_inside_a_character(data: bytes) -> bool:
-    """The bytes end with the start of a UTF-8 character whose other bytes have not come yet."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    decoder.decode(data)
-    return decoder.decode(b"", final=True) != ""
 
 
 def test_chat_logprobs_are_the_models_own(client: openai.OpenAI, server: str, served_base: Path) -> None:

@@ -2,10 +2,10 @@
 in the history that the next turn sends back to the model."""
 
 import argparse
-import codecs
 
 import pytest
 
+from tests.support import ends_inside_a_character
 from tests.trainer.test_engine import random_model
 from trainer.chat_cli import reply
 from trainer.chat_format import render_for_completion
@@ -24,7 +24,9 @@ def test_a_reply_cut_inside_a_character_ends_before_it(
         (tokens,) = engine.complete(prompt, max_tokens=64 - len(prompt), temperature=0)
         ids = [t.id for t in tokens]
         plain = ids[: next((i for i, t in enumerate(ids) if t >= ordinary), len(ids))]
-        cuts = [k for k in range(1, len(plain)) if held_back(tiny_tokenizer.decode_bytes(plain[:k]))]
+        cuts = [
+            k for k in range(1, len(plain)) if ends_inside_a_character(tiny_tokenizer.decode_bytes(plain[:k]))
+        ]
         if cuts:
             break
     else:
@@ -35,10 +37,3 @@ def test_a_reply_cut_inside_a_character_ends_before_it(
     args = argparse.Namespace(max_tokens=cuts[0], temperature=0.0, top_k=50)
     assert reply(engine, messages, args, seed=0) == [{"type": "text", "text": complete}]
     assert capsys.readouterr().out == complete + "\n"
-
-
-def held_back(data: bytes) -> bool:
-    """The bytes end with the start of a UTF-8 character whose other bytes have not come yet."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    decoder.decode(data)
-    return decoder.decode(b"", final=True) != ""
