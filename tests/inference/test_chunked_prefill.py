@@ -70,7 +70,8 @@ def test_a_prompt_scored_in_chunks_gets_the_scores_of_one_forward(model: GPT) ->
 
 
 def test_a_running_stream_keeps_getting_tokens_while_a_long_prompt_is_prefilled(model: GPT) -> None:
-    """Without chunks the long prompt's prefill is one forward: the stream would wait it out."""
+    """Without chunks the long prompt's prefill is one forward: the stream would wait it out. The test
+    runs the scheduler's steps itself, holding its lock, so a slow machine cannot end the stream first."""
     scheduler = Scheduler(Engine(model, tiny_tokenizer()), 4, 4, Metrics(), "tiny", chunk_tokens=8)
     long_prompt = random_prompt(120, 5)  # 15 chunks
 
@@ -79,27 +80,30 @@ def test_a_running_stream_keeps_getting_tokens_while_a_long_prompt_is_prefilled(
         running = Submission(
             random_prompt(4, 6), SamplingParams(max_tokens=100, temperature=0), events=events
         )
-        scheduler.submit([running])
-        while not isinstance(await events.get(), Output):  # the stream is running
-            pass
         long = Submission(
             long_prompt, SamplingParams(max_tokens=1, temperature=0), events=events, first_index=1
         )
-        scheduler.submit([long])
+        try:
+            with scheduler.wake, torch.inference_mode():
+                scheduler.waiting.append(running)
+                scheduler.step()  # its prompt is prefilled: the stream runs
+                await asyncio.sleep(0)  # its first token, handed to this loop
+                while not events.empty():
+                    events.get_nowait()
+                scheduler.waiting.append(long)
+                for _ in range(30):  # the long prompt's 15 chunks, and room to spare
+                    scheduler.step()
+        finally:
+            scheduler.close()
+        await asyncio.sleep(0)  # the steps' events
         tokens_meanwhile = 0
-        while True:
-            event = await events.get()
+        while (event := events.get_nowait()).index == 0:
             assert isinstance(event, Output), event
-            if event.index == 1:
-                scheduler.close()  # while this loop still takes the running stream's failure
-                return tokens_meanwhile
             tokens_meanwhile += len(event.tokens)
+        assert isinstance(event, Output) and event.finish_reason == "length"  # the long prompt's reply
+        return tokens_meanwhile
 
-    try:
-        tokens_meanwhile = asyncio.run(stream_beside_long_prompt())
-    finally:
-        scheduler.close()
-    assert tokens_meanwhile >= 120 // 8 - 1
+    assert asyncio.run(stream_beside_long_prompt()) >= 120 // 8 - 1
 
 
 def test_a_prefill_that_cannot_start_fails_its_requests_and_the_next_ones_are_served(

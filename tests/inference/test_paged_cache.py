@@ -407,7 +407,7 @@ def test_preempted_sequences_resume_in_the_order_they_were_admitted(model: GPT) 
     scheduler = Scheduler(Engine(model, tiny_tokenizer()), 4, 4, Metrics(), "tiny")
 
     async def run() -> tuple[list[Submission], list[Submission], list[Submission]]:
-        params = SamplingParams(max_tokens=20)
+        params = SamplingParams(max_tokens=20, temperature=0)  # greedy: the model never stops
         submissions = [Submission(random_prompt(10, seed), params) for seed in range(3)]
         try:
             with scheduler.wake, torch.inference_mode():

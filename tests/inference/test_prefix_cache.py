@@ -240,7 +240,7 @@ def test_a_prompt_that_needs_every_block_and_continues_a_kept_partial_block_is_s
     assert (tokens, reason) == ([t.id for t in expected], "length")
 
 
-def test_streams_that_start_alike_share_one_copy_of_their_start(model: GPT, monkeypatch) -> None:
+def test_streams_that_start_alike_share_one_copy_of_their_start(model: GPT) -> None:
     """Seven requests after the same 64-token system prompt, six of them sent while the first runs:
     all run together, none preempted, in a pool that could not hold a copy of it for each (its 4 blocks,
     named once the first prompt is prefilled, shared, and 2 of their own each: 18 of 20 blocks, where
@@ -249,30 +249,26 @@ def test_streams_that_start_alike_share_one_copy_of_their_start(model: GPT, monk
     system = random_prompt(4 * BLOCK_TOKENS, 1)
     prompts = [system + random_prompt(5, 10 + i) for i in range(7)]
     scheduler = Scheduler(engine, 8, 8, Metrics(), "m", prefix_tokens=1024, kv_tokens=20 * BLOCK_TOKENS)
-    most_running, step = [0], scheduler.step
-
-    def counted_step() -> None:
-        step()
-        most_running[0] = max(most_running[0], len(scheduler.running))
-
-    monkeypatch.setattr(scheduler, "step", counted_step)
     params = SamplingParams(max_tokens=20, temperature=0)
 
-    async def first_then_the_rest() -> list[tuple[list[int], str | None]]:
-        first = Submission(prompts[0], params)
-        scheduler.submit([first])
-        started = await first.events.get()  # its prompt is prefilled: it runs
-        rest = [Submission(prompt, params) for prompt in prompts[1:]]
-        scheduler.submit(rest)
-        tokens, reason = await reply(first)
-        others = await asyncio.gather(*(reply(submission) for submission in rest))
-        return [([score.token for score in started.tokens] + tokens, reason), *others]
+    async def first_then_the_rest() -> tuple[int, list[tuple[list[int], str | None]]]:
+        submissions = [Submission(prompt, params) for prompt in prompts]
+        most_running = 0
+        try:  # the test runs the scheduler's steps itself, holding its lock: the first cannot end early
+            with scheduler.wake, torch.inference_mode():
+                scheduler.waiting.append(submissions[0])
+                scheduler.step()  # its prompt is prefilled: it runs
+                scheduler.waiting.extend(submissions[1:])
+                while scheduler.busy:
+                    scheduler.step()
+                    most_running = max(most_running, len(scheduler.running))
+        finally:
+            scheduler.close()
+        await asyncio.sleep(0)  # the steps' events, handed to this loop
+        return most_running, [await reply(submission) for submission in submissions]
 
-    try:
-        replies = asyncio.run(first_then_the_rest())
-    finally:
-        scheduler.close()
-    assert most_running[0] == 7 and counter(scheduler, "inference_preemptions_total") == 0
+    most_running, replies = asyncio.run(first_then_the_rest())
+    assert most_running == 7 and counter(scheduler, "inference_preemptions_total") == 0
     assert counter(scheduler, "inference_prefix_cache_hits_total") == 6 * len(system)
     for prompt, (tokens, reason) in zip(prompts, replies, strict=True):
         (expected,) = engine.complete(prompt, max_tokens=20, temperature=0)

@@ -20,6 +20,7 @@ def send(page: Page, text: str) -> None:
 
 def test_a_message_gets_a_streamed_reply_with_its_token_counts(page: Page, web_stack: WebStack) -> None:
     open_chat(page, web_stack)
+    page.fill("input[name=temperature]", "0")  # greedy: the reply is the same every run, and not empty
     page.fill("input[name=max_tokens]", "24")
     page.fill("#composer", "Hello")
     page.press("#composer", "Shift+Enter")  # a new line, not a send
@@ -39,6 +40,7 @@ def test_a_message_gets_a_streamed_reply_with_its_token_counts(page: Page, web_s
 
 def test_stop_ends_the_reply_and_frees_the_servers_row(page: Page, web_stack: WebStack) -> None:
     open_chat(page, web_stack, SLOW_MODEL)
+    page.fill("input[name=temperature]", "0")  # greedy: this model never ends a reply by itself
     page.fill("input[name=max_tokens]", "4000")
     send(page, "Go on forever")
     reply = page.locator(".message.assistant .bubble").last
