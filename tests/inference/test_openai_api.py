@@ -202,6 +202,32 @@ def test_completions_echo_scores_the_prompt_as_the_forward_pass_does(
     assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == 0
 
 
+def test_text_offsets_stay_on_the_text_when_characters_span_tokens(
+    client: openai.OpenAI, served_base: Path
+) -> None:
+    tokenizer = Tokenizer.load(served_base / "runs" / "tiny" / "tokenizer")
+    ids = tokenizer.encode("東京 🚀 and then café", prepend=tokenizer.bos_token_id)
+    pieces = [tokenizer.decode_bytes(ids[: k + 1]) for k in range(len(ids))]
+    assert any(ends_inside_a_character(p) for p in pieces), "the test needs a character split across tokens"
+    options = {
+        "model": "tiny-base",
+        "prompt": ids,
+        "max_tokens": 6,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 0,
+    }
+    whole = client.completions.create(**options)
+    text, logprobs = whole.choices[0].text, whole.choices[0].logprobs
+    assert len(logprobs.text_offset) == len(ids) + 6
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[-1] <= len(text)
+    for token, offset in zip(logprobs.tokens, logprobs.text_offset, strict=True):
+        if "\ufffd" not in token:  # a piece of a character reads as U+FFFD alone, not in the text
+            assert text[offset : offset + len(token)] == token
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**options, stream=True)]
+    assert [o for chunk in streamed if chunk for o in chunk.text_offset] == logprobs.text_offset
+
+
 def test_completions_take_several_prompts_and_stream(client: openai.OpenAI) -> None:
     reply = client.completions.create(
         model="tiny-base", prompt=["doc0001: ka", "doc0002: mi"], max_tokens=5, n=2

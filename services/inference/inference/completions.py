@@ -4,6 +4,7 @@ the scheduler's events to OpenAI's response objects, whole or as server-sent eve
 """
 
 import asyncio
+import codecs
 import json
 import time
 import uuid
@@ -233,6 +234,32 @@ def token_text(tokenizer: Tokenizer, token: int) -> str:
     return tokenizer.decode_bytes([token]).decode("utf-8", errors="replace")
 
 
+class TextOffsets:
+    """Where each token of a choice starts in its text, in characters: the index of the character
+    that holds the token's first byte. Decoding each token alone would count a U+FFFD for every piece
+    of a character split across tokens, and the offsets after it would drift off the text."""
+
+    def __init__(self, start: int) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.position = start  # characters the decoder has given so far
+
+    def advance(self, tokenizer: Tokenizer, tokens: list[int]) -> list[int]:
+        offsets = []
+        for token in tokens:
+            data = tokenizer.decode_bytes([token])
+            held, _ = self.decoder.getstate()  # the start of a character, waiting for the rest
+            # bytes this token does not continue become one U+FFFD, standing before the token
+            cut_off = bool(held and data) and utf8_prefix(held + data[:1]).startswith("\ufffd")
+            offsets.append(self.position + cut_off)
+            self.position += len(self.decoder.decode(data))
+        return offsets
+
+
+def utf8_prefix(data: bytes) -> str:
+    """The characters that bytes decode to so far, an unfinished one at the end held back."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace").decode(data)
+
+
 # -- chat completions ------------------------------------------------------------------------
 
 
@@ -344,20 +371,17 @@ class TextCompletion:
             "model": self.served.checkpoint.id,
         }
 
-    def legacy_logprobs(self, scores: list[TokenScore | None], tokens: list[int], offset: int) -> dict:
+    def legacy_logprobs(
+        self, scores: list[TokenScore | None], tokens: list[int], offsets: TextOffsets
+    ) -> dict:
         """OpenAI's legacy layout: parallel lists, text offsets counted from the choice's text start."""
         tokenizer = self.served.tokenizer
-        strings = [token_text(tokenizer, t) for t in tokens]
-        offsets = []
-        for s in strings:
-            offsets.append(offset)
-            offset += len(s)
         top = [None if s is None else {token_text(tokenizer, t): lp for t, lp in s.top} for s in scores]
         return {
-            "tokens": strings,
+            "tokens": [token_text(tokenizer, t) for t in tokens],
             "token_logprobs": [None if s is None else s.logprob for s in scores],
             "top_logprobs": top,
-            "text_offset": offsets,
+            "text_offset": offsets.advance(tokenizer, tokens),
         }
 
     def submit(self) -> Job:
@@ -373,9 +397,10 @@ class TextCompletion:
             echo = self.served.tokenizer.decode(prompt) if self.request.echo else ""
             logprobs = None
             if self.request.logprobs is not None:
-                logprobs = self.legacy_logprobs(scores[i], [s.token for s in scores[i]], len(echo))
+                tokens = [s.token for s in scores[i]]
+                logprobs = self.legacy_logprobs(scores[i], tokens, TextOffsets(len(echo)))
                 if self.request.echo:
-                    echoed = self.legacy_logprobs(prompt_scores[(i // n) * n], prompt, 0)
+                    echoed = self.legacy_logprobs(prompt_scores[(i // n) * n], prompt, TextOffsets(0))
                     logprobs = {key: echoed[key] + logprobs[key] for key in logprobs}
             choices.append(
                 {
@@ -394,7 +419,7 @@ class TextCompletion:
 
     async def chunks(self, job: Job, http_request: Request) -> AsyncIterator[str]:
         n, extra = self.request.n, {"usage": None} if self.request.include_usage else {}
-        offsets: dict[int, int] = {}
+        offsets: dict[int, TextOffsets] = {}  # per choice, carried from chunk to chunk
 
         def chunk(index: int, text: str, logprobs: dict | None, reason: str | None) -> str:
             choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
@@ -407,21 +432,20 @@ class TextCompletion:
                     prompt = self.prompts[event.first_index // n]
                     text = self.served.tokenizer.decode(prompt)
                     for index in range(event.first_index, event.first_index + n):
-                        offsets[index] = len(text)
+                        offsets[index] = TextOffsets(len(text))
                         scored = (
-                            self.legacy_logprobs(event.scores, prompt, 0)
+                            self.legacy_logprobs(event.scores, prompt, TextOffsets(0))
                             if self.request.logprobs is not None
                             else None
                         )
                         yield chunk(index, text, scored, None)
                     continue
                 completion += len(event.tokens)
-                offset = offsets.get(event.index, 0)
                 logprobs = None
                 if self.request.logprobs is not None:
-                    logprobs = self.legacy_logprobs(event.tokens, [s.token for s in event.tokens], offset)
-                tokenizer = self.served.tokenizer
-                offsets[event.index] = offset + sum(len(token_text(tokenizer, s.token)) for s in event.tokens)
+                    choice_offsets = offsets.setdefault(event.index, TextOffsets(0))
+                    tokens = [s.token for s in event.tokens]
+                    logprobs = self.legacy_logprobs(event.tokens, tokens, choice_offsets)
                 yield chunk(event.index, event.text, logprobs, event.finish_reason)
         except OpenAIError as error:
             yield sse(error.body())
