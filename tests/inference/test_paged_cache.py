@@ -11,6 +11,7 @@ import torch
 
 from inference.metrics import Metrics
 from inference.paged_cache import OutOfBlocks, PagedKVCache, blocks_for
+from inference.pool import memory_estimate
 from inference.prefill import Prefill
 from inference.prefix_cache import BLOCK_TOKENS
 from inference.scheduler import Failure, Output, SamplingParams, Scheduler, Submission
@@ -152,6 +153,29 @@ def test_cpu_forwards_gather_into_buffers_kept_until_the_scheduler_is_idle(model
         wait_until(lambda: not scheduler.cache.gather_buffers, 10, "the idle scheduler to drop its buffers")
     finally:
         scheduler.close()
+
+
+def test_the_memory_estimate_covers_the_gather_buffers_at_their_largest(model: GPT) -> None:
+    """Two rows grow to the model's whole context: the kept buffers grow with them, and the model's
+    memory estimate (which the server's budget for loaded models sums) still covers all it holds."""
+    scheduler = Scheduler(Engine(model, tiny_tokenizer()), 2, 2, Metrics(), "tiny")
+    largest = [0]
+    real_decode = scheduler.decode
+
+    def decode() -> None:
+        real_decode()
+        buffers = scheduler.cache.gather_buffers.values()
+        largest[0] = max(largest[0], sum(b.numel() * b.element_size() for b in buffers))
+
+    scheduler.decode = decode
+    prompt_tokens = model.config.sequence_len - 40
+    params = SamplingParams(max_tokens=40, temperature=0)
+    replies = serve(scheduler, [(random_prompt(prompt_tokens, seed), params) for seed in (1, 2)])
+    assert [reason for _, reason in replies] == ["length", "length"]
+    cache = scheduler.cache
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    pool = 2 * cache.keys.numel() * cache.keys.element_size()
+    assert largest[0] > 0 and weights + pool + largest[0] <= memory_estimate(model, cache)
 
 
 def test_a_forward_outside_inference_mode_after_one_inside_computes_the_same(model: GPT) -> None:

@@ -80,6 +80,8 @@ class PagedKVCache:
         # next (the views share them): a fresh tensor of that size comes from the OS every time, and
         # its page faults cost as much as the gather itself. CUDA's caching allocator reuses memory.
         self.gather_buffers: dict[str, torch.Tensor] | None = {} if device.type == "cpu" else None
+        # what one layer's gather reads at the most: every row as long as the longest a row can be
+        self.most_gathered = max_rows * min(num_blocks, blocks_for(c.sequence_len)) * BLOCK_TOKENS
 
     # -- the scheduler's side ----------------------------------------------------------
 
@@ -282,7 +284,7 @@ class PagedKVCache:
         slots = self.read.numel()
         buffer = self.gather_buffers.get(name)
         if buffer is None or buffer.size(0) < slots:  # rows grow a slot a step: room for many steps
-            room = max(slots, 3 * buffer.size(0) // 2) if buffer is not None else slots
+            room = slots if buffer is None else max(slots, min(3 * buffer.size(0) // 2, self.most_gathered))
             buffer = self.gather_buffers[name] = pool.new_empty((room, *pool.shape[1:]))
         return torch.index_select(pool, 0, self.read, out=buffer[:slots])
 

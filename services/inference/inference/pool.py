@@ -17,6 +17,7 @@ from jobs.models import Checkpoint, resolve
 
 from inference.gpu_share import GpuShare
 from inference.metrics import Metrics
+from inference.paged_cache import PagedKVCache
 from inference.scheduler import Scheduler
 from inference.settings import InferenceSettings
 from trainer.checkpoint import load_model
@@ -49,12 +50,13 @@ class ServedModel:
         return self.scheduler.cache.capacity
 
 
-def memory_estimate(model: GPT, kv_tokens: int) -> int:
-    """Weights plus the paged KV cache (the prefix cache keeps its blocks in the pool)."""
+def memory_estimate(model: GPT, cache: PagedKVCache) -> int:
+    """Weights, the paged KV pool (the prefix cache keeps its blocks in it), and the most that one
+    layer's keys and values gathered for attention take (kept between forwards on the CPU)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    c = model.config
-    cache = 2 * c.n_layer * kv_tokens * c.n_kv_head * c.head_dim
-    return weights + cache * torch.finfo(model.compute_dtype).bits // 8
+    pool = 2 * cache.keys.numel() * cache.keys.element_size()  # keys and values
+    slot = cache.keys[0, 0].numel() * cache.keys.element_size()  # one position's keys in one layer
+    return weights + pool + 2 * cache.most_gathered * slot
 
 
 class ModelPool:
@@ -103,7 +105,7 @@ class ModelPool:
             kv_tokens=settings.inference_kv_cache_tokens or None,  # None: the scheduler's default
             decode_graphs=self.cuda_graphs,
         )
-        memory = memory_estimate(model, scheduler.cache.capacity)
+        memory = memory_estimate(model, scheduler.cache)
         return ServedModel(checkpoint, engine, scheduler, memory)
 
     def evict(self) -> None:

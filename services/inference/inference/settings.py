@@ -81,7 +81,8 @@ class InferenceSettings(BaseSettings):
     inference_max_model_memory_gb: float = Field(
         default=8.0,
         gt=0,
-        description="Loaded models (weights + KV cache) are evicted, least recently used first, past this.",
+        description="Loaded models (weights + KV cache + gathered keys and values) are evicted, least "
+        "recently used first, past this.",
     )
     inference_max_messages: int = Field(default=256, ge=1, description="Messages per chat request.")
     inference_max_request_bytes: int = Field(
