@@ -176,6 +176,20 @@ def test_its_own_limits_priority_and_signals_stay_its_own_to_set() -> None:
 
 
 @needs_linux_containment
+def test_started_by_root_it_cannot_raise_its_priority_or_its_hard_limits() -> None:
+    """Root's capabilities would let it: a real-time busy loop would starve the trainer's threads."""
+    program = attempts(
+        {
+            "nice": "os.setpriority(os.PRIO_PROCESS, 0, -10)",
+            "real-time": "os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))",
+            "hard limit": "resource.prlimit(0, resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)",
+        }
+    )
+    result = run_program(program)
+    assert result.stdout.splitlines() == ["nice refused", "real-time refused", "hard limit refused"]
+
+
+@needs_linux_containment
 def test_no_unix_socket_reaches_a_local_service(tmp_path: Path) -> None:
     path = tmp_path / "docker.sock"
     with socket.socket(socket.AF_UNIX) as service:

@@ -22,6 +22,8 @@ variables read) that, before the program's first line runs, locks itself in:
 - a quota on that directory: at most `max_files` files, directories or links made (each call that
   makes one counts, through a seccomp user notification the parent answers), each at most
   `max_file_bytes` (RLIMIT_FSIZE; preallocation past it refused), so max_files × max_file_bytes in all;
+- no capabilities: started by root, it gives up every one (root's CAP_SYS_RESOURCE would raise its
+  hard limits, CAP_SYS_NICE its priority and real-time scheduling over the trainer's threads);
 - a scrubbed environment (PATH, LANG, HOME=its directory) and captured stdout/stderr, of which the
   first `max_output_bytes` are kept (the rest is read and dropped, so a flood neither blocks nor
   fills memory).
@@ -151,6 +153,7 @@ SYSCALL_NUMBERS = {  # name: (x86_64, aarch64); None where the CPU has only the 
     "creat": (85, None), "mkdir": (83, None), "mkdirat": (258, 34), "mknod": (133, None),
     "mknodat": (259, 33), "link": (86, None), "linkat": (265, 37), "symlink": (88, None),
     "symlinkat": (266, 36), "renameat2": (316, 276), "fallocate": (285, 47), "seccomp": (317, 277),
+    "capset": (126, 91),
 }  # fmt: skip
 LANDLOCK_CREATE_RULESET = 444  # the same number on every CPU
 
@@ -282,13 +285,14 @@ def containment(kernel: Kernel | None = None) -> dict[str, bool]:
 
 # Runs first in the sandbox process: locks the process in, then runs the program as __main__.
 # It gets its settings as argv: program file, memory bytes, CPU seconds, file bytes, Landlock ABI, the
-# seccomp syscall's number, the fd of its channel to the parent, read-only roots (os.pathsep-joined).
+# seccomp and capset syscalls' numbers, the fd of its channel to the parent, read-only roots
+# (os.pathsep-joined).
 # From the channel it reads the seccomp filter (which names its pid, so the parent builds it once the
 # process exists), and back it sends the filter's listener, through which the parent counts the files
 # it makes. Errors here abort the run: a sandbox that cannot lock itself in never runs the program.
 RUNNER = r"""
 import ctypes, os, resource, socket, struct, sys
-program, memory, cpu, file_size, abi, seccomp_nr, channel_fd, roots = sys.argv[1:9]
+program, memory, cpu, file_size, abi, seccomp_nr, capset_nr, channel_fd, roots = sys.argv[1:10]
 libc = ctypes.CDLL(None, use_errno=True)
 def check(result, what):
     if result < 0:
@@ -304,6 +308,8 @@ resource.setrlimit(resource.RLIMIT_CPU, (int(cpu), int(cpu)))
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(file_size), int(file_size)))
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+no_capabilities = bytes(24)  # effective, permitted and inheritable sets, both 32-bit halves: empty
+check(libc.syscall(int(capset_nr), struct.pack("Ii", 0x20080522, 0), no_capabilities), "capset")  # v3, self
 check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
 abi = int(abi)
 if abi < 1:
@@ -418,6 +424,7 @@ def run_program(
             sys.executable, "-I", "-S", "-B", "-c", RUNNER,
             str(program), str(memory_bytes), str(max(1, int(timeout) + 1)), str(max_file_bytes),
             str(kernel.landlock_abi), str(syscall_number(kernel.machine, "seccomp")),
+            str(syscall_number(kernel.machine, "capset")),
             str(sandbox_end.fileno()), roots,
         ]  # fmt: skip
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "PYTHONIOENCODING": "utf-8"}
