@@ -1,6 +1,8 @@
 """Pretraining shards: the train/val split, and downloads that are whole, retried and resumable."""
 
+import random
 import re
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from trainer import dataset
+from trainer.download import fetch
 from trainer.settings import TrainerSettings
 from trainer.tokenizer import Tokenizer
 
@@ -102,6 +105,59 @@ def test_http_download_retries_truncated_files_and_keeps_only_whole_ones(
     ]
     for path in folder.iterdir():
         assert pq.read_table(path).num_rows == 8
+
+
+class DroppingServer(MirrorHandler):
+    """Each file's first answer drops its connection halfway through the length it promised; later
+    answers honour `Range: bytes=N-`, as the datasets' hosts do. Notes the ranges and bytes it sent."""
+
+    ranges: list[str | None]
+    bytes_sent: list[int]
+
+    def do_GET(self) -> None:
+        name = self.path.lstrip("/")
+        data = (Path(self.directory) / name).read_bytes()
+        asked = self.headers.get("Range")
+        start = int(asked.removeprefix("bytes=").removesuffix("-")) if asked else 0
+        first = name not in self.requested
+        self.requested.append(name)
+        self.ranges.append(asked)
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:][: (len(data) - start) // 2] if first else data[start:]
+        self.wfile.write(body)
+        self.bytes_sent.append(len(body))
+        self.close_connection = True
+
+
+def test_an_http_download_cut_short_asks_for_the_rest_only(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    data = random.Random(0).randbytes(1_000_000)  # many chunks: what came before the drop is on disk
+    (served / "big.bin").write_bytes(data)
+    handler = type("Dropping", (DroppingServer,), {"ranges": [], "bytes_sent": []})
+    with http_mirror(served, handler) as (url, requested):
+        fetch(f"{url}/big.bin", tmp_path / "got" / "big.bin", backoff_s=0.01)
+    assert requested == ["big.bin", "big.bin"] and handler.ranges[0] is None
+    kept = int(handler.ranges[1].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < kept <= len(data) // 2 and handler.bytes_sent[1] == len(data) - kept
+    assert (tmp_path / "got" / "big.bin").read_bytes() == data
+    assert [p.name for p in (tmp_path / "got").iterdir()] == ["big.bin"]  # no temp file left
+
+
+def test_a_truncated_archive_is_fetched_again_whatever_its_check_raises(tmp_path: Path) -> None:
+    """zipfile's BadZipFile is no ValueError: the eval bundle's check must still count as a retry."""
+    served = tmp_path / "served"
+    served.mkdir()
+    with zipfile.ZipFile(served / "bundle.zip", "w") as archive:
+        archive.writestr("eval/data.jsonl", random.Random(0).randbytes(50_000))
+    with http_mirror(served, FlakyServer) as (url, requested):
+        fetch(f"{url}/bundle.zip", tmp_path / "got" / "bundle.zip", check=zipfile.ZipFile, backoff_s=0.01)
+    assert requested == ["bundle.zip", "bundle.zip"]
+    assert zipfile.ZipFile(tmp_path / "got" / "bundle.zip").namelist() == ["eval/data.jsonl"]
 
 
 def test_a_download_that_keeps_failing_leaves_no_partial_file(tmp_path: Path, source: Path) -> None:
