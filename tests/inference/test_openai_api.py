@@ -12,6 +12,7 @@ import openai
 import pytest
 import torch
 
+from inference.completions import TextOffsets
 from tests.inference.conftest import TOKEN, write_checkpoint
 from tests.support import ends_inside_a_character
 from trainer.chat_format import render_for_completion
@@ -226,6 +227,36 @@ def test_text_offsets_stay_on_the_text_when_characters_span_tokens(
             assert text[offset : offset + len(token)] == token
     streamed = [c.choices[0].logprobs for c in client.completions.create(**options, stream=True)]
     assert [o for chunk in streamed if chunk for o in chunk.text_offset] == logprobs.text_offset
+
+
+class ByteTokens:
+    """A tokenizer whose token i is the bytes pieces[i]."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    def decode_bytes(self, tokens: list[int]) -> bytes:
+        return b"".join(self.pieces[t] for t in tokens)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "offsets"),
+    [
+        ([b"\xe6\x9d", b"\xb1a"], [0, 0]),  # 東 split: both pieces start at it
+        ([b"\xe6", b"mika"], [0, 1]),  # a lead byte nothing continues is a U+FFFD of its own
+        ([b"\xef\xbf", b"\xbd", b"a"], [0, 0, 1]),  # a real U+FFFD split across tokens
+        ([b"\xed\xa0", b"\x80x"], [0, 2]),  # an encoded surrogate: a U+FFFD per byte
+    ],
+)
+def test_text_offsets_count_the_characters_before_each_tokens_first_byte(
+    pieces: list[bytes], offsets: list[int]
+) -> None:
+    tokens = list(range(len(pieces)))
+    text = b"".join(pieces).decode("utf-8", errors="replace")
+    assert TextOffsets(0).advance(ByteTokens(pieces), tokens) == offsets
+    assert all(offset <= len(text) for offset in offsets)
+    streamed = TextOffsets(0)  # a token at a time, as chunks come
+    assert [streamed.advance(ByteTokens(pieces), [t])[0] for t in tokens] == offsets
 
 
 def test_completions_take_several_prompts_and_stream(client: openai.OpenAI) -> None:

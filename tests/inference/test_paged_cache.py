@@ -178,6 +178,34 @@ def test_the_memory_estimate_covers_the_gather_buffers_at_their_largest(model: G
     assert largest[0] > 0 and weights + pool + largest[0] <= memory_estimate(model, cache)
 
 
+def test_a_prefill_padded_past_the_most_gathers_without_keeping_its_buffer(
+    model: GPT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole prompts prefilled together (a pool with room for both), one mostly found in the prefix
+    cache: each row reads as far as the cached part plus the longest new part, 880 slots, past every
+    row at the full context (512). That gather is not kept: the buffers stay within the estimate."""
+    scheduler = Scheduler(
+        Engine(model, tiny_tokenizer()), 2, 2, Metrics(), "tiny", prefix_tokens=1024, kv_tokens=16 * 256
+    )
+    largest = [0]
+    real_gather = PagedKVCache.gather
+
+    def gather(self: PagedKVCache, name: str, pool: torch.Tensor) -> torch.Tensor:
+        gathered = real_gather(self, name, pool)
+        largest[0] = max([largest[0], *(b.size(0) for b in (self.gather_buffers or {}).values())])
+        return gathered
+
+    monkeypatch.setattr(PagedKVCache, "gather", gather)
+    context = model.config.sequence_len
+    cached, params = random_prompt(context - 56, 1), SamplingParams(max_tokens=1, temperature=0)
+    serve(scheduler, [(cached, params)], close=False)
+    replies = serve(
+        scheduler, [(cached + random_prompt(40, 2), params), (random_prompt(context - 16, 3), params)]
+    )
+    assert [reason for _, reason in replies] == ["length", "length"]
+    assert 0 < largest[0] <= scheduler.cache.most_gathered
+
+
 def test_a_forward_outside_inference_mode_after_one_inside_computes_the_same(model: GPT) -> None:
     """The kept gather buffers are inference tensors; a forward under no_grad on the same pool (a
     script's, not the server's) gathers into fresh ones and gets the same logits."""

@@ -1,5 +1,6 @@
 """Pretraining shards: the train/val split, and downloads that are whole, retried and resumable."""
 
+import hashlib
 import random
 import re
 import zipfile
@@ -109,43 +110,63 @@ def test_http_download_retries_truncated_files_and_keeps_only_whole_ones(
 
 class DroppingServer(MirrorHandler):
     """Each file's first answer drops its connection halfway through the length it promised; later
-    answers honour `Range: bytes=N-`, as the datasets' hosts do. Notes the ranges and bytes it sent."""
+    answers honour `Range: bytes=N-` while `If-Range` names the file's ETag, as the datasets' hosts
+    do. After the first answer the file becomes `next_version`, if there is one. Notes the ranges asked
+    for and the bytes sent."""
 
     ranges: list[str | None]
     bytes_sent: list[int]
+    next_version: bytes | None = None
 
     def do_GET(self) -> None:
         name = self.path.lstrip("/")
-        data = (Path(self.directory) / name).read_bytes()
+        path = Path(self.directory) / name
+        data = path.read_bytes()
+        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
         asked = self.headers.get("Range")
-        start = int(asked.removeprefix("bytes=").removesuffix("-")) if asked else 0
+        same_version = self.headers.get("If-Range") in (None, etag)
+        start = int(asked.removeprefix("bytes=").removesuffix("-")) if asked and same_version else 0
         first = name not in self.requested
         self.requested.append(name)
         self.ranges.append(asked)
+        body = data[start:][: (len(data) - start) // 2] if first else data[start:]
+        self.bytes_sent.append(len(body))
         self.send_response(206 if start else 200)
+        self.send_header("ETag", etag)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
-        body = data[start:][: (len(data) - start) // 2] if first else data[start:]
         self.wfile.write(body)
-        self.bytes_sent.append(len(body))
         self.close_connection = True
+        if first and self.next_version is not None:
+            path.write_bytes(self.next_version)
+
+
+def fetch_through(handler: type[DroppingServer], data: bytes, folder: Path) -> bytes:
+    """`data` served as big.bin by `handler`, fetched: the bytes that arrive."""
+    (folder / "served").mkdir()
+    (folder / "served" / "big.bin").write_bytes(data)
+    with http_mirror(folder / "served", handler) as (url, requested):
+        fetch(f"{url}/big.bin", folder / "got" / "big.bin", backoff_s=0.01)
+    assert requested == ["big.bin", "big.bin"] and handler.ranges[0] is None
+    assert [p.name for p in (folder / "got").iterdir()] == ["big.bin"]  # no temp file left
+    return (folder / "got" / "big.bin").read_bytes()
 
 
 def test_an_http_download_cut_short_asks_for_the_rest_only(tmp_path: Path) -> None:
-    served = tmp_path / "served"
-    served.mkdir()
     data = random.Random(0).randbytes(1_000_000)  # many chunks: what came before the drop is on disk
-    (served / "big.bin").write_bytes(data)
     handler = type("Dropping", (DroppingServer,), {"ranges": [], "bytes_sent": []})
-    with http_mirror(served, handler) as (url, requested):
-        fetch(f"{url}/big.bin", tmp_path / "got" / "big.bin", backoff_s=0.01)
-    assert requested == ["big.bin", "big.bin"] and handler.ranges[0] is None
+    assert fetch_through(handler, data, tmp_path) == data
     kept = int(handler.ranges[1].removeprefix("bytes=").removesuffix("-"))
     assert 0 < kept <= len(data) // 2 and handler.bytes_sent[1] == len(data) - kept
-    assert (tmp_path / "got" / "big.bin").read_bytes() == data
-    assert [p.name for p in (tmp_path / "got").iterdir()] == ["big.bin"]  # no temp file left
+
+
+def test_a_file_that_changed_between_attempts_is_fetched_whole_again(tmp_path: Path) -> None:
+    new = random.Random(1).randbytes(1_000_000)
+    handler = type("Dropping", (DroppingServer,), {"ranges": [], "bytes_sent": [], "next_version": new})
+    assert fetch_through(handler, random.Random(0).randbytes(1_000_000), tmp_path) == new
+    assert handler.ranges[1] is not None and handler.bytes_sent[1] == len(new)  # the rest asked, all sent
 
 
 def test_a_truncated_archive_is_fetched_again_whatever_its_check_raises(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The sandbox contains what model-written code might do, and the calculator evaluates only arithmetic."""
 
 import os
+import platform
 import resource
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from trainer.execution import calculator, containment, probe, run_program
 
+CAPGET = {"x86_64": 125, "aarch64": 90}  # the capget syscall's number
 LAYERS = containment()
 needs_linux_containment = pytest.mark.skipif(
     not all(LAYERS.values()), reason=f"this kernel does not offer every containment layer: {LAYERS}"
@@ -177,7 +179,8 @@ def test_its_own_limits_priority_and_signals_stay_its_own_to_set() -> None:
 
 @needs_linux_containment
 def test_started_by_root_it_cannot_raise_its_priority_or_its_hard_limits() -> None:
-    """Root's capabilities would let it: a real-time busy loop would starve the trainer's threads."""
+    """Root's capabilities would let it: a real-time busy loop would starve the trainer's threads. It
+    holds none (capget), so this holds whatever capabilities the machine gives root."""
     program = attempts(
         {
             "nice": "os.setpriority(os.PRIO_PROCESS, 0, -10)",
@@ -185,8 +188,15 @@ def test_started_by_root_it_cannot_raise_its_priority_or_its_hard_limits() -> No
             "hard limit": "resource.prlimit(0, resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)",
         }
     )
+    program += (
+        "\nimport ctypes, struct\n"
+        "sets = ctypes.create_string_buffer(24)  # effective, permitted, inheritable; two halves each\n"
+        f"ctypes.CDLL(None).syscall({CAPGET[platform.machine()]}, struct.pack('Ii', 0x20080522, 0), sets)\n"
+        "print('capabilities', sum(sets.raw))\n"
+    )
     result = run_program(program)
-    assert result.stdout.splitlines() == ["nice refused", "real-time refused", "hard limit refused"]
+    expected = ["nice refused", "real-time refused", "hard limit refused", "capabilities 0"]
+    assert result.stdout.splitlines() == expected, result.stderr
 
 
 @needs_linux_containment

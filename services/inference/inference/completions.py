@@ -248,16 +248,12 @@ class TextOffsets:
         for token in tokens:
             data = tokenizer.decode_bytes([token])
             held, _ = self.decoder.getstate()  # the start of a character, waiting for the rest
-            # bytes this token does not continue become one U+FFFD, standing before the token
-            cut_off = bool(held and data) and utf8_prefix(held + data[:1]).startswith("\ufffd")
-            offsets.append(self.position + cut_off)
+            # what of those bytes this token does not continue stands before it, as U+FFFDs: every
+            # character of them and its first byte but the last, which holds that byte
+            before = len((held + data[:1]).decode("utf-8", errors="replace")) - 1 if data else 0
+            offsets.append(self.position + before)
             self.position += len(self.decoder.decode(data))
         return offsets
-
-
-def utf8_prefix(data: bytes) -> str:
-    """The characters that bytes decode to so far, an unfinished one at the end held back."""
-    return codecs.getincrementaldecoder("utf-8")(errors="replace").decode(data)
 
 
 # -- chat completions ------------------------------------------------------------------------

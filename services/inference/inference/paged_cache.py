@@ -279,9 +279,9 @@ class PagedKVCache:
         """The slots `read` of a layer's pool, in order; on the CPU into the buffer `name`, which the
         next layer overwrites (a layer's attention is done with its keys and values by then). Buffers
         are inference tensors: a forward outside inference mode (none of the server's) gets fresh ones."""
-        if self.gather_buffers is None or not torch.is_inference_mode_enabled():
-            return pool.index_select(0, self.read)
         slots = self.read.numel()
+        if self.gather_buffers is None or not torch.is_inference_mode_enabled() or slots > self.most_gathered:
+            return pool.index_select(0, self.read)  # (past the most: a prefill padded to a cached row)
         buffer = self.gather_buffers.get(name)
         if buffer is None or buffer.size(0) < slots:  # rows grow a slot a step: room for many steps
             room = slots if buffer is None else max(slots, min(3 * buffer.size(0) // 2, self.most_gathered))

@@ -308,6 +308,8 @@ resource.setrlimit(resource.RLIMIT_CPU, (int(cpu), int(cpu)))
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(file_size), int(file_size)))
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_NICE, (0, 0))  # no priority above the default without capabilities
+resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))  # and no real-time scheduling
 no_capabilities = bytes(24)  # effective, permitted and inheritable sets, both 32-bit halves: empty
 check(libc.syscall(int(capset_nr), struct.pack("Ii", 0x20080522, 0), no_capabilities), "capset")  # v3, self
 check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
