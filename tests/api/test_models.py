@@ -87,12 +87,13 @@ def test_the_new_routes_refuse_a_missing_or_wrong_token(with_model: Stack) -> No
             assert client.post(f"/models/{MODEL}/export").status_code == 401
             assert client.post("/models/import", json=IMPORT).status_code == 401
             assert client.get(f"/models/{MODEL}/download").status_code == 401
+            assert client.delete(f"/models/{MODEL}/export").status_code == 401
     assert queue_length(with_model) == 0
 
 
 def test_unknown_and_malformed_model_ids(with_model: Stack) -> None:
     with with_model.client() as client:
-        for method, suffix in [("POST", "export"), ("GET", "download")]:
+        for method, suffix in [("POST", "export"), ("GET", "download"), ("DELETE", "export")]:
             assert client.request(method, f"/models/nope/{suffix}").status_code == 422
             assert client.request(method, f"/models/m-final-000007/{suffix}").status_code == 422
             assert client.request(method, f"/models/..%2F..%2Fetc-sft-000001/{suffix}").status_code in (
@@ -184,6 +185,47 @@ def test_a_tarball_is_downloaded_whole_or_from_a_byte_on(with_model: Stack) -> N
         (exports / f"{MODEL}.tar").unlink()
 
 
+def fake_export(stack: Stack) -> tuple[Path, Path]:
+    """MODEL's export as trainer.export leaves it: a Hugging Face folder and its tarball beside it."""
+    exports = stack.base_dir / "runs" / "m" / "exports"
+    (exports / MODEL).mkdir(parents=True, exist_ok=True)
+    (exports / MODEL / "config.json").write_text("{}")
+    (exports / f"{MODEL}.tar").write_bytes(b"tar")
+    return exports / MODEL, exports / f"{MODEL}.tar"
+
+
+def test_deleting_an_export_frees_its_folder_and_tarball_and_keeps_the_checkpoint(with_model: Stack) -> None:
+    folder, tarball = fake_export(with_model)
+    with with_model.client() as client:
+        assert client.get(f"/models/{MODEL}").json()["exported"] is True
+        assert client.delete(f"/models/{MODEL}/export").status_code == 204
+        assert not folder.exists() and not tarball.exists()
+        assert client.get(f"/models/{MODEL}").json()["exported"] is False  # the checkpoint is still there
+        assert client.get(f"/models/{MODEL}/download").status_code == 404
+        again = client.delete(f"/models/{MODEL}/export")
+        assert again.status_code == 404 and again.json()["detail"] == f"{MODEL} has no export"
+
+
+def test_an_export_that_a_job_may_write_or_read_is_not_deleted(with_model: Stack) -> None:
+    folder, tarball = fake_export(with_model)
+    with with_model.client() as client:
+        try:
+            for start in (
+                lambda: client.post(f"/models/{MODEL}/export"),  # would write it again
+                lambda: client.post("/models/import", json=IMPORT),  # reads it
+                lambda: client.post("/models/import", json={**IMPORT, "source": f"{IMPORT['source']}/."}),
+            ):
+                job = start().json()
+                refused = client.delete(f"/models/{MODEL}/export")
+                assert refused.status_code == 409 and job["id"] in refused.json()["detail"], refused.text
+                assert folder.is_dir() and tarball.is_file()
+                stop_all(with_model, client)
+            assert client.delete(f"/models/{MODEL}/export").status_code == 204
+        finally:
+            stop_all(with_model, client)
+    assert queue_length(with_model) == 0
+
+
 def test_openapi_documents_the_new_routes_statuses(with_model: Stack) -> None:
     with with_model.client() as client:
         paths = client.get("/openapi.json").json()["paths"]
@@ -194,6 +236,9 @@ def test_openapi_documents_the_new_routes_statuses(with_model: Stack) -> None:
         paths["/models/{model_id}/export"]["post"]["responses"]
     )
     assert {"201", "401", "409", "422", "503"} <= set(paths["/models/import"]["post"]["responses"])
+    assert {"204", "401", "404", "409", "422", "503"} <= set(
+        paths["/models/{model_id}/export"]["delete"]["responses"]
+    )
 
 
 # The whole way, with a worker and the trainer's programs: export, download, import, listed.

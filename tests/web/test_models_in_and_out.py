@@ -1,5 +1,6 @@
-"""Models in and out in a real browser: Export for Hugging Face and Download on a model's page, the
-Import form on the Models page; each job followed on its page, a refused one explained in the banner."""
+"""Models in and out in a real browser: Export for Hugging Face, Download and Delete export on a model's
+page, the Import form on the Models page; each job followed on its page, a refused one explained in the
+banner."""
 
 import re
 import tarfile
@@ -80,3 +81,24 @@ def test_a_refused_import_is_explained_in_the_page(
     page.click("#submit-import")
     expect(page.locator("#banner")).to_contain_text("must be a path inside the base dir")
     expect(page).to_have_url(re.compile(r"#/models$"))
+
+
+def test_an_export_is_deleted_from_its_page_and_the_checkpoint_stays(
+    page: Page, web_stack: WebStack, exported: str
+) -> None:
+    page.goto(f"{web_stack.url}/#/models/{CHAT_MODEL}")
+    dialogs: list[str] = []
+    page.once("dialog", lambda dialog: dialogs.append(dialog.message) or dialog.dismiss())
+    page.click("#delete-export")  # dismissed: nothing happens
+    expect(page.locator("#download-model")).to_be_visible()
+    assert (web_stack.base_dir / exported).is_dir() and "The checkpoint stays" in dialogs[0]
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-export")
+    expect(page.locator("#export-status")).to_have_text("export deleted")
+    expect(page.locator("#download-model")).to_have_count(0)
+    expect(page.locator("#export-model")).to_have_text("Export for Hugging Face")
+    assert not (web_stack.base_dir / exported).exists()
+    assert not (web_stack.base_dir / f"{exported}.tar").exists()
+    page.reload()  # the checkpoint is still there, with nothing to download
+    expect(page.locator("#chat-with-model")).to_be_visible()
+    expect(page.locator("#download-model")).to_have_count(0)

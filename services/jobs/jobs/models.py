@@ -55,6 +55,19 @@ def export_tarball(runs_dir: Path, model_id: str) -> Path:
     return runs_dir / match.group(1) / "exports" / f"{model_id}.tar"
 
 
+def delete_export(runs_dir: Path, model_id: str) -> bool:
+    """Remove a checkpoint's export, its tarball first (so that it is never offered for download half
+    removed); False when it has none. The checkpoint itself stays."""
+    tarball = export_tarball(runs_dir, model_id)
+    folder = tarball.with_suffix("")  # runs/<run>/exports/<id>/
+    if not tarball.exists() and not folder.exists():
+        return False
+    tarball.unlink(missing_ok=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    return True
+
+
 def list_steps(folder: Path) -> list[int]:
     """Steps with a complete checkpoint (its meta.json is written last), oldest first."""
     if not folder.is_dir():

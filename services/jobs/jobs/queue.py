@@ -14,6 +14,7 @@ record in Redis is the truth.
 import contextlib
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from redis import Redis, WatchError
@@ -23,7 +24,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from jobs import records
+from jobs import models, records
 from jobs.records import RETRYABLE, JobRecord, JobStatus
 from jobs.specs import JOB_SPEC, JobSpec, PipelineJob, ProgramJob
 
@@ -104,6 +105,21 @@ def active_jobs(redis: Redis, run: str) -> list[JobRecord]:
     from it reads it)."""
     records.ensure_indexed(redis)
     return records.active_records(redis, run)
+
+
+def jobs_using_export(redis: Redis, base_dir: Path, model_id: str) -> list[JobRecord]:
+    """Active jobs that may write a checkpoint's export (an export of its run: one at a time, and one
+    of the stage's latest step may be this one) or read it (an import from its folder)."""
+    records.ensure_indexed(redis)
+    folder = models.export_tarball(base_dir / "runs", model_id).with_suffix("").resolve()
+    run = models.MODEL_ID.fullmatch(model_id)[1]
+    exports = [r for r in records.active_records(redis, run) if r.kind == "export" and r.run == run]
+    imports = [
+        r
+        for r in records.iter_records(redis, records.kind_index("import"))
+        if r.is_active and (base_dir / r.config["source"]).resolve() == folder
+    ]
+    return exports + imports
 
 
 def refuse_second_writer(redis: Redis | Pipeline, run: str, stages: set[str]) -> None:

@@ -131,6 +131,30 @@ def delete_model(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> R
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
+@router.delete(
+    "/{model_id}/export",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Depends(require_token)],
+    responses={
+        **ERRORS,
+        404: {"description": "not exported"},
+        409: {"description": "an export of its run, or an import from this export, is active"},
+    },
+)
+def delete_export(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> Response:
+    """Delete a checkpoint's export (its Hugging Face folder and tarball) to free the disk; the checkpoint
+    stays. By id alone, as the download: an export outlives its deleted checkpoint until this."""
+    if busy := queue.jobs_using_export(redis, settings.base_dir.expanduser(), model_id):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"job {busy[0].id} ({busy[0].kind} of run {busy[0].run!r}) is {busy[0].status} and "
+            f"may write or read this export",
+        )
+    if not models.delete_export(settings.runs_dir, model_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"{model_id} has no export")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.post(
     "/import",
     status_code=status.HTTP_201_CREATED,

@@ -106,7 +106,21 @@ function exportControls(model) {
       downloadButton.disabled = false;
     }
   } }, "Download") : null;
-  return [exportButton, downloadButton, status];
+  const deleteButton = model.exported ? h("button", { type: "button", class: "ghost", id: "delete-export", onclick: async () => {
+    if (!confirm(`Delete the export of ${model.id} (its folder and tarball)? The checkpoint stays.`)) return;
+    deleteButton.disabled = true;
+    try {
+      await request(`/api/models/${model.id}/export`, { method: "DELETE" });
+      downloadButton.remove();
+      deleteButton.remove();
+      exportButton.textContent = "Export for Hugging Face";
+      status.textContent = "export deleted";
+    } catch (error) {
+      deleteButton.disabled = false;
+      showError(error);
+    }
+  } }, "Delete export") : null;
+  return [exportButton, downloadButton, deleteButton, status];
 }
 
 // Charts are fetched with the token (an <img src> cannot send it) and shown from blob URLs.
