@@ -196,14 +196,30 @@ def fake_export(stack: Stack) -> tuple[Path, Path]:
 
 def test_deleting_an_export_frees_its_folder_and_tarball_and_keeps_the_checkpoint(with_model: Stack) -> None:
     folder, tarball = fake_export(with_model)
+    stopped = [
+        folder.parent / f".{MODEL}.tar.tmp",
+        folder.parent / f".{MODEL}.tmp-x1y2",
+    ]  # an export cut short
+    stopped[0].write_bytes(b"half a tarball")
+    stopped[1].mkdir()
     with with_model.client() as client:
         assert client.get(f"/models/{MODEL}").json()["exported"] is True
         assert client.delete(f"/models/{MODEL}/export").status_code == 204
-        assert not folder.exists() and not tarball.exists()
+        assert not folder.exists() and not tarball.exists() and not any(p.exists() for p in stopped)
         assert client.get(f"/models/{MODEL}").json()["exported"] is False  # the checkpoint is still there
         assert client.get(f"/models/{MODEL}/download").status_code == 404
         again = client.delete(f"/models/{MODEL}/export")
         assert again.status_code == 404 and again.json()["detail"] == f"{MODEL} has no export"
+
+
+def test_an_export_outlives_its_checkpoint_until_it_is_deleted(with_model: Stack) -> None:
+    exports = with_model.base_dir / "runs" / "gone" / "exports"
+    exports.mkdir(parents=True)
+    (exports / ".gone-sft-000001.tar.tmp").write_bytes(b"all that a stopped export left")
+    with with_model.client() as client:
+        assert client.get("/models/gone-sft-000001").status_code == 404  # no such checkpoint
+        assert client.delete("/models/gone-sft-000001/export").status_code == 204
+    assert list(exports.iterdir()) == []
 
 
 def test_an_export_that_a_job_may_write_or_read_is_not_deleted(with_model: Stack) -> None:
@@ -220,6 +236,8 @@ def test_an_export_that_a_job_may_write_or_read_is_not_deleted(with_model: Stack
                 assert refused.status_code == 409 and job["id"] in refused.json()["detail"], refused.text
                 assert folder.is_dir() and tarball.is_file()
                 stop_all(with_model, client)
+            elsewhere = client.post("/models/import", json={**IMPORT, "source": "runs/m/exports/another"})
+            assert elsewhere.status_code == 201  # an import of another folder: no reason to refuse
             assert client.delete(f"/models/{MODEL}/export").status_code == 204
         finally:
             stop_all(with_model, client)

@@ -12,6 +12,7 @@ A checkpoint exported by trainer.export is runs/<run>/exports/<id>/ (a Hugging F
 <id>.tar beside it, renamed into place complete.
 """
 
+import glob
 import json
 import math
 import re
@@ -56,16 +57,20 @@ def export_tarball(runs_dir: Path, model_id: str) -> Path:
 
 
 def delete_export(runs_dir: Path, model_id: str) -> bool:
-    """Remove a checkpoint's export, its tarball first (so that it is never offered for download half
-    removed); False when it has none. The checkpoint itself stays."""
+    """Remove a checkpoint's export: its tarball first (so that it is never offered for download half
+    removed), its folder, and what an export that was stopped or killed left beside them (`.<id>.tar.tmp`,
+    `.<id>.tmp-*`, `.<id>.old-*`). False when there is none of it. The checkpoint itself stays. Only
+    while no export of the run is running: it would be writing those."""
     tarball = export_tarball(runs_dir, model_id)
-    folder = tarball.with_suffix("")  # runs/<run>/exports/<id>/
-    if not tarball.exists() and not folder.exists():
-        return False
-    tarball.unlink(missing_ok=True)
-    if folder.exists():
-        shutil.rmtree(folder)
-    return True
+    exports, folder = tarball.parent, tarball.with_suffix("")  # runs/<run>/exports/<id>/
+    leftovers = sorted(exports.glob(glob.escape(f".{model_id}.") + "*")) if exports.is_dir() else []
+    found = [path for path in (tarball, folder, *leftovers) if path.exists() or path.is_symlink()]
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return bool(found)
 
 
 def list_steps(folder: Path) -> list[int]:

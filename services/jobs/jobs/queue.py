@@ -25,7 +25,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from jobs import models, records
-from jobs.records import RETRYABLE, JobRecord, JobStatus
+from jobs.records import ACTIVE, RETRYABLE, JobRecord, JobStatus
 from jobs.specs import JOB_SPEC, JobSpec, PipelineJob, ProgramJob
 
 QUEUE_NAME = "nanochat-jobs"
@@ -114,12 +114,16 @@ def jobs_using_export(redis: Redis, base_dir: Path, model_id: str) -> list[JobRe
     folder = models.export_tarball(base_dir / "runs", model_id).with_suffix("").resolve()
     run = models.MODEL_ID.fullmatch(model_id)[1]
     exports = [r for r in records.active_records(redis, run) if r.kind == "export" and r.run == run]
-    imports = [
-        r
-        for r in records.iter_records(redis, records.kind_index("import"))
-        if r.is_active and (base_dir / r.config["source"]).resolve() == folder
-    ]
+    active = [r for status in ACTIVE for r in records.iter_records(redis, records.status_index(status))]
+    imports = [r for r in active if r.kind == "import" and same_folder(base_dir / r.config["source"], folder)]
     return exports + imports
+
+
+def same_folder(path: Path, resolved: Path) -> bool:
+    try:
+        return path.resolve() == resolved
+    except (OSError, RuntimeError):  # a symlink loop: not that folder
+        return False
 
 
 def refuse_second_writer(redis: Redis | Pipeline, run: str, stages: set[str]) -> None:

@@ -80,7 +80,7 @@ def fetch(
 
 @dataclass
 class Partial:
-    """The temp file an HTTP download writes, and the version of the file (its ETag, else its
+    """The temp file an HTTP download writes, and the version of the file (its strong ETag, else its
     Last-Modified) that the bytes in it came from."""
 
     path: Path
@@ -97,16 +97,17 @@ def download_rest(url: str, partial: Partial, cancel: threading.Event | None) ->
         headers |= {"Range": f"bytes={have}-", "If-Range": partial.version}
     with requests.get(url, stream=True, timeout=60, headers=headers) as response:
         if response.status_code == 416:  # nothing past those bytes: start over
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
         response.raise_for_status()
         encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
-        version = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        etag = response.headers.get("ETag", "")
+        version = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
         partial.version = None if encoded else version  # unzipped bytes have no range to continue
         total = None if encoded else response.headers.get("Content-Length")
         if response.status_code == 206:
             answered = CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
             if answered is None or int(answered[1]) != have:
-                tmp.unlink()
+                tmp.unlink(missing_ok=True)
                 raise ValueError(f"asked for bytes from {have}, got {response.headers.get('Content-Range')}")
             total = answered[2]
         else:

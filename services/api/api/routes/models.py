@@ -61,6 +61,13 @@ def describe(settings: SettingsDep, checkpoint: Checkpoint) -> Model:
     )
 
 
+def in_use(job: JobRecord, how: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_409_CONFLICT,
+        detail=f"job {job.id} ({job.kind} of run {job.run!r}) is {job.status} and {how}",
+    )
+
+
 def found(settings: SettingsDep, model_id: str) -> Checkpoint:
     try:
         return models.find(settings.runs_dir, model_id)
@@ -122,11 +129,7 @@ def delete_model(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> R
     """Delete one checkpoint; refused while an active job works on its run or starts from it."""
     checkpoint = found(settings, model_id)
     if busy := queue.active_jobs(redis, checkpoint.run):
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            detail=f"job {busy[0].id} ({busy[0].kind} of run {busy[0].run!r}) is {busy[0].status} and "
-            f"uses run {checkpoint.run!r}",
-        )
+        raise in_use(busy[0], f"uses run {checkpoint.run!r}")
     models.delete(checkpoint)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -142,14 +145,11 @@ def delete_model(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> R
     },
 )
 def delete_export(model_id: ModelId, settings: SettingsDep, redis: RedisDep) -> Response:
-    """Delete a checkpoint's export (its Hugging Face folder and tarball) to free the disk; the checkpoint
-    stays. By id alone, as the download: an export outlives its deleted checkpoint until this."""
+    """Delete a checkpoint's export (its Hugging Face folder and tarball, and what a stopped export left
+    beside them) to free the disk; the checkpoint stays. By id alone, as the download: an export
+    outlives its deleted checkpoint until this."""
     if busy := queue.jobs_using_export(redis, settings.base_dir.expanduser(), model_id):
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            detail=f"job {busy[0].id} ({busy[0].kind} of run {busy[0].run!r}) is {busy[0].status} and "
-            f"may write or read this export",
-        )
+        raise in_use(busy[0], "may write or read this export")
     if not models.delete_export(settings.runs_dir, model_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"{model_id} has no export")
     return Response(status_code=status.HTTP_204_NO_CONTENT)

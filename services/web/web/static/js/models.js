@@ -110,7 +110,9 @@ function exportControls(model) {
     if (!confirm(`Delete the export of ${model.id} (its folder and tarball)? The checkpoint stays.`)) return;
     deleteButton.disabled = true;
     try {
-      await request(`/api/models/${model.id}/export`, { method: "DELETE" });
+      await request(`/api/models/${model.id}/export`, { method: "DELETE" }).catch((error) => {
+        if (error.status !== 404) throw error; // deleted elsewhere meanwhile: gone all the same
+      });
       downloadButton.remove();
       deleteButton.remove();
       exportButton.textContent = "Export for Hugging Face";
