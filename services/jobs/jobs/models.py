@@ -56,13 +56,18 @@ def export_tarball(runs_dir: Path, model_id: str) -> Path:
     return runs_dir / match.group(1) / "exports" / f"{model_id}.tar"
 
 
+def export_folder(runs_dir: Path, model_id: str) -> Path:
+    """Where trainer.export puts a checkpoint's Hugging Face folder: beside its tarball."""
+    return export_tarball(runs_dir, model_id).with_suffix("")
+
+
 def delete_export(runs_dir: Path, model_id: str) -> bool:
     """Remove a checkpoint's export: its tarball first (so that it is never offered for download half
     removed), its folder, and what an export that was stopped or killed left beside them (`.<id>.tar.tmp`,
     `.<id>.tmp-*`, `.<id>.old-*`). False when there is none of it. The checkpoint itself stays. Only
     while no export of the run is running: it would be writing those."""
-    tarball = export_tarball(runs_dir, model_id)
-    exports, folder = tarball.parent, tarball.with_suffix("")  # runs/<run>/exports/<id>/
+    tarball, folder = export_tarball(runs_dir, model_id), export_folder(runs_dir, model_id)
+    exports = tarball.parent
     leftovers = sorted(exports.glob(glob.escape(f".{model_id}.") + "*")) if exports.is_dir() else []
     found = [path for path in (tarball, folder, *leftovers) if path.exists() or path.is_symlink()]
     for path in found:

@@ -111,10 +111,10 @@ def jobs_using_export(redis: Redis, base_dir: Path, model_id: str) -> list[JobRe
     """Active jobs that may write a checkpoint's export (an export of its run: one at a time, and one
     of the stage's latest step may be this one) or read it (an import from its folder)."""
     records.ensure_indexed(redis)
-    folder = models.export_tarball(base_dir / "runs", model_id).with_suffix("").resolve()
+    folder = models.export_folder(base_dir / "runs", model_id).resolve()
     run = models.MODEL_ID.fullmatch(model_id)[1]
-    exports = [r for r in records.active_records(redis, run) if r.kind == "export" and r.run == run]
     active = [r for status in ACTIVE for r in records.iter_records(redis, records.status_index(status))]
+    exports = [r for r in active if r.kind == "export" and r.run == run]
     imports = [r for r in active if r.kind == "import" and same_folder(base_dir / r.config["source"], folder)]
     return exports + imports
 
