@@ -14,7 +14,7 @@ setup: ## create .venv and install everything (CPU torch unless a GPU is present
 test: setup ## run the whole test suite (what CI runs)
 	$(VENV_PYTHON) -m pytest
 
-up: setup ## run the stack as local processes (redis, api, worker, inference, web); Ctrl-C stops it
+up: setup ## run the stack as local processes (redis, api, worker, cpu-worker, inference, web); Ctrl-C stops it
 	$(VENV_PYTHON) scripts/local_stack.py
 
 demo: setup ## the product tour: `make up`, then the tiny demo pipeline, then the chat page with its model

@@ -5,8 +5,8 @@
     build the images (api, worker, inference, web) on stand-in bases → `podman-compose up` with the
     data kit given as NANOCHAT_DATA_DIR, as a user would → wait for health → the tiny demo pipeline
     through the API inside the containers, its base training compiled (torch.compile builds C++ kernels
-    in the worker image) and its worker container restarted in the middle (the job must resume from
-    its checkpoint) → chat with
+    in the worker image); while it trains, a file uploaded is validated by the cpu-worker container;
+    then its worker container restarted in the middle (the job must resume from its checkpoint) → chat with
     the result through the web container's /v1 proxy → a job with nnodes: 2 on the two worker
     containers (`--scale worker=2`), which meet in torchrun's rendezvous over the container network →
     everything taken down, even on failure
@@ -151,6 +151,7 @@ def scenario(compose: list[str], project: str, ports: dict[str, int], token: str
         return percent >= 30
 
     wait_for("base training to get 30% done", base_train_under_way, 900)
+    validated_while_training(api, token, base_id, project)
     # The job's worker is told to stop mid-run: its program checkpoints and the job is re-queued.
     workers = containers(project, "worker")
     assert len(workers) == 2, f"--scale worker=2 started {len(workers)} worker containers"
@@ -179,6 +180,49 @@ def scenario(compose: list[str], project: str, ports: dict[str, int], token: str
     assert reply["choices"][0]["message"]["content"] is not None
     print(f"chat through the web container: {reply['choices'][0]['message']['content']!r}", flush=True)
     two_node_job(api, token)
+
+
+def validated_while_training(api: str, token: str, training_id: str, project: str) -> None:
+    """A file uploaded while a training job runs is validated meanwhile, by the cpu-worker container (the
+    worker containers take GPU jobs alone here: WORKER_QUEUES=gpu)."""
+    boundary = secrets.token_hex(8)
+    text = b"A short story about a cat who learned to read.\n\n" * 200
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\npretrain\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="story.txt"\r\n'
+            "Content-Type: text/plain\r\n\r\n"
+        ).encode()
+        + text
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{api}/files",
+        data=body,
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        upload = json.load(response)
+    wait_for(
+        "the upload's validation",
+        lambda: api_call(api, token, f"/files/{upload['id']}")["status"] != "validating",
+        180,
+    )
+    report = api_call(api, token, f"/files/{upload['id']}")
+    assert report["status"] == "ready", f"the upload was not validated: {report}"
+    training = api_call(api, token, f"/jobs/{training_id}")["status"]
+    assert training == "started", f"base training was {training} once the upload was validated, not started"
+    (cpu_worker,) = containers(project, "cpu-worker")
+    inspect = ["podman", "inspect", "-f", "{{.Config.Hostname}}", cpu_worker]
+    host = subprocess.run(inspect, check=True, capture_output=True, text=True).stdout.strip()
+    worker = api_call(api, token, f"/jobs/{upload['job_id']}")["attempts"][-1]["worker"]
+    assert worker.startswith(f"nanochat-{host}-"), (
+        f"the validation ran on {worker}, not the cpu-worker ({host})"
+    )
+    print("a file uploaded during base training was validated meanwhile, by the cpu-worker", flush=True)
 
 
 def two_node_job(api: str, token: str) -> None:
@@ -224,6 +268,9 @@ def main() -> int:
     project, token = f"nanochat-ct-{secrets.token_hex(3)}", secrets.token_urlsafe(24)
     ports = {name: free_port() for name in ("api", "inference", "web")}
     override = {"services": {name: {"image": f"{IMAGES}/{name}:latest"} for name in SERVICES}}
+    override["services"]["cpu-worker"] = {
+        "image": f"{IMAGES}/worker:latest"
+    }  # built alike under the CPU file
     (work / "compose.test.yaml").write_text(json.dumps(override))
     env = {  # settings as a user's .env gives them
         **os.environ,
@@ -232,6 +279,7 @@ def main() -> int:
         "REDIS_IMAGE": standin("redis"),
         "NANOCHAT_DATA_DIR": str(data_kit),
         "JOB_LEASE_SECONDS": "10",
+        "WORKER_QUEUES": "gpu",  # the worker containers leave file validations to the cpu-worker
         **{f"{name.upper()}_PORT": str(port) for name, port in ports.items()},
     }
     compose = [sys.executable, "-m", "podman_compose", "-p", project, "-f", "compose.yaml",

@@ -1,6 +1,7 @@
 """
-`make up`: the whole stack as plain local processes — redis-server, api, worker, inference, web —
-with each one's output prefixed by its name. Ctrl-C stops all of them. `make demo` (--demo) is the
+`make up`: the whole stack as plain local processes — redis-server, api, worker, cpu-worker (a worker
+of the jobs that use no GPU: WORKER_QUEUES=cpu), inference, web — with each one's output prefixed by
+its name. Ctrl-C stops all of them. `make demo` (--demo) is the
 product tour: it also runs the tiny CPU demo pipeline through the API, shows its progress here and, once
 the chat model is ready, the chat page's address with that model chosen.
 
@@ -69,7 +70,7 @@ class Stack:
     @staticmethod
     def forward(name: str, process: subprocess.Popen) -> None:
         for raw in process.stdout:
-            print(f"{name:>9} | {raw.decode('utf-8', 'replace').rstrip()}", flush=True)
+            print(f"{name:>10} | {raw.decode('utf-8', 'replace').rstrip()}", flush=True)
 
     def exited(self) -> str | None:
         return next((name for name, p in self.processes if p.poll() is not None), None)
@@ -216,6 +217,7 @@ def main() -> int:
         )
         stack.start("api", [python, "-m", "api"], env)
         stack.start("worker", [python, "-m", "worker"], env)
+        stack.start("cpu-worker", [python, "-m", "worker"], env | {"WORKER_QUEUES": "cpu"})
         stack.start("inference", [python, "-m", "inference"], env)
         stack.start("web", [python, "-m", "web"], env)
         wait_healthy(stack, {name: f"{url}/health" for name, url in urls.items()})

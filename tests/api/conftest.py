@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from jobs.queue import QUEUE_NAMES, rq_queue
 from redis import Redis
 
 from support import PYTHON, Process, free_port, service_env
@@ -26,6 +27,10 @@ class Stack:
 
     def start_worker(self, name: str = "worker") -> Process:
         return Process(name, [PYTHON, "-m", "worker"], self.env, self.workdir)
+
+    def queue_length(self) -> int:
+        """RQ jobs waiting on both queues (the GPU jobs' and the CPU jobs')."""
+        return sum(len(rq_queue(self.redis, kind)) for kind in QUEUE_NAMES)
 
     def client(self, token: str | None = "valid") -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.token if token == 'valid' else token}"} if token else {}

@@ -1,19 +1,20 @@
 """Files through the API: every refused upload leaves nothing behind, a job naming a file that is not
 ready is refused, a file in use is not deleted (no worker: validation stays queued); then with a worker,
 as a new user would: a broken ShareGPT file named line by line, the fixed one ready, and text files as a
-corpus for a tokenizer and base pretraining."""
+corpus for a tokenizer and base pretraining; and a worker of CPU jobs alone validates a file while
+training waits for another worker."""
 
+import contextlib
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
-from jobs.queue import QUEUE_NAME
-from rq import Queue
 
 from conftest import Stack, start_stack
-from support import private_redis, wait_until
+from support import PYTHON, Process, private_redis, wait_until
 
 UPLOAD_LIMIT = 3_000_000  # more than API_MAX_BODY_BYTES (1 MB): uploads have their own limit
 SHAREGPT = {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4."}]}
@@ -70,7 +71,7 @@ def test_a_refused_upload_says_why_and_leaves_nothing(
         response = upload(client, purpose, *files, **fields)
     assert response.status_code == code, response.text
     assert says in response.text
-    assert leftovers(api) == [] and len(Queue(QUEUE_NAME, connection=api.redis)) == 0
+    assert leftovers(api) == [] and api.queue_length() == 0
 
 
 def test_uploads_need_the_token(api: Stack) -> None:
@@ -249,3 +250,25 @@ def test_text_files_become_a_corpus_for_a_tokenizer_and_base_pretraining(worker_
         log = client.get(f"/jobs/{done['stages'][1]}/logs").text
         assert f"files/{corpus['id']}/data/pretrain" in log  # trained on the upload's shards
         assert "mine-base-000003" in [model["id"] for model in client.get("/models").json()]
+
+
+def test_a_worker_of_cpu_jobs_validates_a_file_while_training_waits_for_another(tmp_path: Path) -> None:
+    """What compose's cpu-worker and `make up`'s do: an upload is validated even while every other worker
+    is busy training, and that worker never takes a training job."""
+    with (
+        private_redis(tmp_path) as redis_url,
+        contextlib.contextmanager(start_stack)(redis_url, tmp_path, None, with_worker=False) as stack,
+    ):
+        cpu_worker = Process(
+            "cpu-worker", [PYTHON, "-m", "worker"], stack.env | {"WORKER_QUEUES": "cpu"}, tmp_path
+        )
+        try:
+            with stack.client() as client:
+                training = client.post("/jobs", json={"kind": "base_train", "run": "busy", "config": {}})
+                assert training.status_code == 201, training.text
+                chats = upload(client, "conversations", ("chats.jsonl", jsonl(*[SHAREGPT] * 10))).json()
+                report = ended(client, f"/files/{chats['id']}", "status", {"validating"}, timeout=60)
+                assert report["status"] == "ready", report
+                assert client.get(f"/jobs/{training.json()['id']}").json()["status"] == "queued"
+        finally:
+            cpu_worker.stop()

@@ -8,8 +8,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from jobs import queue, records
-from jobs.queue import QUEUE_NAME
-from rq import Queue
 
 from tests.inference.conftest import write_checkpoint
 
@@ -33,7 +31,7 @@ def test_a_submit_refused_for_want_of_memory_is_retried_until_redis_has_room(ful
         response = client.post("/jobs", json=TOKENIZER)
     room.join()
     assert response.status_code == 201, response.text
-    assert len(Queue(QUEUE_NAME, connection=full_redis.redis)) == 1
+    assert full_redis.queue_length() == 1
     with full_redis.client() as client:
         assert client.post(f"/jobs/{response.json()['id']}/stop").json()["status"] == "canceled"
 

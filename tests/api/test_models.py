@@ -8,9 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from jobs.queue import QUEUE_NAME
 from jobs.records import JOBS_INDEX
-from rq import Queue
 
 from tests.inference.conftest import tiny_tokenizer, write_checkpoint
 
@@ -19,10 +17,6 @@ from support import wait_until
 
 MODEL = "m-sft-000007"  # a checkpoint of run m (api_only's runs folder)
 IMPORT = {"source": "runs/m/exports/m-sft-000007", "run": "imported"}
-
-
-def queue_length(stack: Stack) -> int:
-    return len(Queue(QUEUE_NAME, connection=stack.redis))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +65,7 @@ def test_a_bad_import_is_422_naming_the_field_and_queues_nothing(
         response = client.post("/models/import", json=body)
     assert response.status_code == 422, response.text
     assert any(field in map(str, e["loc"]) for e in response.json()["detail"]), response.json()
-    assert queue_length(with_model) == 0 and with_model.redis.zcard(JOBS_INDEX) == jobs_before
+    assert with_model.queue_length() == 0 and with_model.redis.zcard(JOBS_INDEX) == jobs_before
 
 
 def test_an_absolute_or_climbing_source_is_refused_with_the_reason(with_model: Stack) -> None:
@@ -88,7 +82,7 @@ def test_the_new_routes_refuse_a_missing_or_wrong_token(with_model: Stack) -> No
             assert client.post("/models/import", json=IMPORT).status_code == 401
             assert client.get(f"/models/{MODEL}/download").status_code == 401
             assert client.delete(f"/models/{MODEL}/export").status_code == 401
-    assert queue_length(with_model) == 0
+    assert with_model.queue_length() == 0
 
 
 def test_unknown_and_malformed_model_ids(with_model: Stack) -> None:
@@ -102,7 +96,7 @@ def test_unknown_and_malformed_model_ids(with_model: Stack) -> None:
             )
         missing = client.post("/models/m-sft-000008/export")
         assert missing.status_code == 404 and "does not exist" in missing.json()["detail"]
-    assert queue_length(with_model) == 0
+    assert with_model.queue_length() == 0
 
 
 def test_a_model_not_exported_yet_is_a_404_that_says_how_to_export_it(with_model: Stack) -> None:
@@ -126,7 +120,7 @@ def test_export_queues_a_job_of_that_checkpoint_one_export_of_a_run_at_a_time(wi
         again = client.post(f"/models/{MODEL}/export")
         assert again.status_code == 409 and job["id"] in again.json()["detail"]
         stop_all(with_model, client)
-    assert queue_length(with_model) == 0
+    assert with_model.queue_length() == 0
 
 
 def test_import_queues_a_job_and_refuses_a_second_writer_of_the_stage_or_the_tokenizer(
@@ -148,7 +142,7 @@ def test_import_queues_a_job_and_refuses_a_second_writer_of_the_stage_or_the_tok
         hub = client.post("/models/import", json={"source": "karpathy/nanochat-d32", "run": "hub"})
         assert hub.status_code == 201 and hub.json()["config"]["stage"] == "sft"  # the default
         stop_all(with_model, client)
-    assert queue_length(with_model) == 0
+    assert with_model.queue_length() == 0
 
 
 def test_a_tarball_is_downloaded_whole_or_from_a_byte_on(with_model: Stack) -> None:
@@ -241,7 +235,7 @@ def test_an_export_that_a_job_may_write_or_read_is_not_deleted(with_model: Stack
             assert client.delete(f"/models/{MODEL}/export").status_code == 204
         finally:
             stop_all(with_model, client)
-    assert queue_length(with_model) == 0
+    assert with_model.queue_length() == 0
 
 
 def test_openapi_documents_the_new_routes_statuses(with_model: Stack) -> None:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from jobs.queue import QUEUE_NAME, SERIALIZER
+from jobs.queue import SERIALIZER
 from jobs.records import JOBS_INDEX
-from rq import Queue
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
@@ -20,10 +19,6 @@ from conftest import Stack
 from support import PYTHON, Process, free_port, service_env
 
 VALID = {"kind": "tokenizer", "run": "checks", "config": {"vocab_size": 4096}}
-
-
-def queue_length(stack: Stack) -> int:
-    return len(Queue(QUEUE_NAME, connection=stack.redis))
 
 
 @pytest.mark.parametrize(
@@ -52,7 +47,7 @@ def test_invalid_spec_is_422_naming_the_field_and_enqueues_nothing(
     # The field is in the error's location, or (for the job kind, the union's tag) named in its message.
     errors = response.json()["detail"]
     assert any(field in map(str, e["loc"]) or f"'{field}'" in e["msg"] for e in errors), errors
-    assert queue_length(api_only) == 0
+    assert api_only.queue_length() == 0
     assert api_only.redis.zcard(JOBS_INDEX) == jobs_before
 
 
@@ -74,7 +69,7 @@ def test_every_route_but_health_refuses_a_missing_or_wrong_token(api_only: Stack
             assert response.status_code == 401, (method, path, response.text)
             assert response.headers["www-authenticate"] == "Bearer"
         assert client.get("/health").status_code == 200
-    assert queue_length(api_only) == 0
+    assert api_only.queue_length() == 0
 
 
 def test_openapi_documents_the_statuses_each_route_returns(api_only: Stack) -> None:
@@ -100,17 +95,17 @@ def test_nanochats_flags_and_its_off_value_are_accepted(api_only: Stack) -> None
         assert response.status_code == 201, response.text
         assert response.json()["config"]["matrix_lr"] == 0.03
         client.post(f"/jobs/{response.json()['id']}/stop")
-    assert queue_length(api_only) == 0
+    assert api_only.queue_length() == 0
 
 
 def test_queued_job_can_be_stopped_once(api_only: Stack) -> None:
     with api_only.client() as client:
         job = client.post("/jobs", json=VALID).json()
-        assert job["status"] == "queued" and queue_length(api_only) == 1
+        assert job["status"] == "queued" and api_only.queue_length() == 1
         canceled = client.post(f"/jobs/{job['id']}/stop")
         assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
         assert canceled.json()["ended_at"] is not None
-        assert queue_length(api_only) == 0  # gone from RQ's queue too
+        assert api_only.queue_length() == 0  # gone from RQ's queue too
         again = client.post(f"/jobs/{job['id']}/cancel")  # the alias
         assert again.status_code == 409 and "already ended" in again.json()["detail"]
         assert client.get(f"/jobs/{job['id']}").json()["status"] == "canceled"

@@ -23,7 +23,7 @@ SCHEMA = json.loads(
 )
 ENV = {"API_TOKEN": "a-test-token-of-sufficient-length", "REDIS_PASSWORD": "a-redis-password"}
 MULTINODE = {**ENV, "REDIS_HOST": "10.0.0.5", "SHARED_STORAGE_DIR": "/mnt/nfs/nanochat"}
-APP_SERVICES = ("api", "worker", "inference", "web")
+APP_SERVICES = ("api", "worker", "cpu-worker", "inference", "web")
 
 
 class Reset:
@@ -102,7 +102,7 @@ def test_redis_persists_never_evicts_and_stays_private(compose: dict) -> None:
     assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
     assert "--maxmemory 1gb" in command and "--requirepass a-redis-password" in command
     assert redis["environment"]["REDISCLI_AUTH"] == "a-redis-password"  # for its healthcheck
-    for name in ("api", "worker"):  # the services reach it with the password
+    for name in ("api", "worker", "cpu-worker"):  # the services reach it with the password
         assert (
             compose["services"][name]["environment"]["REDIS_URL"] == "redis://:a-redis-password@redis:6379/0"
         )
@@ -121,7 +121,7 @@ def test_services_have_healthchecks_and_wait_for_healthy_dependencies(compose: d
         for dependency, condition in service.get("depends_on", {}).items():
             assert condition == {"condition": "service_healthy"}, (name, dependency)
     assert set(services["api"]["depends_on"]) == {"redis"}
-    assert set(services["worker"]["depends_on"]) == {"redis"}
+    assert set(services["worker"]["depends_on"]) == {"redis"} == set(services["cpu-worker"]["depends_on"])
     assert set(services["web"]["depends_on"]) == {"api", "inference"}
 
 
@@ -170,8 +170,27 @@ def test_cpu_override_builds_cpu_torch_without_gpu_reservations() -> None:
 def test_every_build_uses_its_service_folder_dockerfile(compose: dict) -> None:
     for name, service in compose["services"].items():
         if "build" in service:
+            folder = "worker" if name == "cpu-worker" else name  # the worker's image, with CPU torch
             assert service["build"]["context"] == "."
-            assert Path(ROOT / service["build"]["dockerfile"]) == ROOT / "services" / name / "Dockerfile"
+            assert Path(ROOT / service["build"]["dockerfile"]) == ROOT / "services" / folder / "Dockerfile"
+
+
+@pytest.mark.parametrize("override", [None, "compose.cpu.yaml", "compose.multinode.yaml"])
+def test_a_worker_of_cpu_jobs_alone_runs_beside_the_worker_with_its_settings(override: str | None) -> None:
+    """Exports, imports and file validations never wait for a training job: the cpu-worker takes them,
+    with everything the worker's jobs read, on no GPU."""
+    services = load("compose.yaml", *[override] if override else [], env=MULTINODE)["services"]
+    cpu, worker = services["cpu-worker"], services["worker"]
+    assert cpu["environment"]["WORKER_QUEUES"] == "cpu" and worker["environment"]["WORKER_QUEUES"] == ""
+    shared = {
+        k: v for k, v in worker["environment"].items() if not k.startswith(("WORKER_", "NCCL_", "GLOO_"))
+    }
+    if override == "compose.multinode.yaml":  # the first machine's: it reaches Redis on the compose network
+        shared["REDIS_URL"] = "redis://:a-redis-password@redis:6379/0"
+    assert shared.items() <= cpu["environment"].items()
+    assert cpu["volumes"] == worker["volumes"]  # the same runs and data kit
+    assert "deploy" not in cpu and cpu["build"]["args"] == {"TORCH_VARIANT": "cpu"}
+    assert cpu["healthcheck"]["test"] == worker["healthcheck"]["test"]
 
 
 def test_published_ports_bind_to_the_loopback_unless_told_otherwise() -> None:
@@ -249,7 +268,7 @@ def test_empty_settings_leave_the_services_their_own_defaults(compose: dict) -> 
 
 
 def test_a_local_data_kit_is_mounted_read_only_where_the_programs_look(compose: dict) -> None:
-    for name in ("worker", "trainer"):
+    for name in ("worker", "cpu-worker", "trainer"):
         service = compose["services"][name]
         assert service["environment"]["NANOCHAT_DATA_DIR"] == ""  # unset: the programs download
         assert "data-kit-unset:/data/kit:ro" in service["volumes"] and "data-kit-unset" in compose["volumes"]
@@ -265,7 +284,7 @@ def test_multinode_workers_use_the_host_network_the_shared_storage_and_the_first
     assert worker["environment"]["REDIS_URL"] == "redis://:a-redis-password@10.0.0.5:6379/0"
     assert "NCCL_SOCKET_IFNAME" in worker["environment"] and "GLOO_SOCKET_IFNAME" in worker["environment"]
     assert services["redis"]["ports"] == ["10.0.0.5:6379:6379"]  # the private address only, with a password
-    for name in ("worker", "api", "inference", "trainer"):  # everyone sees the same runs
+    for name in ("worker", "cpu-worker", "api", "inference", "trainer"):  # everyone sees the same runs
         mounts = [v for v in services[name]["volumes"] if v.split(":")[1] == "/data/nanochat"]
         assert mounts in (["/mnt/nfs/nanochat:/data/nanochat"], ["/mnt/nfs/nanochat:/data/nanochat:ro"]), name
 

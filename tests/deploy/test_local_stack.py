@@ -34,6 +34,12 @@ def test_local_stack_starts_everything_and_stops_cleanly_on_ctrl_c(tmp_path) -> 
             output = log.read_text()
             token = next(line.split()[-1] for line in output.splitlines() if "API token" in line)
             assert (tmp_path / "base" / "runs" / "_redis").is_dir()
+            listening = re.compile(r"^ *(worker|cpu-worker) \| .* listening on (.*) \(runs in", re.MULTILINE)
+            wait_until(lambda: len(listening.findall(log.read_text())) == 2, 30, "both workers")
+            assert dict(listening.findall(log.read_text())) == {
+                "worker": "nanochat-cpu-jobs and nanochat-jobs",  # the first when both hold a job
+                "cpu-worker": "nanochat-cpu-jobs",
+            }
             submitted = httpx.post(
                 f"http://127.0.0.1:{ports['api']}/jobs",
                 json={"kind": "tokenizer", "run": "x", "config": {"vocab_size": 300}},

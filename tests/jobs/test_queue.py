@@ -107,3 +107,24 @@ def test_records_of_an_older_version_are_listed_and_still_block_a_second_writer(
     assert queue.stop(redis, active.id).status == JobStatus.CANCELED
     assert records.list_records(redis, status=JobStatus.QUEUED)[1] == 0
     assert queue.submit(redis, tokenizer_job("legacy")).status == JobStatus.QUEUED
+
+
+def test_jobs_that_use_no_gpu_go_on_a_queue_of_their_own_first_and_on_retry(redis: Redis) -> None:
+    """An export, an import or a file validation never waits in line behind training: a worker of CPU jobs
+    alone (WORKER_QUEUES=cpu) takes them from their own queue."""
+    specs = [
+        {"kind": "base_train", "run": "a", "config": {}},
+        {"kind": "export", "run": "a", "config": {}},
+        {"kind": "import", "run": "b", "config": {"source": "runs/a/exports/a-sft-000001"}},
+        {"kind": "validate_file", "run": "c", "config": {"file": "file-" + "0" * 24}},
+        {"kind": "tokenizer", "run": "d", "config": {"vocab_size": 300}},
+    ]
+    train, export, load, validate, tokenizer = (
+        queue.submit(redis, JOB_SPEC.validate_python(s)) for s in specs
+    )
+    cpu, gpu = queue.rq_queue(redis, "cpu"), queue.rq_queue(redis, "gpu")
+    assert cpu.job_ids == [export.rq_job_id, load.rq_job_id, validate.rq_job_id]
+    assert gpu.job_ids == [train.rq_job_id, tokenizer.rq_job_id]
+    queue.stop(redis, validate.id)
+    again = queue.retry(redis, validate.id)
+    assert again.rq_job_id in cpu.job_ids and again.rq_job_id not in gpu.job_ids

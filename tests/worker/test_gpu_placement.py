@@ -120,7 +120,7 @@ def worker_with_two_gpus(
     )
     worker = Process("worker", [PYTHON, "-m", "worker"], env, workdir)
     try:
-        wait_until(lambda: "listening on queue" in worker.output(), 30, "the worker to start")
+        wait_until(lambda: "listening on nanochat-" in worker.output(), 30, "the worker to start")
         yield redis
     finally:
         worker.stop()

@@ -1,5 +1,6 @@
 """Workers started alike (`--scale worker=N`) with WORKER_GPUS=`0,1;2,3` take one GPU set each: never
-the same set twice on one machine, a dead worker's set frees itself, and one worker too many says why."""
+the same set twice on one machine, a dead worker's set frees itself, and one worker too many says why;
+a worker of CPU jobs alone takes none."""
 
 import subprocess
 import time
@@ -41,13 +42,19 @@ def test_worker_processes_each_take_a_set(redis_url: str, tmp_path: Path) -> Non
     workers = [Process(f"worker{i}", [PYTHON, "-m", "worker"], env, tmp_path) for i in range(2)]
     try:
         for worker in workers:
-            wait_until(lambda w=worker: "listening on queue" in w.output(), 30, f"{worker.name} to start")
+            wait_until(lambda w=worker: "listening on nanochat-" in w.output(), 30, f"{worker.name} to start")
         taken = sorted(worker.output().split("GPUs ")[1].split(")")[0] for worker in workers)
         assert taken == ["0", "1"]
         third = subprocess.run(
             [PYTHON, "-m", "worker"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
         )
         assert third.returncode != 0 and "every GPU set in WORKER_GPUS is held" in third.stderr
+        # A worker of CPU jobs alone (compose's cpu-worker, given the same .env) needs no set: it starts.
+        cpu_only = Process("cpu-worker", [PYTHON, "-m", "worker"], env | {"WORKER_QUEUES": "cpu"}, tmp_path)
+        workers.append(cpu_only)
+        wait_until(
+            lambda: "listening on nanochat-cpu-jobs (" in cpu_only.output(), 30, "the CPU worker to start"
+        )
     finally:
         for worker in workers:
             worker.stop()

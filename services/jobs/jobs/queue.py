@@ -28,7 +28,13 @@ from jobs import models, records
 from jobs.records import ACTIVE, RETRYABLE, JobRecord, JobStatus
 from jobs.specs import JOB_SPEC, JobSpec, PipelineJob, ProgramJob
 
+# Two queues: jobs that run on GPUs where a machine has them (training, evaluation), and jobs that never
+# use one (exports, imports, file validations: nproc_per_node 0). A worker takes from the queues its
+# WORKER_QUEUES names; compose and `make up` run one for the second alone, so that a file uploaded while
+# a training job runs is validated meanwhile, not after it.
 QUEUE_NAME = "nanochat-jobs"
+CPU_QUEUE_NAME = "nanochat-cpu-jobs"
+QUEUE_NAMES = {"gpu": QUEUE_NAME, "cpu": CPU_QUEUE_NAME}
 TASK = "worker.tasks.run_job"
 RESULT_TTL = 3600  # seconds RQ keeps its own data on a finished attempt; our records stay
 SERIALIZER = JSONSerializer
@@ -38,8 +44,14 @@ class Conflict(Exception):
     """The request cannot apply to the job in its current state (HTTP 409)."""
 
 
-def rq_queue(redis: Redis) -> Queue:
-    return Queue(QUEUE_NAME, connection=redis, serializer=SERIALIZER)
+def rq_queue(redis: Redis, kind: str = "gpu") -> Queue:
+    """The RQ queue of `kind` (a key of QUEUE_NAMES)."""
+    return Queue(QUEUE_NAMES[kind], connection=redis, serializer=SERIALIZER)
+
+
+def queue_kind(record: JobRecord) -> str:
+    """Which queue a job goes on: "cpu" for a job that uses no GPU, else "gpu"."""
+    return "cpu" if spec_of(record).nproc_per_node == 0 else "gpu"
 
 
 def rq_job_id(job_id: str, attempt: int) -> str:
@@ -50,8 +62,8 @@ def rq_job_id(job_id: str, attempt: int) -> str:
 def put_on_queue(redis: Redis, pipe: Pipeline, record: JobRecord) -> None:
     """Add RQ's commands for this attempt to a transaction. Each attempt is an RQ job of its own
     (`<id>-<n>-<random>`): a lost worker's RQ job stays RQ's business. timeout=-1: training runs for hours;
-    the worker enforces the job's own time_limit."""
-    rq_queue(redis).enqueue_call(
+    the worker enforces the job's own time_limit. It goes on the queue of its kind (queue_kind)."""
+    rq_queue(redis, queue_kind(record)).enqueue_call(
         TASK, args=(record.id,), job_id=record.rq_job_id, timeout=-1, result_ttl=RESULT_TTL, pipeline=pipe
     )
 

@@ -1,5 +1,5 @@
-"""`python -m worker`: an RQ worker on the jobs queue (one job at a time; run several for more),
-plus the reaper that re-queues jobs whose worker died."""
+"""`python -m worker`: an RQ worker on the job queues of WORKER_QUEUES (one job at a time; run several
+for more), plus the reaper that re-queues jobs whose worker died."""
 
 import logging
 import os
@@ -7,7 +7,7 @@ import signal
 import sys
 import uuid
 
-from jobs.queue import QUEUE_NAME, SERIALIZER, rq_queue
+from jobs.queue import QUEUE_NAMES, SERIALIZER, rq_queue
 from jobs.redaction import hide_secrets, redact, settings_error
 from pydantic import ValidationError
 from redis import Redis
@@ -53,15 +53,18 @@ def main() -> None:
     name = f"{host_prefix()}{uuid.uuid4().hex[:12]}"
     # RQ's own client, unused until RQ sets its socket timeout: its dequeue blocks for minutes.
     rq_redis = Redis.from_url(settings.redis_url)
-    worker = CheckpointingWorker([rq_queue(rq_redis)], connection=rq_redis, name=name, serializer=SERIALIZER)
+    queues = [rq_queue(rq_redis, kind) for kind in settings.queue_kinds]
+    worker = CheckpointingWorker(queues, connection=rq_redis, name=name, serializer=SERIALIZER)
     gpu_set = None
-    if settings.gpus and ";" in settings.gpus:  # one set of several: take a free one
+    # One set of several: take a free one. A worker of CPU jobs alone needs none.
+    if settings.gpus and ";" in settings.gpus and "gpu" in settings.queue_kinds:
         gpu_set = gpus.claim(redis, settings.machine, settings.gpus, name, settings.job_lease_seconds)
         stop_renewing = gpus.keep(redis, settings.machine, gpu_set, name, settings.job_lease_seconds)
         os.environ["WORKER_GPUS"] = gpu_set  # what each job's settings read (they load in the work horse)
     start_reaper(redis, settings.job_lease_seconds, settings.job_retention_days)
     logging.info(
-        "%s listening on queue %r (runs in %s%s)", name, QUEUE_NAME, settings.base_dir,
+        "%s listening on %s (runs in %s%s)", name, " and ".join(QUEUE_NAMES[k] for k in settings.queue_kinds),
+        settings.base_dir,
         f", GPUs {gpu_set}" if gpu_set else "",
     )  # fmt: skip
     try:

@@ -37,6 +37,14 @@ class WorkerSettings(BaseSettings):
         description="A running job's worker renews its lease this often ×⅓; a job whose lease has expired "
         "is taken as abandoned (its worker died) and re-queued.",
     )
+    queues: str = Field(
+        default="cpu,gpu",
+        pattern=r"^(cpu|gpu)(,(cpu|gpu))?$",
+        validation_alias=AliasChoices("WORKER_QUEUES"),
+        description="Which jobs this worker takes, the first named first when both wait: gpu (training, "
+        "evaluation: on GPUs where there are any) and cpu (exports, imports, file validations: never on a "
+        "GPU). compose and make up also run a worker of cpu alone, so these never wait for training to end.",
+    )
     gpus: str | None = Field(
         default=None,
         pattern=r"^\d+(,\d+)*(;\d+(,\d+)*)*$",
@@ -72,6 +80,11 @@ class WorkerSettings(BaseSettings):
         validation_alias=AliasChoices("JOB_RETENTION_DAYS"),
         description="Records, logs and metrics of jobs that ended longer ago are deleted (checkpoints stay).",
     )
+
+    @property
+    def queue_kinds(self) -> list[str]:
+        """WORKER_QUEUES as a list, in order: RQ takes from the first queue that holds a job."""
+        return list(dict.fromkeys(self.queues.split(",")))
 
 
 REDIS_TIMEOUT_SECONDS = 5  # a Redis that went away makes a call fail fast: the job's pipe keeps draining
