@@ -2,6 +2,8 @@
 an import job; every refusal first (no worker: jobs stay queued), then the whole way with a worker."""
 
 import io
+import os
+import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -216,6 +218,38 @@ def test_an_export_outlives_its_checkpoint_until_it_is_deleted(with_model: Stack
     assert list(exports.iterdir()) == []
 
 
+def test_exports_are_listed_newest_first_those_of_deleted_checkpoints_too(with_model: Stack) -> None:
+    folder, tarball = fake_export(with_model)
+    orphan = with_model.base_dir / "runs" / "gone" / "exports" / "gone-sft-000002.tar"
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"x" * 1000)
+    os.utime(tarball, (1_700_000_000, 1_700_000_000))  # the orphan is the newer
+    (folder.parent / f".{MODEL}.tar.tmp").write_bytes(b"half")  # an export under way: not listed
+    (folder.parent / "other-sft-000001.tar").write_bytes(b"?")  # not an export of run m
+    with with_model.client() as client:
+        try:
+            listed = client.get("/models/exports")
+            assert listed.status_code == 200, listed.text
+            assert listed.json() == [
+                {"id": "gone-sft-000002", "run": "gone", "stage": "sft", "step": 2, "bytes": 1000,
+                 "created": int(orphan.stat().st_mtime), "checkpoint": False},
+                {"id": MODEL, "run": "m", "stage": "sft", "step": 7, "bytes": 3, "created": 1_700_000_000,
+                 "checkpoint": True},
+            ]  # fmt: skip
+            assert client.get(f"/models/{listed.json()[0]['id']}/download").content == b"x" * 1000
+            assert with_model.client(token=None).get("/models/exports").status_code == 401
+            assert client.delete("/models/gone-sft-000002/export").status_code == 204
+            assert [e["id"] for e in client.get("/models/exports").json()] == [MODEL]
+        finally:
+            for path in (
+                tarball,
+                folder.parent / f".{MODEL}.tar.tmp",
+                folder.parent / "other-sft-000001.tar",
+            ):
+                path.unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_an_export_that_a_job_may_write_or_read_is_not_deleted(with_model: Stack) -> None:
     folder, tarball = fake_export(with_model)
     with with_model.client() as client:
@@ -251,6 +285,7 @@ def test_openapi_documents_the_new_routes_statuses(with_model: Stack) -> None:
     assert {"204", "401", "404", "409", "422", "503"} <= set(
         paths["/models/{model_id}/export"]["delete"]["responses"]
     )
+    assert {"200", "401", "503"} <= set(paths["/models/exports"]["get"]["responses"])
 
 
 # The whole way, with a worker and the trainer's programs: export, download, import, listed.

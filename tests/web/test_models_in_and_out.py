@@ -102,3 +102,29 @@ def test_an_export_is_deleted_from_its_page_and_the_checkpoint_stays(
     page.reload()  # the checkpoint is still there, with nothing to download
     expect(page.locator("#chat-with-model")).to_be_visible()
     expect(page.locator("#download-model")).to_have_count(0)
+
+
+def test_an_export_whose_checkpoint_is_gone_is_found_downloaded_and_deleted_on_the_models_page(
+    page: Page, web_stack: WebStack, tmp_path
+) -> None:
+    exports = web_stack.base_dir / "runs" / "old" / "exports"  # run old and its checkpoint are long gone
+    (exports / "old-sft-000003").mkdir(parents=True)
+    (exports / "old-sft-000003.tar").write_bytes(b"the old model" * 1000)
+    page.goto(f"{web_stack.url}/#/models")
+    row = page.locator("#exports tr[data-export='old-sft-000003']")
+    expect(row).to_contain_text("checkpoint deleted")
+    expect(row).to_contain_text("13.0 kB")
+    expect(row.locator("a")).to_have_count(0)  # no model page to go to
+    with page.expect_download() as downloading:
+        row.locator("[data-action=download]").click()
+    downloading.value.save_as(tmp_path / "old.tar")
+    assert (tmp_path / "old.tar").read_bytes() == b"the old model" * 1000
+
+    dialogs: list[str] = []
+    page.once("dialog", lambda dialog: dialogs.append(dialog.message) or dialog.accept())
+    row.locator("[data-action=delete]").click()
+    expect(row).to_have_count(0)
+    assert "nothing of this model will be left" in dialogs[0]
+    assert list(exports.iterdir()) == []
+    page.reload()
+    expect(page.locator("#exports tr[data-export='old-sft-000003']")).to_have_count(0)

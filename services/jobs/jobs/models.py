@@ -12,10 +12,12 @@ A checkpoint exported by trainer.export is runs/<run>/exports/<id>/ (a Hugging F
 <id>.tar beside it, renamed into place complete.
 """
 
+import contextlib
 import glob
 import json
 import math
 import re
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,13 @@ def export_folder(runs_dir: Path, model_id: str) -> Path:
     return export_tarball(runs_dir, model_id).with_suffix("")
 
 
+def list_exports(runs_dir: Path) -> list[Path]:
+    """The tarball of every export in place (runs/<run>/exports/<id>.tar), whether or not its checkpoint
+    still exists. An id whose run is not the folder it lies in is not an export of ours."""
+    tarballs = sorted(runs_dir.glob("*/exports/*.tar")) if runs_dir.is_dir() else []
+    return [t for t in tarballs if (m := MODEL_ID.fullmatch(t.stem)) and m[1] == t.parent.parent.name]
+
+
 def delete_export(runs_dir: Path, model_id: str) -> bool:
     """Remove a checkpoint's export: its tarball first (so that it is never offered for download half
     removed), its folder, and what an export that was stopped or killed left beside them (`.<id>.tar.tmp`,
@@ -71,10 +80,14 @@ def delete_export(runs_dir: Path, model_id: str) -> bool:
     leftovers = sorted(exports.glob(glob.escape(f".{model_id}.") + "*")) if exports.is_dir() else []
     found = [path for path in (tarball, folder, *leftovers) if path.exists() or path.is_symlink()]
     for path in found:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        with contextlib.suppress(FileNotFoundError):  # removed or replaced meanwhile: gone all the same
+            if path.is_dir() and not path.is_symlink():
+                # Renamed aside in one step first: a folder swapped in meanwhile is never removed half.
+                aside = exports / f".{model_id}.old-{secrets.token_hex(4)}"
+                path.rename(aside)
+                shutil.rmtree(aside)
+            else:
+                path.unlink()
     return bool(found)
 
 

@@ -37,6 +37,16 @@ class Model(BaseModel):
     exported: bool  # its Hugging Face export's tarball exists: GET /models/{id}/download
 
 
+class Export(BaseModel):
+    id: str  # the checkpoint's id: GET /models/{id}/download, DELETE /models/{id}/export
+    run: str
+    stage: str
+    step: int
+    bytes: int  # the tarball's size
+    created: int  # unix seconds, when the tarball was written
+    checkpoint: bool  # the checkpoint is still there (an export outlives its deletion)
+
+
 class ImportRequest(ImportConfig):
     """An import job's config and the run it goes to (a new one, or one with the same tokenizer)."""
 
@@ -85,6 +95,25 @@ def list_models(settings: SettingsDep) -> list[Model]:
         except FileNotFoundError:  # pruned by its training run (keep_checkpoints) meanwhile
             continue
     return sorted(described, key=lambda m: (m.created, m.step), reverse=True)
+
+
+@router.get("/exports", dependencies=[Depends(require_read_token)], responses=ERRORS)
+def list_exports(settings: SettingsDep) -> list[Export]:
+    """Every export whose tarball is in place, newest first, those of deleted checkpoints too: they stay
+    downloadable until DELETE /models/{id}/export."""
+    checkpoints = {checkpoint.id for checkpoint in models.scan(settings.runs_dir)}
+    listed = []
+    for tarball in models.list_exports(settings.runs_dir):
+        try:
+            stat = tarball.stat()
+        except FileNotFoundError:  # deleted meanwhile
+            continue
+        run, stage, step = models.MODEL_ID.fullmatch(tarball.stem).groups()
+        listed.append(Export(
+            id=tarball.stem, run=run, stage=stage, step=int(step), bytes=stat.st_size,
+            created=int(stat.st_mtime), checkpoint=tarball.stem in checkpoints,
+        ))  # fmt: skip
+    return sorted(listed, key=lambda e: (e.created, e.id), reverse=True)
 
 
 @router.get("/{model_id}", dependencies=[Depends(require_read_token)], responses={**ERRORS, **NOT_FOUND})

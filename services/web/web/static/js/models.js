@@ -1,11 +1,12 @@
-// The models pages: every checkpoint with its numbers and the Import form, and one model's report card
-// with Export for Hugging Face and Download.
+// The models pages: every checkpoint with its numbers, the Import form and every export (those of deleted
+// checkpoints too), and one model's report card with Export for Hugging Face, Download and Delete export.
 import { json, request } from "./http.js";
 import { markdown } from "./render.js";
 import { age, h, showError } from "./ui.js";
 
 const number = (value) => (typeof value === "number" ? (Number.isInteger(value) ? value : value.toFixed(4)) : String(value));
 const millions = (params) => `${(params / 1e6).toFixed(params < 1e7 ? 2 : 0)} M`;
+const size = (bytes) => (bytes < 1e6 ? `${(bytes / 1e3).toFixed(1)} kB` : bytes < 1e9 ? `${(bytes / 1e6).toFixed(1)} MB` : `${(bytes / 1e9).toFixed(2)} GB`);
 
 const STAGES = ["sft", "base", "mid", "rl"]; // the import's default first
 
@@ -37,8 +38,31 @@ function importForm() {
   return form;
 }
 
+// Every export with Download and Delete: an export outlives its checkpoint, and this is where one whose
+// checkpoint is gone can still be found.
+function exportsTable(exports) {
+  if (!exports.length) return null;
+  return h("div", { class: "card", id: "exports" }, h("h2", {}, "Exports"),
+    h("div", { class: "table-scroll" }, h("table", {}, h("thead", {}, h("tr", {},
+      ...["export", "size", "age", ""].map((t) => h("th", { class: t === "age" ? "optional" : null }, t)))),
+    h("tbody", {}, ...exports.map((e) => {
+      const status = h("span", { class: "muted" });
+      const row = h("tr", { "data-export": e.id },
+        h("td", {}, e.checkpoint ? h("a", { href: `#/models/${e.id}` }, e.id) : e.id,
+          e.checkpoint ? null : h("small", { class: "muted" }, " · checkpoint deleted")),
+        h("td", {}, size(e.bytes)), h("td", { class: "optional" }, age(Date.now() / 1000 - e.created)),
+        h("td", {}, h("div", { class: "toolbar", style: "margin:0" },
+          h("button", { type: "button", class: "ghost", "data-action": "download", onclick: (event) => saveExport(e.id, status, event.currentTarget) }, "Download"),
+          h("button", { type: "button", class: "ghost", "data-action": "delete", onclick: async () => {
+            if (await deleteExport(e.id, status, e.checkpoint)) row.remove();
+          } }, "Delete"),
+          status)));
+      return row;
+    })))));
+}
+
 export async function modelsPage(root) {
-  const models = await json("/api/models");
+  const [models, exports] = await Promise.all([json("/api/models"), json("/api/models/exports")]);
   const form = importForm();
   root.append(h("div", { class: "page" },
     h("div", { class: "toolbar" },
@@ -54,7 +78,8 @@ export async function modelsPage(root) {
           h("td", { class: "muted optional" }, Object.entries(m.metrics).slice(0, 3).map(([k, v]) => `${k} ${number(v)}`).join(" · ")),
           h("td", { class: "optional" }, age(Date.now() / 1000 - m.created)),
           h("td", {}, h("a", { href: `#/chat?model=${m.id}` }, "chat")))))))
-      : h("p", { class: "muted" }, "No models yet: a training job's checkpoints, and imported models, appear here.")));
+      : h("p", { class: "muted" }, "No models yet: a training job's checkpoints, and imported models, appear here."),
+    exportsTable(exports)));
 }
 
 // A link cannot send the bearer header (and the token never goes in a URL), so the tarball is fetched
@@ -81,6 +106,35 @@ async function download(modelId, status) {
   status.textContent = `saved ${modelId}.tar (${(received / 1e6).toFixed(1)} MB)`;
 }
 
+// Download's button: disabled while the tarball comes, and the error in the banner.
+async function saveExport(modelId, status, button) {
+  button.disabled = true;
+  try {
+    await download(modelId, status);
+  } catch (error) {
+    status.textContent = "";
+    showError(error);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// Delete export, once confirmed: true when the export is gone (a 404 means deleted elsewhere meanwhile).
+async function deleteExport(modelId, status, checkpoint) {
+  const after = checkpoint ? "The checkpoint stays." : "Its checkpoint is deleted already: nothing of this model will be left.";
+  if (!confirm(`Delete the export of ${modelId} (its folder and tarball)? ${after}`)) return false;
+  try {
+    await request(`/api/models/${modelId}/export`, { method: "DELETE" }).catch((error) => {
+      if (error.status !== 404) throw error;
+    });
+    status.textContent = "export deleted";
+    return true;
+  } catch (error) {
+    showError(error);
+    return false;
+  }
+}
+
 // Export starts the export job and links to its page; Download appears once a tarball exists.
 function exportControls(model) {
   const status = h("span", { class: "muted", id: "export-status" });
@@ -95,31 +149,16 @@ function exportControls(model) {
       exportButton.disabled = false;
     }
   } }, model.exported ? "Export again" : "Export for Hugging Face");
-  const downloadButton = model.exported ? h("button", { type: "button", class: "ghost", id: "download-model", onclick: async () => {
-    downloadButton.disabled = true;
-    try {
-      await download(model.id, status);
-    } catch (error) {
-      status.textContent = "";
-      showError(error);
-    } finally {
-      downloadButton.disabled = false;
-    }
-  } }, "Download") : null;
+  const downloadButton = model.exported ? h("button", { type: "button", class: "ghost", id: "download-model",
+    onclick: () => saveExport(model.id, status, downloadButton) }, "Download") : null;
   const deleteButton = model.exported ? h("button", { type: "button", class: "ghost", id: "delete-export", onclick: async () => {
-    if (!confirm(`Delete the export of ${model.id} (its folder and tarball)? The checkpoint stays.`)) return;
     deleteButton.disabled = true;
-    try {
-      await request(`/api/models/${model.id}/export`, { method: "DELETE" }).catch((error) => {
-        if (error.status !== 404) throw error; // deleted elsewhere meanwhile: gone all the same
-      });
+    if (await deleteExport(model.id, status, true)) {
       downloadButton.remove();
       deleteButton.remove();
       exportButton.textContent = "Export for Hugging Face";
-      status.textContent = "export deleted";
-    } catch (error) {
+    } else {
       deleteButton.disabled = false;
-      showError(error);
     }
   } }, "Delete export") : null;
   return [exportButton, downloadButton, deleteButton, status];
