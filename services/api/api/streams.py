@@ -19,7 +19,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 BLOCK_MS = 15_000  # one blocking read; a keepalive comment follows an idle one (proxies drop idle streams)
 BATCH = 500
-ENTRY_ID_PATTERN = r"^\d{1,20}-\d{1,20}$"
+ENTRY_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"  # [0-9]: \d takes any script's digits
 
 
 class Followers:

@@ -28,7 +28,7 @@ class InferenceSettings(BaseSettings):
     inference_device: str = Field(default="auto", description="cuda, cpu or auto.")
     inference_gpus: str | None = Field(
         default=None,
-        pattern=r"^\d+(,\d+)*$",
+        pattern=r"^[0-9]+(,[0-9]+)*$",
         description="GPU ids (nvidia-smi's) the model server may use (it uses the first); unset: the last "
         "GPU it sees",
     )

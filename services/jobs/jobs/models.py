@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("base", "mid", "sft", "rl")
-STEP_DIR = re.compile(r"^step_(\d{6})$")  # the trainer's checkpoint folders (trainer.checkpoint)
+STEP_DIR = re.compile(r"^step_([0-9]{6})$")  # the trainer's checkpoint folders (trainer.checkpoint)
 CHAT_STAGES = ("mid", "sft", "rl")
-MODEL_ID = re.compile(r"^(.+)-(base|mid|sft|rl)-(\d{6})$")  # run names may hold '-': the stage is the last
+MODEL_ID = re.compile(r"^(.+)-(base|mid|sft|rl)-([0-9]{6})$")  # run names may hold '-': the stage is the last
 DEFAULT = "default"
 
 

@@ -26,7 +26,7 @@ from trainer.gpt import GPT, GPTConfig
 from trainer.runtime import Runtime
 from trainer.tokenizer import Tokenizer
 
-STEP_DIR = re.compile(r"^step_(\d{6})$")
+STEP_DIR = re.compile(r"^step_([0-9]{6})$")
 
 
 def step_dir(folder: Path, step: int) -> Path:

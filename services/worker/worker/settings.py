@@ -47,7 +47,7 @@ class WorkerSettings(BaseSettings):
     )
     gpus: str | None = Field(
         default=None,
-        pattern=r"^\d+(,\d+)*(;\d+(,\d+)*)*$",
+        pattern=r"^[0-9]+(,[0-9]+)*(;[0-9]+(,[0-9]+)*)*$",
         validation_alias=AliasChoices("WORKER_GPUS"),
         description="GPU ids (nvidia-smi's) this worker's jobs may use, e.g. 0,1,2; unset: all. A job runs "
         "on the first nproc_per_node of them. Sets separated by ; (0,1,2,3;4,5,6,7) give workers started "

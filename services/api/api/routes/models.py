@@ -15,7 +15,7 @@ from api.deps import RedisDep, SettingsDep, require_read_token, require_token
 from api.routes.jobs import ERRORS, JSON_BODY, submit
 
 router = APIRouter(prefix="/models", tags=["models"])
-ModelId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}-(base|mid|sft|rl)-\d{6}$")]
+ModelId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}-(base|mid|sft|rl)-[0-9]{6}$")]
 ChartName = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}\.png$")]
 NOT_FOUND = {404: {"description": "no such model"}}
 TARBALL = {
