@@ -188,7 +188,7 @@ def test_logs_page_and_tail(stack: Stack, finished_job: dict) -> None:
         assert client.get(f"/jobs/{job_id}/logs", params={"limit": 10**9}).status_code == 422
 
 
-def test_a_malformed_last_event_id_is_a_400_and_a_malformed_after_a_422(stack: Stack, finished_job: dict) -> None:
+def test_a_malformed_last_event_id_is_a_400_a_malformed_after_a_422(stack: Stack, finished_job: dict) -> None:
     job_id = finished_job["submitted"]["id"]
     with stack.client() as client:
         for path in ("logs", "metrics"):
