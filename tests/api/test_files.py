@@ -270,5 +270,15 @@ def test_a_worker_of_cpu_jobs_validates_a_file_while_training_waits_for_another(
                 report = ended(client, f"/files/{chats['id']}", "status", {"validating"}, timeout=60)
                 assert report["status"] == "ready", report
                 assert client.get(f"/jobs/{training.json()['id']}").json()["status"] == "queued"
+                # GET /workers says why it waits: no worker takes the GPU queue.
+                workers = client.get("/workers").json()
+                assert [(w["queues"], w["busy"], w["job_id"]) for w in workers["workers"]] == [
+                    (["cpu"], False, None)
+                ]
+                assert workers["queues"] == [
+                    {"name": "gpu", "waiting": 1, "workers": 0},
+                    {"name": "cpu", "waiting": 0, "workers": 1},
+                ]
+                assert stack.client(token=None).get("/workers").status_code == 401
         finally:
             cpu_worker.stop()

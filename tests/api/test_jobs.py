@@ -218,6 +218,8 @@ def test_stopping_a_training_job_checkpoints_and_retry_resumes_it(stack: Stack, 
         wait_until(
             lambda: "step 3/5000 | loss" in client.get(f"/jobs/{job['id']}/logs").text, 120, "training steps"
         )
+        (worker,) = client.get("/workers").json()["workers"]  # the stack's one worker: on this job
+        assert (worker["busy"], worker["job_id"], worker["queues"]) == (True, job["id"], ["cpu", "gpu"])
     with stack.client() as client:
         assert client.post(f"/jobs/{job['id']}/stop").json()["stop_requested"] is True
     events = follow_to_end(stack, job["id"])

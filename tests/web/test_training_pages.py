@@ -83,6 +83,13 @@ def test_stop_retry_and_delete_a_job_from_the_list(page: Page, web_stack: WebSta
     row = page.locator(f"tr[data-job='{job_id}']")
     expect(row.locator(".status")).to_have_text("started", timeout=60_000)
     expect(row.locator("[role=progressbar]")).to_be_visible(timeout=60_000)  # progress as it trains
+    # Who runs it: the stack's one worker takes both queues, and is busy.
+    expect(page.locator("#workers [data-queue=gpu]")).to_have_text(
+        "training and evaluation: 1 worker, 1 busy"
+    )
+    expect(page.locator("#workers [data-queue=cpu]")).to_have_text(
+        "exports, imports and file checks: 1 worker, 1 busy"
+    )
     row.get_by_role("button", name="Stop").click()
     expect(row.locator(".status")).to_have_text("stopped", timeout=60_000)
     row.get_by_role("button", name="Retry").click()
@@ -111,3 +118,25 @@ def test_a_pipelines_page_lists_its_stages_and_leads_to_each(page: Page, web_sta
     stage.get_by_role("link", name="base_train").click()
     expect(page.locator("#log")).to_contain_text("trainer.base_train --run staged")
     expect(page.get_by_role("link", name=f"pipeline {pipeline_id[:8]}")).to_be_visible()
+
+
+def test_jobs_that_no_worker_takes_say_how_to_start_one(page: Page, web_stack: WebStack) -> None:
+    """A queue with jobs waiting and no live worker (a stopped cpu-worker, say) is named on the Jobs page:
+    its jobs would stay queued for ever."""
+    headers = {"Authorization": f"Bearer {web_stack.token}"}
+    with httpx.Client(base_url=f"{web_stack.url}/api", headers=headers, timeout=30) as api:
+        overview = api.get("/workers").json()  # the real shape, with the cpu-worker gone and 2 jobs waiting
+    overview["workers"] = [{**overview["workers"][0], "queues": ["gpu"]}]
+    overview["queues"] = [
+        {"name": "gpu", "waiting": 0, "workers": 1},
+        {"name": "cpu", "waiting": 2, "workers": 0},
+    ]
+    page.route("**/api/workers", lambda route: route.fulfill(json=overview))
+    page.goto(f"{web_stack.url}/#/jobs")
+    stuck = page.locator("#workers [data-queue=cpu]")
+    expect(stuck).to_have_text(
+        "exports, imports and file checks: 0 workers, 2 waiting — no worker takes these: start one "
+        "(docker compose up -d cpu-worker, or make up)"
+    )
+    expect(stuck).to_have_class("stuck")
+    expect(page.locator("#workers [data-queue=gpu]")).not_to_have_class("stuck")

@@ -14,7 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api import streams
 from api.config import Settings
-from api.routes import files, health, jobs, models
+from api.routes import files, health, jobs, models, workers
 
 REDIS_TIMEOUT_SECONDS = 5  # a Redis that went away makes requests fail fast (503), not hang
 
@@ -66,5 +66,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
+    app.include_router(workers.router)
     app.include_router(files.router, max_body_size=settings.api_max_upload_bytes)  # uploads are larger
     return app

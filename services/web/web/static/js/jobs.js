@@ -39,6 +39,26 @@ function actions(record, after) {
 
 // -- the list ----------------------------------------------------------------------------------
 
+// Per queue (GET /workers): its workers, how many are busy, the jobs waiting; a queue with jobs waiting
+// and no worker says how to start one, since its jobs would wait there forever.
+const QUEUES = {
+  gpu: { label: "training and evaluation", start: "docker compose up -d worker" },
+  cpu: { label: "exports, imports and file checks", start: "docker compose up -d cpu-worker" },
+};
+
+function workersSummary(overview) {
+  const parts = overview.queues.map((queue) => {
+    const { label, start } = QUEUES[queue.name] ?? { label: queue.name, start: "python -m worker" };
+    const busy = overview.workers.filter((w) => w.busy && w.queues.includes(queue.name)).length;
+    const stuck = queue.waiting > 0 && queue.workers === 0;
+    return h("span", { "data-queue": queue.name, class: stuck ? "stuck" : null },
+      `${label}: ${queue.workers} worker${queue.workers === 1 ? "" : "s"}`,
+      queue.workers ? `, ${busy} busy` : "", queue.waiting ? `, ${queue.waiting} waiting` : "",
+      stuck ? ` — no worker takes these: start one (${start}, or make up)` : "");
+  });
+  return ["Workers · ", ...parts.flatMap((part, i) => (i ? [" · ", part] : [part]))];
+}
+
 export async function jobsPage(root) {
   const filters = { status: "", kind: "" };
   const schemas = await json("/api/jobs/schema").catch((error) => (showError(error), null));
@@ -46,6 +66,7 @@ export async function jobsPage(root) {
   const presets = await (await fetch("/presets.json")).json();
   const body = h("tbody", { id: "jobs-body" });
   const count = h("span", { class: "muted" });
+  const workers = h("p", { class: "muted", id: "workers" });
   const formCard = h("div", { class: "card", id: "new-job", hidden: true });
   const select = (name, options) =>
     h("select", { "aria-label": name, onchange: (e) => { filters[name] = e.target.value; refresh(); } },
@@ -56,6 +77,7 @@ export async function jobsPage(root) {
       select("status", ["waiting", "queued", "started", "finished", "failed", "stopped", "canceled"]),
       select("kind", Object.keys(schemas || {})),
       h("button", { id: "new-job-button", onclick: () => { formCard.hidden = !formCard.hidden; } }, "New job")),
+    workers,
     formCard,
     h("div", { class: "table-scroll" }, h("table", {}, h("thead", {}, h("tr", {},
       ...["job", "kind", "run", "status", "progress", "ETA", "age", ""].map((t) => h("th", { class: ["ETA", "age", "kind"].includes(t) ? "optional" : null }, t)))), body)),
@@ -65,7 +87,8 @@ export async function jobsPage(root) {
   async function refresh() {
     const query = new URLSearchParams({ limit: "50", ...Object.fromEntries(Object.entries(filters).filter(([, v]) => v)) });
     try {
-      const page = await json(`/api/jobs?${query}`);
+      const [page, overview] = await Promise.all([json(`/api/jobs?${query}`), json("/api/workers")]);
+      workers.replaceChildren(...workersSummary(overview));
       body.replaceChildren(...page.jobs.map((record) => h("tr", { "data-job": record.id },
         h("td", {}, h("a", { href: `#/jobs/${record.id}` }, record.id.slice(0, 8))),
         h("td", { class: "optional" }, record.kind), h("td", {}, record.run), h("td", {}, statusBadge(record.status)),
