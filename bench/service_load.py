@@ -451,7 +451,7 @@ def losses(stack: Stack, load: Load) -> dict:
     """What was lost: jobs, log lines in Redis (against each ended job's log file), lines followers
     missed or got twice."""
     redis = Redis.from_url(stack.redis_server.url)
-    on_queue = set(queue.rq_queue(redis).job_ids)
+    on_queue = {i for kind in queue.QUEUE_NAMES for i in queue.rq_queue(redis, kind).job_ids}
     jobs = {job_id: records.load(redis, job_id) for job_id in load.accepted}
     found = [r for r in jobs.values() if r is not None]
 

@@ -197,8 +197,18 @@ def test_a_malformed_last_event_id_is_a_400_a_malformed_after_a_422(stack: Stack
             )
             assert response.status_code == 400 and "Last-Event-ID" in response.json()["detail"]
 
-        for after in ("'; FLUSHALL", "١٢-٠"):  # ASCII digits only: Redis takes no others
+        # ASCII digits only, each part within Redis's 64 bits, and not the last id (nothing comes after it)
+        for after in (
+            "'; FLUSHALL",
+            "١٢-٠",
+            "99999999999999999999-0",
+            "18446744073709551615-18446744073709551615",
+        ):
             assert client.get(f"/jobs/{job_id}/metrics", params={"after": after}).status_code == 422
+            if after.isascii():
+                follow = client.get(f"/jobs/{job_id}/metrics?follow=true", headers={"Last-Event-ID": after})
+                assert follow.status_code == 400
+        assert client.get(f"/jobs/{job_id}/metrics", params={"after": "18446744073709551615-0"}).json() == []
 
 
 def test_health_reports_redis(stack: Stack) -> None:
@@ -219,7 +229,7 @@ def test_stopping_a_training_job_checkpoints_and_retry_resumes_it(stack: Stack, 
             lambda: "step 3/5000 | loss" in client.get(f"/jobs/{job['id']}/logs").text, 120, "training steps"
         )
         (worker,) = client.get("/workers").json()["workers"]  # the stack's one worker: on this job
-        assert (worker["busy"], worker["job_id"], worker["queues"]) == (True, job["id"], ["cpu", "gpu"])
+        assert (worker["busy"], worker["job_id"], worker["queues"]) == (True, job["id"], ["gpu", "cpu"])
     with stack.client() as client:
         assert client.post(f"/jobs/{job['id']}/stop").json()["stop_requested"] is True
     events = follow_to_end(stack, job["id"])

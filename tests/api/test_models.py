@@ -227,6 +227,9 @@ def test_exports_are_listed_newest_first_those_of_deleted_checkpoints_too(with_m
     os.utime(tarball, (1_700_000_000, 1_700_000_000))  # the orphan is the newer
     (folder.parent / f".{MODEL}.tar.tmp").write_bytes(b"half")  # an export under way: not listed
     (folder.parent / "other-sft-000001.tar").write_bytes(b"?")  # not an export of run m
+    odd = with_model.base_dir / "runs" / "odd name" / "exports" / "odd name-sft-000001.tar"
+    odd.parent.mkdir(parents=True)
+    odd.write_bytes(b"?")  # no run the API names: it could not be downloaded or deleted by its id
     with with_model.client() as client:
         try:
             listed = client.get("/models/exports")
@@ -249,6 +252,8 @@ def test_exports_are_listed_newest_first_those_of_deleted_checkpoints_too(with_m
             ):
                 path.unlink(missing_ok=True)
             shutil.rmtree(folder, ignore_errors=True)
+            for run in ("gone", "odd name"):
+                shutil.rmtree(with_model.base_dir / "runs" / run, ignore_errors=True)
 
 
 def test_an_export_that_a_job_may_write_or_read_is_not_deleted(with_model: Stack) -> None:

@@ -83,7 +83,7 @@ def test_worker_registers_with_rq_and_passes_its_healthcheck(redis_url: str, tmp
         wait_until(lambda: healthcheck().returncode == 0, 30, "the worker to register")
     finally:
         process.stop()
-    assert "listening on nanochat-cpu-jobs and nanochat-jobs" in process.output()  # CPU jobs first
+    assert "listening on nanochat-jobs and nanochat-cpu-jobs" in process.output()  # GPU jobs first
 
 
 def test_trainer_image_command_runs(tmp_path) -> None:

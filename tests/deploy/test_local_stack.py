@@ -37,7 +37,7 @@ def test_local_stack_starts_everything_and_stops_cleanly_on_ctrl_c(tmp_path) -> 
             listening = re.compile(r"^ *(worker|cpu-worker) \| .* listening on (.*) \(runs in", re.MULTILINE)
             wait_until(lambda: len(listening.findall(log.read_text())) == 2, 30, "both workers")
             assert dict(listening.findall(log.read_text())) == {
-                "worker": "nanochat-cpu-jobs and nanochat-jobs",  # the first when both hold a job
+                "worker": "nanochat-jobs and nanochat-cpu-jobs",  # the first when both hold a job
                 "cpu-worker": "nanochat-cpu-jobs",
             }
             submitted = httpx.post(

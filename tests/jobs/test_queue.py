@@ -60,7 +60,7 @@ def test_concurrent_submits_of_one_stage_queue_exactly_one(redis: Redis) -> None
         accepted, refused = race(redis, f"race{round_}", clients=16)
         assert (len(accepted), len(refused)) == (1, 15)
         assert f"job {accepted[0].id} " in str(refused[0])
-    assert len(queue.rq_queue(redis)) == 5
+    assert len(queue.rq_queue(redis, "cpu")) == 5  # tokenizer jobs use no GPU
     assert records.list_records(redis, status=JobStatus.QUEUED)[1] == 5
 
 
@@ -110,21 +110,35 @@ def test_records_of_an_older_version_are_listed_and_still_block_a_second_writer(
 
 
 def test_jobs_that_use_no_gpu_go_on_a_queue_of_their_own_first_and_on_retry(redis: Redis) -> None:
-    """An export, an import or a file validation never waits in line behind training: a worker of CPU jobs
-    alone (WORKER_QUEUES=cpu) takes them from their own queue."""
+    """A tokenizer, an export, an import or a file validation never waits in line behind a model's training:
+    a worker of CPU jobs alone (WORKER_QUEUES=cpu) takes them from their own queue."""
     specs = [
         {"kind": "base_train", "run": "a", "config": {}},
         {"kind": "export", "run": "a", "config": {}},
         {"kind": "import", "run": "b", "config": {"source": "runs/a/exports/a-sft-000001"}},
         {"kind": "validate_file", "run": "c", "config": {"file": "file-" + "0" * 24}},
         {"kind": "tokenizer", "run": "d", "config": {"vocab_size": 300}},
+        {"kind": "base_eval", "run": "e", "config": {}},
     ]
-    train, export, load, validate, tokenizer = (
+    train, export, load, validate, tokenizer, evaluate = (
         queue.submit(redis, JOB_SPEC.validate_python(s)) for s in specs
     )
     cpu, gpu = queue.rq_queue(redis, "cpu"), queue.rq_queue(redis, "gpu")
-    assert cpu.job_ids == [export.rq_job_id, load.rq_job_id, validate.rq_job_id]
-    assert gpu.job_ids == [train.rq_job_id, tokenizer.rq_job_id]
+    assert cpu.job_ids == [export.rq_job_id, load.rq_job_id, validate.rq_job_id, tokenizer.rq_job_id]
+    assert gpu.job_ids == [train.rq_job_id, evaluate.rq_job_id]
     queue.stop(redis, validate.id)
     again = queue.retry(redis, validate.id)
     assert again.rq_job_id in cpu.job_ids and again.rq_job_id not in gpu.job_ids
+
+
+def test_a_stored_job_is_requeued_on_its_kinds_queue_whatever_its_config(redis: Redis) -> None:
+    """The reaper and a worker shutting down re-queue records written by an older version too: the queue
+    follows the kind, and a config that no longer validates does not stop the re-queue."""
+    with redis.pipeline() as pipe:
+        for kind in ("export", "base_train"):
+            records.add(pipe, JobRecord.new(kind, "old", {"a_field_since_removed": 1}, JobStatus.STARTED))
+        pipe.execute()
+    old_export, old_training = sorted(records.list_records(redis)[0], key=lambda r: r.kind != "export")
+    for record, kind in ((old_export, "cpu"), (old_training, "gpu")):
+        requeued = queue.enqueue(redis, record.id, {JobStatus.STARTED})
+        assert requeued is not None and requeued.rq_job_id in queue.rq_queue(redis, kind).job_ids

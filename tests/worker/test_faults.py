@@ -41,7 +41,7 @@ def test_the_reaper_queues_the_next_stage_that_a_dying_worker_never_queued(redis
 
     assert reaper.repair_pipelines(redis, LEASE) == [stuck.id]
     queued = records.load(redis, base.id)
-    assert queued.status == JobStatus.QUEUED and queued.rq_job_id in queue.rq_queue(redis).job_ids
+    assert queued.status == JobStatus.QUEUED and queued.rq_job_id in queue.rq_queue(redis, "gpu").job_ids
     progress = records.load(redis, stuck.id).progress
     assert progress["current_stage"] == "base_train" and progress["stages_finished"] == 1
     assert records.load(redis, fresh_base.id).status == JobStatus.WAITING

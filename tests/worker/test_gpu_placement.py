@@ -13,11 +13,17 @@ from jobs.specs import JOB_SPEC
 from pydantic import ValidationError
 from redis import Redis
 
+from tests.inference.conftest import tiny_tokenizer
 from worker import gpus
 from worker.settings import WorkerSettings
 from worker.tasks import child_environment
 
 from support import PYTHON, Process, fake_nvidia_smi, process_with, service_env, wait_until
+
+# A base_train of run gpus that ends in seconds on a CPU (its tokenizer is put in place by the fixture).
+TINY_TRAINING = {"depth": 2, "max_seq_len": 64, "device_batch_size": 2, "total_batch_size": 128,
+                 "num_iterations": 2, "eval_every": -1, "core_metric_every": -1,
+                 "sample_every": -1}  # fmt: skip
 
 
 @pytest.fixture
@@ -36,12 +42,18 @@ def test_a_job_takes_the_first_gpus_of_its_worker(four_gpus: None, monkeypatch: 
     assert gpus.for_job(WorkerSettings(), 1) == gpus.JobGpus("3", ["GPU-d"])
 
 
-def test_an_export_or_import_job_takes_no_gpu_and_waits_for_no_model_server(
+def test_the_jobs_that_use_no_gpu_take_none_and_wait_for_no_model_server(
     four_gpus: None, redis: Redis
 ) -> None:
-    """They only convert files: on the CPU, while the model server keeps serving from the GPUs."""
+    """They train a tokenizer or convert or read files: on the CPU, while the model server keeps serving
+    from the GPUs."""
     redis.set(gpu_claims.server_key("GPU-a"), "the model server", ex=60)
-    for kind, config in [("export", {}), ("import", {"source": "owner/name"})]:
+    for kind, config in [
+        ("export", {}),
+        ("import", {"source": "owner/name"}),
+        ("tokenizer", {}),
+        ("validate_file", {"file": "file-" + "0" * 24}),
+    ]:
         spec = JOB_SPEC.validate_python({"kind": kind, "run": "r", "config": config})
         placed = gpus.for_job(WorkerSettings(), spec.nproc_per_node)
         assert placed == gpus.JobGpus("", [])
@@ -109,6 +121,7 @@ def worker_with_two_gpus(
 ) -> Iterator[Redis]:
     """A real worker on a machine whose nvidia-smi lists GPU-a and GPU-b; a Redis client on its database."""
     workdir = tmp_path_factory.mktemp("gpu-worker")
+    tiny_tokenizer().save(workdir / "base" / "runs" / "gpus" / "tokenizer")
     redis = Redis.from_url(redis_url)
     redis.flushall()
     env = service_env(
@@ -148,8 +161,7 @@ def environment(pid: int) -> dict[str, str]:
 def test_the_program_starts_on_its_gpu_once_the_model_server_has_let_go(worker_with_two_gpus: Redis) -> None:
     redis = worker_with_two_gpus
     redis.set(gpu_claims.server_key("GPU-a"), "model server", ex=60)  # it serves on GPU 0 (INFERENCE_GPUS=0)
-    config = {"vocab_size": 300, "max_chars": 10_000}
-    job = submit(redis, {"kind": "tokenizer", "run": "gpus", "config": config})
+    job = submit(redis, {"kind": "base_train", "run": "gpus", "config": TINY_TRAINING})
     wait_until(lambda: gpu_claims.job_on(redis, "GPU-a") == job.id, 30, "the job to mark its GPU")
     wait_until(lambda: logged(redis, job.id, "waiting for the model server"), 10, "the job to say it waits")
     time.sleep(2)  # time enough for the program to start, were the GPU free
@@ -157,8 +169,8 @@ def test_the_program_starts_on_its_gpu_once_the_model_server_has_let_go(worker_w
     assert gpu_claims.job_on(redis, "GPU-b") is None  # one process: one GPU, the first
 
     redis.delete(gpu_claims.server_key("GPU-a"))  # the model server has unloaded its models
-    wait_until(lambda: process_with("trainer.tok_train", "--run", "gpus"), 10, "the program to start")
-    program = environment(process_with("trainer.tok_train", "--run", "gpus")[0])
+    wait_until(lambda: process_with("trainer.base_train", "--run", "gpus"), 10, "the program to start")
+    program = environment(process_with("trainer.base_train", "--run", "gpus")[0])
     assert program["CUDA_VISIBLE_DEVICES"] == "0" and program["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert gpu_claims.job_on(redis, "GPU-a") == job.id  # marked for as long as the program runs
 

@@ -53,7 +53,8 @@ def test_a_job_whose_lease_stays_missing_for_a_lease_is_requeued_then_failed_pas
     assert again.status == JobStatus.QUEUED and again.attempts[-1].end_reason.startswith(
         "worker lost: no heartbeat"
     )
-    assert again.rq_job_id.startswith(f"{again.id}-2-") and again.rq_job_id in queue.rq_queue(redis).job_ids
+    assert again.rq_job_id.startswith(f"{again.id}-2-")
+    assert again.rq_job_id in queue.rq_queue(redis, "cpu").job_ids  # a tokenizer job: on the CPU jobs' queue
     failed = records.load(redis, exhausted.id)
     assert failed.status == JobStatus.FAILED and "2 workers lost; max_retries is 1" in failed.error
     assert records.load(redis, alive.id).status == JobStatus.STARTED

@@ -6,6 +6,7 @@ open streams gets 429 instead of exhausting the server.
 """
 
 import json
+import re
 import threading
 import weakref
 from collections import Counter
@@ -20,6 +21,16 @@ from redis.asyncio import Redis as AsyncRedis
 BLOCK_MS = 15_000  # one blocking read; a keepalive comment follows an idle one (proxies drop idle streams)
 BATCH = 500
 ENTRY_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"  # [0-9]: \d takes any script's digits
+LAST_ENTRY_ID = 2**64 - 1  # each part of a Redis stream id is an unsigned 64-bit number
+
+
+def is_entry_id(value: str) -> bool:
+    """A stream entry id that Redis reads after: the pattern, each part within 64 bits, and not the last
+    id there can be (nothing comes after it: Redis refuses it as an exclusive start)."""
+    if not re.fullmatch(ENTRY_ID_PATTERN, value):
+        return False
+    parts = tuple(int(part) for part in value.split("-"))
+    return max(parts) <= LAST_ENTRY_ID and parts != (LAST_ENTRY_ID, LAST_ENTRY_ID)
 
 
 class Followers:

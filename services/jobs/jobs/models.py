@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.specs import NAME_PATTERN
+
 STAGES = ("base", "mid", "sft", "rl")
 STEP_DIR = re.compile(r"^step_([0-9]{6})$")  # the trainer's checkpoint folders (trainer.checkpoint)
 CHAT_STAGES = ("mid", "sft", "rl")
@@ -65,9 +67,14 @@ def export_folder(runs_dir: Path, model_id: str) -> Path:
 
 def list_exports(runs_dir: Path) -> list[Path]:
     """The tarball of every export in place (runs/<run>/exports/<id>.tar), whether or not its checkpoint
-    still exists. An id whose run is not the folder it lies in is not an export of ours."""
-    tarballs = sorted(runs_dir.glob("*/exports/*.tar")) if runs_dir.is_dir() else []
-    return [t for t in tarballs if (m := MODEL_ID.fullmatch(t.stem)) and m[1] == t.parent.parent.name]
+    still exists. An id whose run is not the folder it lies in, or not a run name the API takes (so
+    that it could not be downloaded or deleted by its id), is not an export of ours."""
+    exports = []
+    for run in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        if re.fullmatch(NAME_PATTERN, run.name):
+            tarballs = sorted(run.glob("exports/*.tar"))
+            exports += [t for t in tarballs if (m := MODEL_ID.fullmatch(t.stem)) and m[1] == run.name]
+    return exports
 
 
 def delete_export(runs_dir: Path, model_id: str) -> bool:

@@ -26,12 +26,12 @@ from rq.serializers import JSONSerializer
 
 from jobs import models, records
 from jobs.records import ACTIVE, RETRYABLE, JobRecord, JobStatus
-from jobs.specs import JOB_SPEC, JobSpec, PipelineJob, ProgramJob
+from jobs.specs import JOB_SPEC, SPEC_CLASSES, JobSpec, PipelineJob, ProgramJob
 
-# Two queues: jobs that run on GPUs where a machine has them (training, evaluation), and jobs that never
-# use one (exports, imports, file validations: nproc_per_node 0). A worker takes from the queues its
-# WORKER_QUEUES names; compose and `make up` run one for the second alone, so that a file uploaded while
-# a training job runs is validated meanwhile, not after it.
+# Two queues: jobs that run on GPUs where a machine has them (model training, evaluation), and jobs that
+# never use one (tokenizer training, exports, imports, file validations: JobSpec.uses_gpu). A worker takes
+# from the queues its WORKER_QUEUES names; compose and `make up` run one for the second alone, so that a
+# file uploaded while a model trains is validated meanwhile, not after it.
 QUEUE_NAME = "nanochat-jobs"
 CPU_QUEUE_NAME = "nanochat-cpu-jobs"
 QUEUE_NAMES = {"gpu": QUEUE_NAME, "cpu": CPU_QUEUE_NAME}
@@ -44,14 +44,16 @@ class Conflict(Exception):
     """The request cannot apply to the job in its current state (HTTP 409)."""
 
 
-def rq_queue(redis: Redis, kind: str = "gpu") -> Queue:
+def rq_queue(redis: Redis, kind: str) -> Queue:
     """The RQ queue of `kind` (a key of QUEUE_NAMES)."""
     return Queue(QUEUE_NAMES[kind], connection=redis, serializer=SERIALIZER)
 
 
 def queue_kind(record: JobRecord) -> str:
-    """Which queue a job goes on: "cpu" for a job that uses no GPU, else "gpu"."""
-    return "cpu" if spec_of(record).nproc_per_node == 0 else "gpu"
+    """Which queue a job goes on: "cpu" for a kind that uses no GPU, else "gpu". By its kind alone, so that
+    a stored record is re-queued whatever its config (a kind since removed goes on the GPU queue)."""
+    spec = SPEC_CLASSES.get(record.kind)
+    return "cpu" if spec is not None and not spec.uses_gpu else "gpu"
 
 
 def rq_job_id(job_id: str, attempt: int) -> str:

@@ -387,6 +387,10 @@ class JobSpec(StrictModel):
     # The run folder it writes (checkpoints, or exports): one writer at a time. A kind whose folder
     # depends on its config makes this a property.
     stage: ClassVar[str | None] = None
+    # False: its program never touches a GPU. It runs as one process on the CPU, goes on the CPU jobs'
+    # queue (which a worker of its own takes: it never waits behind training), and leaves the model
+    # server its GPUs.
+    uses_gpu: ClassVar[bool] = True
 
     run: RunName = "default"
 
@@ -428,8 +432,8 @@ class JobSpec(StrictModel):
 
     @property
     def nproc_per_node(self) -> int:
-        """Processes on each node: one GPU each (0: one process on the CPU, see ExportJob)."""
-        return getattr(self.config, "nproc_per_node", 1)
+        """Processes on each node: one GPU each (0: one process on the CPU, see uses_gpu)."""
+        return getattr(self.config, "nproc_per_node", 1) if self.uses_gpu else 0
 
     def command(self, resume: bool = False, rendezvous: "Rendezvous | None" = None) -> list[str]:
         """What follows `python`: `-m <program> <flags>`, through torchrun for several processes, and
@@ -467,6 +471,7 @@ class Rendezvous:
 class TokenizerJob(JobSpec):
     program: ClassVar[str] = "trainer.tok_train"
     stage: ClassVar[str | None] = "tokenizer"
+    uses_gpu: ClassVar[bool] = False  # BPE training (rustbpe) is CPU work
     kind: Literal["tokenizer"]
     config: TokenizerConfig = TokenizerConfig()
 
@@ -522,16 +527,14 @@ class ExportJob(JobSpec):
 
     program: ClassVar[str] = "trainer.export"
     stage: ClassVar[str | None] = "exports"
+    uses_gpu: ClassVar[bool] = False  # it converts files
     kind: Literal["export"]
     config: ExportConfig = ExportConfig()
-
-    @property
-    def nproc_per_node(self) -> int:
-        return 0  # no GPU: it converts files, and the model server keeps its GPUs meanwhile
 
 
 class ImportJob(JobSpec):
     program: ClassVar[str] = "trainer.model_import"
+    uses_gpu: ClassVar[bool] = False  # as ExportJob
     kind: Literal["import"]
     config: ImportConfig
 
@@ -544,22 +547,15 @@ class ImportJob(JobSpec):
     def writes(self) -> set[str]:
         return {self.config.stage, "tokenizer"}  # the run's tokenizer comes with the model
 
-    @property
-    def nproc_per_node(self) -> int:
-        return 0  # as ExportJob
-
 
 class ValidateFileJob(JobSpec):
     """Checks an uploaded file and prepares it (POST /files submits it); its run's tokenizer counts the
     tokens. It writes the file's folder, not the run's."""
 
     program: ClassVar[str] = "trainer.validate_file"
+    uses_gpu: ClassVar[bool] = False  # it reads text
     kind: Literal["validate_file"]
     config: ValidateFileConfig
-
-    @property
-    def nproc_per_node(self) -> int:
-        return 0  # as ExportJob: it reads text
 
 
 ProgramJob = (

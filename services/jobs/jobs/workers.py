@@ -17,7 +17,7 @@ from jobs.queue import QUEUE_NAMES, rq_queue
 
 class WorkerInfo(BaseModel):
     name: str
-    queues: list[str]  # "cpu", "gpu": the queues it takes from, the first first
+    queues: list[str]  # "gpu", "cpu": the queues it takes from, the first first
     busy: bool
     job_id: str | None  # the job it runs (for a multi-node job's further node too)
     started_at: datetime | None

@@ -130,7 +130,7 @@ def builtin_config(hf: dict[str, Any], vocab_size: int) -> GPTConfig:
 def builtin_weights(weights: dict[str, torch.Tensor], hf: dict[str, Any], config: GPTConfig) -> dict:
     """NanoChatForCausalLM's names → ours; the vocabulary rows fitted to our padded size."""
     parts = {theirs: ours for ours, theirs in BUILTIN_PARTS.items()}
-    layer_name = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+    layer_name = re.compile(r"^model\.layers\.([0-9]+)\.(.+)\.weight$")
     embedding = weights["model.embed_tokens.weight"]
     head = embedding if hf.get("tie_word_embeddings") else weights["lm_head.weight"]
     ours = {"wte.weight": fit_rows(embedding, config), "lm_head.weight": fit_rows(head, config)}

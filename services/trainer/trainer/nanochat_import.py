@@ -44,7 +44,7 @@ CHECKPOINT_FOLDERS = {
     "sft": "chatsft_checkpoints",
     "rl": "chatrl_checkpoints",
 }
-MODEL_FILE = re.compile(r"^model_(\d{6})\.pt$")
+MODEL_FILE = re.compile(r"^model_([0-9]{6})\.pt$")
 
 
 # -- the tokenizer -----------------------------------------------------------------
@@ -132,7 +132,7 @@ def find_checkpoint(base_dir: Path, source: str, model_tag: str | None, step: in
     if not tags:
         raise ImportRefused(f"no nanochat checkpoints in {folder}")
     if model_tag is None:
-        depths = [(int(m.group(1)), tag) for tag in tags if (m := re.fullmatch(r"d(\d+)", tag))]
+        depths = [(int(m.group(1)), tag) for tag in tags if (m := re.fullmatch(r"d([0-9]+)", tag))]
         model_tag = max(depths)[1] if depths else tags[-1]
     steps = sorted(
         int(m.group(1)) for p in (folder / model_tag).glob("model_*.pt") if (m := MODEL_FILE.match(p.name))

@@ -77,7 +77,7 @@ def recruit(redis: Redis, record: JobRecord, nnodes: int, rendezvous: Rendezvous
     attempt = len(record.attempts)
     with redis.pipeline() as pipe:
         for node in range(1, nnodes):
-            rq_queue(redis).enqueue_call(
+            rq_queue(redis, "gpu").enqueue_call(
                 JOIN_TASK,
                 args=(record.id, attempt, node, rendezvous.endpoint, resume),
                 job_id=f"{run_id(record.id, attempt)}-node{node}",

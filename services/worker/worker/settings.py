@@ -38,12 +38,13 @@ class WorkerSettings(BaseSettings):
         "is taken as abandoned (its worker died) and re-queued.",
     )
     queues: str = Field(
-        default="cpu,gpu",
+        default="gpu,cpu",
         pattern=r"^(cpu|gpu)(,(cpu|gpu))?$",
         validation_alias=AliasChoices("WORKER_QUEUES"),
-        description="Which jobs this worker takes, the first named first when both wait: gpu (training, "
-        "evaluation: on GPUs where there are any) and cpu (exports, imports, file validations: never on a "
-        "GPU). compose and make up also run a worker of cpu alone, so these never wait for training to end.",
+        description="Which jobs this worker takes, the first named first when both wait: gpu (model "
+        "training and evaluation: on GPUs where there are any) and cpu (tokenizer training, exports, "
+        "imports, file validations: never on a GPU). compose and make up also run a worker of cpu alone, so "
+        "these never wait for a model's training to end.",
     )
     gpus: str | None = Field(
         default=None,

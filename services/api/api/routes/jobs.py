@@ -1,7 +1,6 @@
 """Jobs: submit, list, read, stop, retry, delete; logs and metrics, whole, paged or followed live."""
 
 import logging
-import re
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -11,7 +10,7 @@ from fastapi.sse import EventSourceResponse
 from jobs import files, queue, records, specs
 from jobs.records import JOB_ID_PATTERN, JobRecord, JobStatus
 from jobs.specs import AnyJobSpec, JobSpec
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import OutOfMemoryError
@@ -76,8 +75,15 @@ def with_room(change: Callable[[], T]) -> T:
 
 
 def valid_entry_id(value: str | None, name: str) -> str | None:
-    if value is not None and not re.fullmatch(streams.ENTRY_ID_PATTERN, value):
+    if value is not None and not streams.is_entry_id(value):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"{name} must look like 1712345678901-0")
+    return value
+
+
+def entry_id_param(value: str | None) -> str | None:
+    """A query parameter's check (422 when it fails), as valid_entry_id's for a header."""
+    if value is not None and not streams.is_entry_id(value):
+        raise ValueError("must be a stream entry id like 1712345678901-0, each part below 2**64")
     return value
 
 
@@ -232,7 +238,9 @@ def get_metrics(
     redis: RedisDep,
     async_redis: AsyncRedisDep,
     after: Annotated[
-        str | None, Query(pattern=streams.ENTRY_ID_PATTERN, description="only newer points")
+        str | None,
+        Query(pattern=streams.ENTRY_ID_PATTERN, description="only newer points"),
+        AfterValidator(entry_id_param),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
     follow_: Annotated[bool, Query(alias="follow")] = False,

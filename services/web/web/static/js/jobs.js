@@ -87,8 +87,9 @@ export async function jobsPage(root) {
   async function refresh() {
     const query = new URLSearchParams({ limit: "50", ...Object.fromEntries(Object.entries(filters).filter(([, v]) => v)) });
     try {
-      const [page, overview] = await Promise.all([json(`/api/jobs?${query}`), json("/api/workers")]);
-      workers.replaceChildren(...workersSummary(overview));
+      // The workers line is secondary: the jobs are listed even when it cannot be read.
+      const [page, overview] = await Promise.all([json(`/api/jobs?${query}`), json("/api/workers").catch(() => null)]);
+      workers.replaceChildren(...(overview ? workersSummary(overview) : []));
       body.replaceChildren(...page.jobs.map((record) => h("tr", { "data-job": record.id },
         h("td", {}, h("a", { href: `#/jobs/${record.id}` }, record.id.slice(0, 8))),
         h("td", { class: "optional" }, record.kind), h("td", {}, record.run), h("td", {}, statusBadge(record.status)),

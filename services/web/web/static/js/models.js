@@ -42,7 +42,7 @@ function importForm() {
 // checkpoint is gone can still be found.
 function exportsTable(exports) {
   if (!exports.length) return null;
-  return h("div", { class: "card", id: "exports" }, h("h2", {}, "Exports"),
+  const card = h("div", { class: "card", id: "exports" }, h("h2", {}, "Exports"),
     h("div", { class: "table-scroll" }, h("table", {}, h("thead", {}, h("tr", {},
       ...["export", "size", "age", ""].map((t) => h("th", { class: t === "age" ? "optional" : null }, t)))),
     h("tbody", {}, ...exports.map((e) => {
@@ -53,16 +53,22 @@ function exportsTable(exports) {
         h("td", {}, size(e.bytes)), h("td", { class: "optional" }, age(Date.now() / 1000 - e.created)),
         h("td", {}, h("div", { class: "toolbar", style: "margin:0" },
           h("button", { type: "button", class: "ghost", "data-action": "download", onclick: (event) => saveExport(e.id, status, event.currentTarget) }, "Download"),
-          h("button", { type: "button", class: "ghost", "data-action": "delete", onclick: async () => {
-            if (await deleteExport(e.id, status, e.checkpoint)) row.remove();
+          h("button", { type: "button", class: "ghost", "data-action": "delete", onclick: async (event) => {
+            const button = event.currentTarget;
+            button.disabled = true;
+            if (!(await deleteExport(e.id, status, e.checkpoint))) button.disabled = false;
+            else if (row.parentElement.children.length > 1) row.remove();
+            else card.remove(); // the last one: no empty table left behind
           } }, "Delete"),
           status)));
       return row;
     })))));
+  return card;
 }
 
 export async function modelsPage(root) {
-  const [models, exports] = await Promise.all([json("/api/models"), json("/api/models/exports")]);
+  // The exports are secondary: the models are shown even when they cannot be listed.
+  const [models, exports] = await Promise.all([json("/api/models"), json("/api/models/exports").catch((error) => (showError(error), []))]);
   const form = importForm();
   root.append(h("div", { class: "page" },
     h("div", { class: "toolbar" },
