@@ -270,7 +270,10 @@ def test_a_worker_of_cpu_jobs_validates_a_file_while_training_waits_for_another(
                 report = ended(client, f"/files/{chats['id']}", "status", {"validating"}, timeout=60)
                 assert report["status"] == "ready", report
                 assert client.get(f"/jobs/{training.json()['id']}").json()["status"] == "queued"
-                # GET /workers says why it waits: no worker takes the GPU queue.
+                # GET /workers says why it waits: no worker takes the GPU queue. (RQ marks its worker idle
+                # a moment after the job's record has ended.)
+                idle = lambda: not client.get("/workers").json()["workers"][0]["busy"]  # noqa: E731
+                wait_until(idle, 10, "the CPU worker to be idle")
                 workers = client.get("/workers").json()
                 assert [(w["queues"], w["busy"], w["job_id"]) for w in workers["workers"]] == [
                     (["cpu"], False, None)
