@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from redis import Redis
 from test_worker_loss import TRAINING, finished
@@ -93,3 +94,30 @@ def test_a_redis_restart_loses_nothing_and_the_jobs_go_on(outage_stack: tuple[St
         assert finished(stack, waiting["id"], timeout=120)["status"] == "finished"
         assert client.get("/health").status_code == 200
     assert all(p.popen.poll() is None for p in stack.processes)  # the API and the worker lived
+
+
+def test_a_follow_cut_by_a_redis_restart_gives_its_slot_back_at_once(tmp_path: Path) -> None:
+    """A follower whose stream a Redis restart cut reconnects at once: its slot is free again (one a job
+    here), not held until the server collects the dead stream."""
+    server = RedisServer(tmp_path / "aof")
+    (tmp_path / "aof").mkdir()
+    server.start()
+    stacks = start_stack(server.url, tmp_path, None, with_worker=False, API_MAX_FOLLOWERS_PER_JOB="1")
+    try:
+        stack = next(stacks)
+        with stack.client() as client:
+            job = client.post("/jobs", json={"kind": "tokenizer", "run": "r", "config": {}}).json()  # queued
+            follow = f"/jobs/{job['id']}/logs?follow=true"
+            with client.stream("GET", follow) as first:
+                assert first.status_code == 200
+                server.stop()
+                with pytest.raises(httpx.HTTPError):  # the stream is cut
+                    for _ in first.iter_bytes():
+                        pass
+            server.start()
+            with client.stream("GET", follow) as again:
+                assert again.status_code == 200, again.read()
+    finally:
+        next(stacks, None)
+        if server.process.poll() is None:
+            server.stop()

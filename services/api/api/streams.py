@@ -34,8 +34,10 @@ def is_entry_id(value: str) -> bool:
 
 
 class Followers:
-    """Open streams, per job and in all (one API process). A stream counts from its admission until
-    its generator is gone: finished, closed, or dropped unstarted when the client left first."""
+    """Open streams, per job and in all (one API process). A stream counts from its admission until it
+    ends (finished, closed by its client, or cut by an error such as a Redis restart, so that the client
+    reconnecting at once finds its slot free), or until its generator is gone unstarted (the client left
+    before it began)."""
 
     def __init__(self, per_job: int, total: int) -> None:
         self.per_job, self.total = per_job, total
@@ -51,14 +53,28 @@ class Followers:
                     headers={"Retry-After": "5"},
                 )
             self.open[job_id] += 1
-        weakref.finalize(stream, self.leave, job_id)
-        return stream
+        left = False  # once: both the stream's end and its collection come
 
-    def leave(self, job_id: str) -> None:
-        with self.lock:
-            self.open[job_id] -= 1
-            if self.open[job_id] <= 0:
-                del self.open[job_id]
+        def leave() -> None:
+            nonlocal left
+            with self.lock:
+                if left:
+                    return
+                left = True
+                self.open[job_id] -= 1
+                if self.open[job_id] <= 0:
+                    del self.open[job_id]
+
+        async def counted() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                leave()
+
+        counting = counted()
+        weakref.finalize(counting, leave)  # a generator never started runs no `finally`
+        return counting
 
 
 async def follow(
