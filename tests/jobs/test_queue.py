@@ -5,10 +5,11 @@ import threading
 from collections.abc import Callable
 
 import pytest
-from jobs import queue, records
+from jobs import queue, records, workers
 from jobs.records import JobRecord, JobStatus
 from jobs.specs import JOB_SPEC
 from redis import Redis
+from rq import Worker
 
 
 def tokenizer_job(run: str) -> object:
@@ -142,3 +143,17 @@ def test_a_stored_job_is_requeued_on_its_kinds_queue_whatever_its_config(redis: 
     for record, kind in ((old_export, "cpu"), (old_training, "gpu")):
         requeued = queue.enqueue(redis, record.id, {JobStatus.STARTED})
         assert requeued is not None and requeued.rq_job_id in queue.rq_queue(redis, kind).job_ids
+
+
+def test_reading_the_workers_leaves_the_readers_redis_timeout_alone(redis_url: str) -> None:
+    """GET /workers reads RQ's workers on the API's client: RQ would raise its socket timeout to minutes,
+    and a Redis that hangs would then stall the API's routes for that long instead of a 503."""
+    Redis.from_url(redis_url).flushall()
+    registered = Worker(
+        [queue.rq_queue(Redis.from_url(redis_url), "cpu")], connection=Redis.from_url(redis_url)
+    )
+    registered.register_birth()
+    api_client = Redis.from_url(redis_url, socket_timeout=5)
+    (listed,) = workers.overview(api_client).workers
+    assert (listed.name, listed.queues, listed.busy) == (registered.name, ["cpu"], False)
+    assert api_client.connection_pool.connection_kwargs["socket_timeout"] == 5

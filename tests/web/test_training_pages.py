@@ -85,10 +85,10 @@ def test_stop_retry_and_delete_a_job_from_the_list(page: Page, web_stack: WebSta
     expect(row.locator("[role=progressbar]")).to_be_visible(timeout=60_000)  # progress as it trains
     # Who runs it: the stack's one worker takes both queues, and is busy.
     expect(page.locator("#workers [data-queue=gpu]")).to_have_text(
-        "training and evaluation: 1 worker, 1 busy"
+        "model training and evaluation: 1 worker, 0 free"
     )
     expect(page.locator("#workers [data-queue=cpu]")).to_have_text(
-        "exports, imports and file checks: 1 worker, 1 busy"
+        "tokenizers, exports, imports and file checks: 1 worker, 0 free"
     )
     row.get_by_role("button", name="Stop").click()
     expect(row.locator(".status")).to_have_text("stopped", timeout=60_000)
@@ -135,8 +135,8 @@ def test_jobs_that_no_worker_takes_say_how_to_start_one(page: Page, web_stack: W
     page.goto(f"{web_stack.url}/#/jobs")
     stuck = page.locator("#workers [data-queue=cpu]")
     expect(stuck).to_have_text(
-        "exports, imports and file checks: 0 workers, 2 waiting — no worker takes these: start one "
-        "(docker compose up -d cpu-worker, or make up)"
+        "tokenizers, exports, imports and file checks: 0 workers, 2 queued — no live worker takes these: "
+        "start one (docker compose up -d cpu-worker, or make up)"
     )
     expect(stuck).to_have_class("stuck")
     expect(page.locator("#workers [data-queue=gpu]")).not_to_have_class("stuck")

@@ -7,9 +7,12 @@ from datetime import timedelta
 import pytest
 from jobs import queue, records
 from jobs.records import Attempt, JobRecord, JobStatus
+from jobs.specs import JOB_SPEC
 from redis import Redis
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
 
-from worker.reaper import forget_old, reap
+from worker.reaper import forget_old, reap, requeue_dropped
 from worker.settings import WorkerSettings
 from worker.tasks import SHUTDOWN, JobLog, Lease, Outcome, child_environment, finish
 
@@ -142,3 +145,23 @@ def test_a_failure_under_torchrun_is_explained_by_the_programs_last_line(redis: 
         job_log.copy_from(io.BytesIO(output))
     assert job_log.last_line.startswith("--total-batch-size 2,048 must be a multiple")
     assert (tmp_path / "job.log").read_text().endswith("=" * 60 + "\n")  # the report is still logged
+
+
+def test_a_queued_job_that_a_worker_let_go_of_before_starting_it_is_queued_again(redis: Redis) -> None:
+    """A worker takes the RQ job, then fails before marking the job started (its first read of Redis
+    failed: RQ counts the RQ job failed), or the RQ job is gone: the job would stay queued for ever."""
+    spec = JOB_SPEC.validate_python({"kind": "base_train", "run": "r", "config": {}})
+    failed, gone, waiting = (queue.submit(redis, spec.model_copy(update={"run": run})) for run in "abc")
+    rq_queue = queue.rq_queue(redis, "gpu")
+    for record in (failed, gone):
+        rq_queue.remove(record.rq_job_id)  # taken off the queue, as a worker does
+    Job.fetch(failed.rq_job_id, connection=redis, serializer=queue.SERIALIZER).set_status(RQStatus.FAILED)
+    Job.fetch(gone.rq_job_id, connection=redis, serializer=queue.SERIALIZER).delete()
+
+    assert sorted(requeue_dropped(redis)) == sorted([failed.id, gone.id])
+    for record in (failed, gone):
+        again = records.load(redis, record.id)
+        assert again.status == JobStatus.QUEUED and again.rq_job_id != record.rq_job_id
+        assert again.rq_job_id in rq_queue.job_ids and again.attempts == []
+    assert records.load(redis, waiting.id).rq_job_id == waiting.rq_job_id  # on its queue: left alone
+    assert requeue_dropped(redis) == []

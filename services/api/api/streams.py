@@ -5,6 +5,7 @@ waits for new entries (no polling, no threadpool thread per follower), and the s
 open streams gets 429 instead of exhausting the server.
 """
 
+import contextlib
 import json
 import re
 import threading
@@ -42,7 +43,9 @@ class Followers:
     def __init__(self, per_job: int, total: int) -> None:
         self.per_job, self.total = per_job, total
         self.open: Counter[str] = Counter()
-        self.lock = threading.Lock()  # routes admit from the threadpool; streams end on the event loop
+        # Routes admit from the threadpool, streams end on the event loop; reentrant, as a collection
+        # inside the locked section may run a finalizer that takes it.
+        self.lock = threading.RLock()
 
     def admit(self, job_id: str, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         with self.lock:
@@ -53,28 +56,26 @@ class Followers:
                     headers={"Retry-After": "5"},
                 )
             self.open[job_id] += 1
-        left = False  # once: both the stream's end and its collection come
-
-        def leave() -> None:
-            nonlocal left
-            with self.lock:
-                if left:
-                    return
-                left = True
-                self.open[job_id] -= 1
-                if self.open[job_id] <= 0:
-                    del self.open[job_id]
 
         async def counted() -> AsyncIterator[bytes]:
             try:
-                async for chunk in stream:
-                    yield chunk
+                async with contextlib.aclosing(stream):
+                    async for chunk in stream:
+                        yield chunk
             finally:
                 leave()
 
         counting = counted()
-        weakref.finalize(counting, leave)  # a generator never started runs no `finally`
+        # Called at the stream's end, or at its collection if it never started (no `finally` runs then):
+        # a finalizer runs once, whichever comes first.
+        leave = weakref.finalize(counting, self.leave, job_id)
         return counting
+
+    def leave(self, job_id: str) -> None:
+        with self.lock:
+            self.open[job_id] -= 1
+            if self.open[job_id] <= 0:
+                del self.open[job_id]
 
 
 async def follow(

@@ -2,7 +2,7 @@
 Who takes the jobs: the live RQ workers (the queues each takes from, the job it runs) and how many jobs
 wait on each queue, so that a job left `queued` because no worker takes its queue says so. A worker
 that dies without a word stays listed until its registration expires (RQ renews it while the worker
-lives: within about 90 s of a busy worker's death, 7 min of an idle one's).
+lives: within about 90 s of a busy worker's death, 8 min of an idle one's).
 """
 
 from datetime import datetime
@@ -13,6 +13,14 @@ from rq import Worker
 from rq.worker import WorkerStatus
 
 from jobs.queue import QUEUE_NAMES, rq_queue
+
+
+class WorkerView(Worker):
+    """RQ's worker as another process reads it. RQ raises the socket timeout of the client a Worker is
+    built on to minutes (its own dequeue blocks that long); the API's client must keep its own."""
+
+    def _set_connection(self, connection: Redis) -> Redis:
+        return connection
 
 
 class WorkerInfo(BaseModel):
@@ -38,8 +46,11 @@ class Workers(BaseModel):
 def overview(redis: Redis) -> Workers:
     kind_of = {name: kind for kind, name in QUEUE_NAMES.items()}
     workers = []
-    for worker in sorted(Worker.all(connection=redis), key=lambda w: w.name):
-        rq_job_id = worker.get_current_job_id()  # <job id>-<attempt>-<random>, or -<attempt>-node<n>
+    for worker in sorted(WorkerView.all(connection=redis), key=lambda w: w.name):
+        try:
+            rq_job_id = worker.get_current_job_id()  # <job id>-<attempt>-<random>, or -<attempt>-node<n>
+        except KeyError:  # its execution's record half expired (a long Redis outage): no job to name
+            rq_job_id = None
         workers.append(
             WorkerInfo(
                 name=worker.name,

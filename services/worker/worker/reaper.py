@@ -5,19 +5,24 @@ two leases of its worker's death (its lease expires, then stays missing for a le
 nobody looks at it. The new attempt resumes from the job's latest checkpoint; after max_retries lost
 workers the job fails. A worker that died between writing a pipeline stage's outcome and queuing the
 next stage leaves the pipeline waiting: the same thread queues that stage (or cancels the later ones)
-once the stage has been over for a lease. It also deletes the records of jobs that ended longer ago
-than the retention period.
+once the stage has been over for a lease. A queued job whose RQ job a worker took but never started
+(its first read of Redis failed, or it was killed right then) is put on its queue again. It also
+deletes the records of jobs that ended longer ago than the retention period.
 """
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 from jobs import queue, records
 from jobs.records import JobRecord, JobStatus
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
 
 log = logging.getLogger("worker")
 LOST = "worker lost"
@@ -80,6 +85,40 @@ def requeue_lost(redis: Redis, record: JobRecord, reason: str) -> None:
         queue.stage_ended(redis, failed)
 
 
+# RQ's states of a job that a worker has taken and let go of: a job of ours still queued with one of
+# these, or with no RQ job left at all, will never be taken again.
+LET_GO = {RQStatus.FINISHED, RQStatus.FAILED, RQStatus.STOPPED, RQStatus.CANCELED}
+
+
+def requeue_dropped(redis: Redis) -> list[str]:
+    """Put back on its queue every queued job whose RQ job is gone or was let go of without the job being
+    started: its worker failed between taking it and marking it started (Redis unreachable for a moment,
+    a SIGKILL). Returns their ids."""
+    records.ensure_indexed(redis)
+    queued = [r for r in records.iter_records(redis, records.status_index(JobStatus.QUEUED)) if r.rq_job_id]
+    rq_jobs = Job.fetch_many([r.rq_job_id for r in queued], connection=redis, serializer=queue.SERIALIZER)
+    dropped = []
+    for record, rq_job in zip(queued, rq_jobs, strict=True):
+        if rq_job is not None and rq_job.get_status(refresh=False) not in LET_GO:
+            continue  # on its queue, or being taken by a worker now
+        try:  # only while it is the same queued attempt (another worker's reaper may have been first)
+            requeued = queue.enqueue(redis, record.id, {JobStatus.QUEUED}, check=same_attempt(record))
+        except queue.Conflict:
+            continue
+        if requeued:
+            log.warning("job %s: its worker let it go before starting it; queued again", record.id)
+            dropped.append(record.id)
+    return dropped
+
+
+def same_attempt(seen: JobRecord) -> Callable[[Pipeline, JobRecord], None]:
+    def check(pipe: Pipeline, current: JobRecord) -> None:
+        if current.rq_job_id != seen.rq_job_id:
+            raise queue.Conflict(f"job {seen.id} was queued again meanwhile")
+
+    return check
+
+
 def repair_pipelines(redis: Redis, lease_seconds: float) -> list[str]:
     """Do what queue.stage_ended did not for a pipeline none of whose stages is queued or started: queue
     the stage after the last one that ended (or cancel the later ones), or settle the pipeline when every
@@ -130,6 +169,7 @@ def start_reaper(redis: Redis, lease_seconds: float, retention_days: float) -> t
         while True:
             try:
                 reap(redis, lease_seconds, missing_since)
+                requeue_dropped(redis)
                 repair_pipelines(redis, lease_seconds)
                 if time.monotonic() - last_cleanup > CLEANUP_SECONDS:
                     forget_old(redis, retention_days)

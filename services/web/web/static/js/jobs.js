@@ -39,22 +39,23 @@ function actions(record, after) {
 
 // -- the list ----------------------------------------------------------------------------------
 
-// Per queue (GET /workers): its workers, how many are busy, the jobs waiting; a queue with jobs waiting
-// and no worker says how to start one, since its jobs would wait there forever.
+// Per queue (GET /workers): the workers that take it, how many of them are free now (a worker taking both
+// queues is busy for both), the jobs queued on it; a queue with jobs and no worker says how to start
+// one, since its jobs would wait there forever.
 const QUEUES = {
-  gpu: { label: "training and evaluation", start: "docker compose up -d worker" },
-  cpu: { label: "exports, imports and file checks", start: "docker compose up -d cpu-worker" },
+  gpu: { label: "model training and evaluation", start: "docker compose up -d worker" },
+  cpu: { label: "tokenizers, exports, imports and file checks", start: "docker compose up -d cpu-worker" },
 };
 
 function workersSummary(overview) {
   const parts = overview.queues.map((queue) => {
     const { label, start } = QUEUES[queue.name] ?? { label: queue.name, start: "python -m worker" };
-    const busy = overview.workers.filter((w) => w.busy && w.queues.includes(queue.name)).length;
+    const free = overview.workers.filter((w) => !w.busy && w.queues.includes(queue.name)).length;
     const stuck = queue.waiting > 0 && queue.workers === 0;
     return h("span", { "data-queue": queue.name, class: stuck ? "stuck" : null },
       `${label}: ${queue.workers} worker${queue.workers === 1 ? "" : "s"}`,
-      queue.workers ? `, ${busy} busy` : "", queue.waiting ? `, ${queue.waiting} waiting` : "",
-      stuck ? ` — no worker takes these: start one (${start}, or make up)` : "");
+      queue.workers ? `, ${free} free` : "", queue.waiting ? `, ${queue.waiting} queued` : "",
+      stuck ? ` — no live worker takes these: start one (${start}, or make up)` : "");
   });
   return ["Workers · ", ...parts.flatMap((part, i) => (i ? [" · ", part] : [part]))];
 }
