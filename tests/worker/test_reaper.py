@@ -148,20 +148,24 @@ def test_a_failure_under_torchrun_is_explained_by_the_programs_last_line(redis: 
 
 
 def test_a_queued_job_that_a_worker_let_go_of_before_starting_it_is_queued_again(redis: Redis) -> None:
-    """A worker takes the RQ job, then fails before marking the job started (its first read of Redis
-    failed: RQ counts the RQ job failed), or the RQ job is gone: the job would stay queued for ever."""
+    """A worker takes the RQ job off its queue, then fails before the job is marked started: its first read
+    of Redis failed (RQ counts the RQ job failed), the RQ job is gone, or the worker was killed before RQ
+    marked it started (still "queued", on no queue). Each would stay queued for ever."""
     spec = JOB_SPEC.validate_python({"kind": "base_train", "run": "r", "config": {}})
-    failed, gone, waiting = (queue.submit(redis, spec.model_copy(update={"run": run})) for run in "abc")
+    failed, gone, killed, waiting = (queue.submit(redis, spec.model_copy(update={"run": r})) for r in "abcd")
     rq_queue = queue.rq_queue(redis, "gpu")
-    for record in (failed, gone):
+    for record in (failed, gone, killed):
         rq_queue.remove(record.rq_job_id)  # taken off the queue, as a worker does
     Job.fetch(failed.rq_job_id, connection=redis, serializer=queue.SERIALIZER).set_status(RQStatus.FAILED)
     Job.fetch(gone.rq_job_id, connection=redis, serializer=queue.SERIALIZER).delete()
 
-    assert sorted(requeue_dropped(redis)) == sorted([failed.id, gone.id])
-    for record in (failed, gone):
+    off_queue: set[str] = set()
+    assert sorted(requeue_dropped(redis, off_queue)) == sorted([failed.id, gone.id])
+    assert off_queue == {killed.rq_job_id}  # maybe being taken right now: one round's grace
+    assert requeue_dropped(redis, off_queue) == [killed.id] and off_queue == set()
+    for record in (failed, gone, killed):
         again = records.load(redis, record.id)
         assert again.status == JobStatus.QUEUED and again.rq_job_id != record.rq_job_id
         assert again.rq_job_id in rq_queue.job_ids and again.attempts == []
     assert records.load(redis, waiting.id).rq_job_id == waiting.rq_job_id  # on its queue: left alone
-    assert requeue_dropped(redis) == []
+    assert requeue_dropped(redis, off_queue) == []

@@ -90,17 +90,25 @@ def requeue_lost(redis: Redis, record: JobRecord, reason: str) -> None:
 LET_GO = {RQStatus.FINISHED, RQStatus.FAILED, RQStatus.STOPPED, RQStatus.CANCELED}
 
 
-def requeue_dropped(redis: Redis) -> list[str]:
-    """Put back on its queue every queued job whose RQ job is gone or was let go of without the job being
-    started: its worker failed between taking it and marking it started (Redis unreachable for a moment,
-    a SIGKILL). Returns their ids."""
+def requeue_dropped(redis: Redis, off_queue: set[str]) -> list[str]:
+    """Put back on its queue every queued job whose RQ job is gone, was let go of, or was taken off its
+    queue and never started: its worker failed between taking it and marking it started (Redis
+    unreachable for a moment, a SIGKILL). A worker takes an RQ job off its queue a moment before RQ marks
+    it started, so an RQ job seen off its queue but not started counts only when it was so in the round
+    before too: `off_queue` carries those from one round to the next. Returns the jobs' ids."""
     records.ensure_indexed(redis)
     queued = [r for r in records.iter_records(redis, records.status_index(JobStatus.QUEUED)) if r.rq_job_id]
     rq_jobs = Job.fetch_many([r.rq_job_id for r in queued], connection=redis, serializer=queue.SERIALIZER)
-    dropped = []
+    on_a_queue = {rq_id for kind in queue.QUEUE_NAMES for rq_id in queue.rq_queue(redis, kind).job_ids}
+    seen_off, dropped = set(), []
     for record, rq_job in zip(queued, rq_jobs, strict=True):
-        if rq_job is not None and rq_job.get_status(refresh=False) not in LET_GO:
-            continue  # on its queue, or being taken by a worker now
+        status = rq_job.get_status(refresh=False) if rq_job is not None else None
+        if status == RQStatus.QUEUED and record.rq_job_id not in on_a_queue:
+            if record.rq_job_id not in off_queue:
+                seen_off.add(record.rq_job_id)
+                continue  # maybe a worker is taking it right now: look again next round
+        elif rq_job is not None and status not in LET_GO:
+            continue  # on its queue, or started
         try:  # only while it is the same queued attempt (another worker's reaper may have been first)
             requeued = queue.enqueue(redis, record.id, {JobStatus.QUEUED}, check=same_attempt(record))
         except queue.Conflict:
@@ -108,6 +116,8 @@ def requeue_dropped(redis: Redis) -> list[str]:
         if requeued:
             log.warning("job %s: its worker let it go before starting it; queued again", record.id)
             dropped.append(record.id)
+    off_queue.clear()
+    off_queue.update(seen_off)
     return dropped
 
 
@@ -165,11 +175,12 @@ def forget_old(redis: Redis, retention_days: float) -> list[str]:
 def start_reaper(redis: Redis, lease_seconds: float, retention_days: float) -> threading.Thread:
     def loop() -> None:
         missing_since: dict[str, float] = {}
+        off_queue: set[str] = set()
         last_cleanup = 0.0
         while True:
             try:
                 reap(redis, lease_seconds, missing_since)
-                requeue_dropped(redis)
+                requeue_dropped(redis, off_queue)
                 repair_pipelines(redis, lease_seconds)
                 if time.monotonic() - last_cleanup > CLEANUP_SECONDS:
                     forget_old(redis, retention_days)
