@@ -2,15 +2,18 @@
 
 import json
 import shutil
+import time
 
 import pytest
+from jobs import queue, records
 from jobs.queue import SERIALIZER
+from jobs.records import JobRecord, JobStatus
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
-from conftest import Stack
+from conftest import LEASE_SECONDS, Stack
 from sse import read_events
 from support import wait_until
 
@@ -116,6 +119,25 @@ def test_job_record_outlives_rqs_own_job_data(stack: Stack, finished_job: dict) 
     with stack.client() as client:  # ... our record and log have not
         assert client.get(f"/jobs/{job_id}").json()["status"] == "finished"
         assert "tokenizer trained:" in client.get(f"/jobs/{job_id}/logs").text
+
+
+def test_a_job_this_version_cannot_run_fails_once_with_the_reason(stack: Stack, finished_job: dict) -> None:
+    """A record from an older version whose config no longer validates is failed by the worker that takes
+    it, not left queued for the reaper to put back again and again."""
+    record = JobRecord.new("base_train", "old", {"a_field_since_removed": 1}, JobStatus.QUEUED)
+    record = record.model_copy(update={"rq_job_id": queue.rq_job_id(record.id, 1)})
+    with stack.redis.pipeline() as pipe:  # stored and queued as the older version did
+        pipe.multi()
+        records.add(pipe, record)
+        queue.put_on_queue(stack.redis, pipe, record)
+        pipe.execute()
+    with stack.client() as client:
+        status = lambda: client.get(f"/jobs/{record.id}").json()["status"]  # noqa: E731
+        wait_until(lambda: status() == "failed", 60, "the job to fail")
+        error = client.get(f"/jobs/{record.id}").json()["error"]
+        assert error.startswith("cannot start: ValidationError") and "a_field_since_removed" in error
+        time.sleep(3 * LEASE_SECONDS)  # a few reaper rounds
+        assert status() == "failed"
 
 
 def test_failing_program_marks_job_failed_and_worker_survives(stack: Stack, finished_job: dict) -> None:

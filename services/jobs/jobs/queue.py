@@ -36,7 +36,7 @@ QUEUE_NAME = "nanochat-jobs"
 CPU_QUEUE_NAME = "nanochat-cpu-jobs"
 QUEUE_NAMES = {"gpu": QUEUE_NAME, "cpu": CPU_QUEUE_NAME}
 TASK = "worker.tasks.run_job"
-RESULT_TTL = 3600  # seconds RQ keeps its own data on a finished attempt; our records stay
+RESULT_TTL = 3600  # seconds RQ keeps its own data on an attempt that ended; our records stay
 SERIALIZER = JSONSerializer
 
 
@@ -66,8 +66,9 @@ def put_on_queue(redis: Redis, pipe: Pipeline, record: JobRecord) -> None:
     (`<id>-<n>-<random>`): a lost worker's RQ job stays RQ's business. timeout=-1: training runs for hours;
     the worker enforces the job's own time_limit. It goes on the queue of its kind (queue_kind)."""
     rq_queue(redis, queue_kind(record)).enqueue_call(
-        TASK, args=(record.id,), job_id=record.rq_job_id, timeout=-1, result_ttl=RESULT_TTL, pipeline=pipe
-    )
+        TASK, args=(record.id,), job_id=record.rq_job_id, timeout=-1, result_ttl=RESULT_TTL,
+        failure_ttl=RESULT_TTL, pipeline=pipe,
+    )  # fmt: skip
 
 
 def enqueue(

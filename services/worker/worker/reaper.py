@@ -178,17 +178,21 @@ def start_reaper(redis: Redis, lease_seconds: float, retention_days: float) -> t
         off_queue: set[str] = set()
         last_cleanup = 0.0
         while True:
-            try:
-                reap(redis, lease_seconds, missing_since)
-                requeue_dropped(redis, off_queue)
-                repair_pipelines(redis, lease_seconds)
-                if time.monotonic() - last_cleanup > CLEANUP_SECONDS:
-                    forget_old(redis, retention_days)
-                    last_cleanup = time.monotonic()
-            except RedisError as error:  # Redis restarting: try again next round
-                log.warning("reaper: Redis unreachable: %s", error)
-            except Exception:
-                log.exception("reaper round failed")
+            steps = [
+                lambda: reap(redis, lease_seconds, missing_since),
+                lambda: requeue_dropped(redis, off_queue),
+                lambda: repair_pipelines(redis, lease_seconds),
+            ]
+            if time.monotonic() - last_cleanup > CLEANUP_SECONDS:
+                steps.append(lambda: forget_old(redis, retention_days))
+                last_cleanup = time.monotonic()
+            for step in steps:  # each on its own: one that fails does not keep the others from running
+                try:
+                    step()
+                except RedisError as error:  # Redis restarting: try again next round
+                    log.warning("reaper: Redis unreachable: %s", error)
+                except Exception:
+                    log.exception("reaper step failed")
             time.sleep(lease_seconds / 3)
 
     thread = threading.Thread(target=loop, name="reaper", daemon=True)

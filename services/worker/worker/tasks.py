@@ -93,13 +93,21 @@ def run_job(job_id: str) -> str:
     record = records.load(redis, job_id)
     if record is None or record.status != JobStatus.QUEUED:
         return "skipped: the job was stopped, deleted or taken by another worker before it started"
-    spec = queue.spec_of(record)
-    checkpoints = stage_dir(settings, spec)
-    resume = bool(record.attempts) and spec.resumable
+    try:
+        spec = queue.spec_of(record)
+        resume = bool(record.attempts) and spec.resumable
+        resumed_from_step = latest_step(stage_dir(settings, spec)) if resume else None
+    except Exception as error:  # a record this version cannot run (its config no longer validates): it
+        # fails here, once, rather than leave RQ's job failed and ours queued for the reaper to re-queue
+        failed = records.transition(
+            redis, job_id, {JobStatus.QUEUED}, status=JobStatus.FAILED, ended_at=records.now(),
+            error=f"cannot start: {type(error).__name__}: {error}",
+        )  # fmt: skip
+        if failed is not None:
+            queue.stage_ended(redis, failed)
+        return "failed before it started"
     attempt = Attempt(
-        worker=rq_job.worker_name or "?",
-        started_at=records.now(),
-        resumed_from_step=latest_step(checkpoints) if resume else None,
+        worker=rq_job.worker_name or "?", started_at=records.now(), resumed_from_step=resumed_from_step
     )
     record = records.transition(
         redis,
