@@ -2,7 +2,7 @@
 // validation report (problems by line, statistics, a few rows rendered as a chat), its download, and
 // "Fine-tune a model on this file", which uploads a mixture naming it and starts an SFT job on it.
 import { failure, json, request, token } from "./http.js";
-import { age, h, showError, since } from "./ui.js";
+import { age, h, megabytes, showError, since } from "./ui.js";
 
 const POLL_MS = 2000;
 const PURPOSES = {
@@ -17,7 +17,6 @@ function statusBadge(status) {
   return h("span", { class: `status ${look}` }, status);
 }
 
-const megabytes = (bytes) => (bytes < 1e6 ? `${(bytes / 1e3).toFixed(1)} kB` : `${(bytes / 1e6).toFixed(1)} MB`);
 const names = (record) => record.parts.map((p) => p.name).join(", ");
 
 // POST /files with XMLHttpRequest, not fetch: only it reports how much of the body has gone.

@@ -2,11 +2,10 @@
 // checkpoints too), and one model's report card with Export for Hugging Face, Download and Delete export.
 import { json, request } from "./http.js";
 import { markdown } from "./render.js";
-import { age, h, showError } from "./ui.js";
+import { age, h, megabytes, showError } from "./ui.js";
 
 const number = (value) => (typeof value === "number" ? (Number.isInteger(value) ? value : value.toFixed(4)) : String(value));
 const millions = (params) => `${(params / 1e6).toFixed(params < 1e7 ? 2 : 0)} M`;
-const size = (bytes) => (bytes < 1e6 ? `${(bytes / 1e3).toFixed(1)} kB` : bytes < 1e9 ? `${(bytes / 1e6).toFixed(1)} MB` : `${(bytes / 1e9).toFixed(2)} GB`);
 
 const STAGES = ["sft", "base", "mid", "rl"]; // the import's default first
 
@@ -50,7 +49,7 @@ function exportsTable(exports) {
       const row = h("tr", { "data-export": e.id },
         h("td", {}, e.checkpoint ? h("a", { href: `#/models/${e.id}` }, e.id) : e.id,
           e.checkpoint ? null : h("small", { class: "muted" }, " · checkpoint deleted")),
-        h("td", {}, size(e.bytes)), h("td", { class: "optional" }, age(Date.now() / 1000 - e.created)),
+        h("td", {}, megabytes(e.bytes)), h("td", { class: "optional" }, age(Date.now() / 1000 - e.created)),
         h("td", {}, h("div", { class: "toolbar", style: "margin:0" },
           h("button", { type: "button", class: "ghost", "data-action": "download", onclick: (event) => saveExport(e.id, status, event.currentTarget) }, "Download"),
           h("button", { type: "button", class: "ghost", "data-action": "delete", onclick: async (event) => {

@@ -48,4 +48,6 @@ export function age(seconds) {
   return `${Math.floor(s / 86400)} d`;
 }
 
+export const megabytes = (bytes) => (bytes < 1e6 ? `${(bytes / 1e3).toFixed(1)} kB` : `${(bytes / 1e6).toFixed(1)} MB`);
+
 export const since = (isoTime) => (isoTime ? (Date.now() - Date.parse(isoTime)) / 1000 : null);
